@@ -1,0 +1,74 @@
+"""One config dataclass per training run. Every default is here; `None` means "the model family's default",
+resolved once by `resolve()` and saved resolved, so config.json always says what actually ran.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .models import MODEL_FAMILIES
+
+# Per-objective optimiser defaults: the reference projects' Adam settings (WGAN-GP: the paper's).
+OPTIMIZER_DEFAULTS = {
+    "gan": dict(lr=2e-4, beta1=0.5, beta2=0.999),
+    "vae": dict(lr=1e-3, beta1=0.9, beta2=0.999),
+    "wgan_gp": dict(lr=1e-4, beta1=0.0, beta2=0.9),
+}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "mnist"  # dataset id, e.g. mnist, pneumoniamnist, bloodmnist_64, pathmnist_gray
+    model: str = "cdcgan"  # model id: mlp_gan, mlp_vae, conv_vae, cvae, dcgan, cdcgan, wgan_gp, cwgan_gp
+    epochs: int = 10
+    batch_size: int = 128  # per process; the reference loops use 64, 128 trains as well and faster
+    lr: float | None = None  # Adam learning rate (GAN 2e-4, VAE 1e-3, WGAN-GP 1e-4)
+    beta1: float | None = None  # Adam betas (GAN 0.5/0.999, VAE 0.9/0.999, WGAN-GP 0.0/0.9)
+    beta2: float | None = None
+    latent_dim: int | None = None  # GANs 100, VAEs 20
+    width: int = 32  # ngf/ndf of the DCGANs, first conv width of the conv VAEs
+    beta: float = 1.0  # VAE KL weight: beta-VAE when != 1
+    n_critic: int = 5  # WGAN-GP critic steps per generator step
+    gp_weight: float = 10.0  # WGAN-GP gradient-penalty weight
+    label_smoothing: float = 0.0  # GAN: real targets become 1 - label_smoothing
+    seed: int = 0
+    data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
+    download: bool = False
+    out_dir: str | None = None  # default: runs/<dataset>/<model>
+    sample_every: int = 1  # epochs between sample grids
+    checkpoint_every: int = 1  # epochs between checkpoints
+    max_steps: int | None = None  # stop after this many optimiser steps (smoke tests)
+    tensorboard: bool = False
+    device: str = "auto"  # auto, cpu, cuda, cuda:1, ...
+    amp: bool = True  # bf16 autocast on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the networks (CUDA)
+
+    def resolve(self) -> "TrainConfig":
+        if self.model not in MODEL_FAMILIES:
+            raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODEL_FAMILIES)}")
+        family = MODEL_FAMILIES[self.model]
+        for key, value in OPTIMIZER_DEFAULTS[family.objective].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.latent_dim is None:
+            self.latent_dim = family.latent_dim
+        if self.out_dir is None:
+            self.out_dir = str(Path("runs") / self.dataset / self.model)
+        return self
+
+    @property
+    def objective(self) -> str:
+        return MODEL_FAMILIES[self.model].objective
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -1,0 +1,252 @@
+"""Real datasets as in-memory tensors: MNIST and Fashion-MNIST (torchvision), MedMNIST 2D (medmnist).
+
+One function, `load_dataset`, returns any of them as uint8 images (N, C, H, W), int64 labels and a
+`DatasetInfo` (class names, channels, image size). These sets fit in memory, so the trainer keeps them
+as one tensor on its device and never runs per-sample Python code.
+
+Dataset ids are the ones used everywhere (CLI, `exported/`, the API): `mnist`, `fashion_mnist`, the
+medmnist flags (`bloodmnist`, `pathmnist`, ...) with `_64` for the 64x64 files (as medmnist names them),
+and `_gray` when an RGB set is converted to grayscale (`pathmnist_gray`).
+
+Where the files are looked for (first match wins): `--data-dir`, then `$SYNTHGEN_DATA_DIR`, then `./data`.
+Layout: torchvision's (`<dir>/MNIST/raw/*.gz`, `<dir>/FashionMNIST/raw/*.gz`) and medmnist's
+(`<dir>/medmnist/<flag>[_64].npz`, or `<dir>/<flag>[_64].npz`). Gzipped IDX files are read in place and
+decompressed into a cache (`$SYNTHGEN_CACHE_DIR`, default `~/.cache/synthgen`) because torchvision
+reads the uncompressed files; nothing is ever written into the data directory.
+
+    python -m training.data mnist --data-dir ../shared/data     # prints what was found
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATA_DIR_ENV = "SYNTHGEN_DATA_DIR"
+CACHE_DIR_ENV = "SYNTHGEN_CACHE_DIR"
+SPLITS = ("train", "val", "test")
+MEDMNIST_SIZES = (28, 64)
+
+# MedMNIST 2D sets with one label per image (ChestMNIST is multi-label and so cannot be class-conditioned).
+MEDMNIST_FLAGS = (
+    "pathmnist", "dermamnist", "octmnist", "pneumoniamnist", "retinamnist", "breastmnist",
+    "bloodmnist", "tissuemnist", "organamnist", "organcmnist", "organsmnist",
+)
+# The raw files torchvision's MNIST classes need, all four for either split (torchvision checks them all),
+# under its own layout <root>/<Class>/raw/.
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+TORCHVISION_SETS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+class DataNotFoundError(FileNotFoundError):
+    """A dataset file is missing: the message names the file, the folder searched and how to get it."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    id: str  # e.g. "bloodmnist_64"
+    source: str  # "torchvision" or "medmnist"
+    base: str  # "mnist", "fashion_mnist" or the medmnist flag
+    classes: tuple[str, ...]
+    channels: int
+    size: int  # H == W
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+
+@dataclass
+class ImageData:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+    info: DatasetInfo
+    split: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def loader(self, batch_size: int = 64, shuffle: bool = True, **kwargs) -> torch.utils.data.DataLoader:
+        """A DataLoader of (float images in [0, 1], labels), for code that wants one."""
+        dataset = torch.utils.data.TensorDataset(self.images.float().div_(255), self.labels)
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, **kwargs)
+
+
+def parse_dataset_id(dataset: str) -> tuple[str, int, bool]:
+    """'pathmnist_64_gray' -> ('pathmnist', 64, True). Raises ValueError listing the known ids."""
+    name, grayscale = dataset, False
+    if name.endswith("_gray"):
+        name, grayscale = name[: -len("_gray")], True
+    size = 28
+    if name.endswith("_64"):
+        name, size = name[: -len("_64")], 64
+    if name in TORCHVISION_SETS and size == 28 and not grayscale:
+        return name, size, grayscale
+    if name in MEDMNIST_FLAGS:
+        return name, size, grayscale
+    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(known_dataset_ids())}")
+
+
+def known_dataset_ids() -> list[str]:
+    ids = list(TORCHVISION_SETS)
+    for flag in MEDMNIST_FLAGS:
+        ids += [flag, f"{flag}_64"]
+    return ids
+
+
+def dataset_info(dataset: str) -> DatasetInfo:
+    """Class names, channels and size, without reading any data file."""
+    base, size, grayscale = parse_dataset_id(dataset)
+    if base in TORCHVISION_SETS:
+        import torchvision
+
+        classes = getattr(torchvision.datasets, TORCHVISION_SETS[base]).classes
+        if base == "mnist":  # torchvision names them "0 - zero", ...; the digit is the name users want
+            classes = [c.split(" - ")[0] for c in classes]
+        return DatasetInfo(dataset, "torchvision", base, tuple(classes), 1, 28)
+    import medmnist
+
+    info = medmnist.INFO[base]
+    labels = info["label"]
+    classes = tuple(labels[str(i)] for i in range(len(labels)))
+    channels = 1 if grayscale else info["n_channels"]
+    return DatasetInfo(dataset, "medmnist", base, classes, channels, size)
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    return Path(data_dir or os.environ.get(DATA_DIR_ENV) or "data").expanduser()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "synthgen").expanduser()
+
+
+def load_dataset(
+    dataset: str,
+    split: str = "train",
+    data_dir: str | os.PathLike | None = None,
+    download: bool = False,
+) -> ImageData:
+    """Any supported dataset split as uint8 tensors (N, C, H, W) with int64 labels and its `DatasetInfo`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    info = dataset_info(dataset)
+    root = resolve_data_dir(data_dir)
+    if info.source == "torchvision":
+        images, labels = _load_torchvision(info, split, root, download)
+    else:
+        images, labels = _load_medmnist(info, split, root, download)
+    if info.channels == 1 and images.shape[1] == 3:
+        images = to_grayscale(images)
+    return ImageData(images.contiguous(), labels, info, split)
+
+
+def to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """RGB uint8 (N, 3, H, W) -> (N, 1, H, W) with ITU-R 601 luma weights, as PIL's convert('L')."""
+    weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+    return (images.float() * weights).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _load_torchvision(info: DatasetInfo, split: str, root: Path, download: bool):
+    import torchvision
+
+    cls_name = TORCHVISION_SETS[info.base]
+    if split == "val":
+        raise ValueError(f"{info.id} has no 'val' split; use 'train' or 'test'")
+    raw = root / cls_name / "raw"
+    tv_root = root
+    missing = [name for name in IDX_FILES if not (raw / name).exists() and not (raw / f"{name}.gz").exists()]
+    if missing:
+        if not download:
+            raise DataNotFoundError(
+                f"{info.id}: expected file '{missing[0]}.gz' (or uncompressed '{missing[0]}') in '{raw}'. "
+                f"Point --data-dir or ${DATA_DIR_ENV} at the folder holding {cls_name}/raw/, "
+                f"or pass --download to fetch it with torchvision.datasets.{cls_name}."
+            )
+    elif not all((raw / name).exists() for name in IDX_FILES):
+        tv_root = _decompressed_copy(raw, cls_name)
+    dataset = getattr(torchvision.datasets, cls_name)(root=str(tv_root), train=split == "train", download=download)
+    images = dataset.data.unsqueeze(1).to(torch.uint8)  # (N, 1, 28, 28)
+    return images, dataset.targets.to(torch.int64)
+
+
+def _decompressed_copy(raw: Path, cls_name: str) -> Path:
+    """Gunzip the IDX files into a cache keyed by the source files; return the root torchvision reads."""
+    sources = [raw / name if (raw / name).exists() else raw / f"{name}.gz" for name in IDX_FILES]
+    key = hashlib.sha1("|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sources).encode())
+    root = cache_dir() / "idx" / key.hexdigest()[:16]
+    target = root / cls_name / "raw"
+    target.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        out = target / source.name.removesuffix(".gz")
+        if out.exists():
+            continue
+        tmp = out.with_suffix(".tmp")
+        with (gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")) as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        tmp.replace(out)
+    return root
+
+
+def medmnist_root(root: Path) -> Path:
+    """medmnist reads <root>/<flag>[_64].npz; accept both <dir>/medmnist/ and <dir> itself."""
+    return root / "medmnist" if (root / "medmnist").is_dir() else root
+
+
+def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
+    import medmnist
+
+    mm_root = medmnist_root(root)
+    suffix = "" if info.size == 28 else f"_{info.size}"
+    path = mm_root / f"{info.base}{suffix}.npz"
+    if not path.exists() and not download:
+        raise DataNotFoundError(
+            f"{info.id}: expected file '{path.name}' in '{mm_root}' (medmnist files are looked for in "
+            f"<data dir>/medmnist/, else <data dir>/). "
+            f"Point --data-dir or ${DATA_DIR_ENV} at the folder holding it, or pass --download to fetch it "
+            f"with medmnist (python -c \"import medmnist; medmnist.{medmnist.INFO[info.base]['python_class']}"
+            f"(split='train', size={info.size}, download=True, root='DIR')\")."
+        )
+    if download:
+        mm_root.mkdir(parents=True, exist_ok=True)
+    cls = getattr(medmnist, medmnist.INFO[info.base]["python_class"])
+    dataset = cls(split=split, root=str(mm_root), size=info.size, download=download)
+    # medmnist's __len__ asserts the official sample count, so small files of the same layout (our tests)
+    # would fail it: read the arrays it loaded instead, and say so when the count is not the official one.
+    imgs, labels = np.asarray(dataset.imgs), np.asarray(dataset.labels)
+    official = medmnist.INFO[info.base]["n_samples"][split]
+    if imgs.shape[0] != official:
+        warnings.warn(f"{path}: {split} has {imgs.shape[0]} images, the official file has {official}", stacklevel=3)
+    images = torch.from_numpy(imgs)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
+    return images.to(torch.uint8), torch.from_numpy(labels.reshape(-1).astype(np.int64))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Load a dataset and print what was found.")
+    parser.add_argument("dataset", help=f"one of: {', '.join(known_dataset_ids())} (RGB sets also take _gray)")
+    parser.add_argument("--data-dir", default=None, help=f"data folder (default: ${DATA_DIR_ENV} or ./data)")
+    parser.add_argument("--download", action="store_true", help="download missing files (needs internet)")
+    args = parser.parse_args()
+    for split in ("train", "test"):
+        data = load_dataset(args.dataset, split, args.data_dir, args.download)
+        counts = torch.bincount(data.labels, minlength=data.info.num_classes).tolist()
+        print(f"{args.dataset} {split}: images {tuple(data.images.shape)} classes {counts}")
+    print(f"classes: {list(data.info.classes)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,194 @@
+"""Export a trained run's generator (GAN) or decoder (VAE) for serving: TorchScript + single-file ONNX.
+
+    python -m training.export runs/mnist/cdcgan                 # -> exported/mnist/cdcgan/
+    python -m training.export runs/mnist/cdcgan --out exported
+
+The inference contract, the same for every model:
+    inputs   z       float32 [N, latent_dim]   standard normal noise
+             labels  int64   [N]               class ids (conditional models only)
+    output   images  float32 [N, C, H, W]      in [0, 1]
+with a dynamic batch axis N. The export checks itself: onnx.checker, and ONNX Runtime and TorchScript
+outputs equal eager outputs within 1e-5 on the same inputs; a failed check raises and writes no card.
+Writes generator.onnx, generator.pt, samples.png (one row per class), card.json, and updates manifest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .manifest import CARD, sha256_of, write_manifest
+from .models import MODEL_FAMILIES
+from .sampling import class_rows, sample, save_grid
+from .train import code_version, load_checkpoint
+
+ONNX_FILE, TORCHSCRIPT_FILE, SAMPLES_FILE = "generator.onnx", "generator.pt", "samples.png"
+PARITY_ATOL = 1e-5
+ONNX_OPSET = 18
+
+
+class ConditionalInference(nn.Module):
+    """(z, labels) -> images in [0, 1]: the exported graph of a class-conditional model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.model.generate(z, labels).clamp(0, 1)
+
+
+class UnconditionalInference(nn.Module):
+    """z -> images in [0, 1]: the exported graph of an unconditional model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.generate(z).clamp(0, 1)
+
+
+def inference_module(model: nn.Module) -> nn.Module:
+    """The exported graph: the generator, or the VAE's decoder alone (its encoder is not shipped)."""
+    model = copy.deepcopy(model).eval()
+    for name in getattr(model, "encoder_modules", ()):
+        setattr(model, name, None)
+    return (ConditionalInference(model) if model.num_classes > 0 else UnconditionalInference(model)).eval()
+
+
+def example_inputs(model: nn.Module, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, model.latent_dim, generator=g)
+    if model.num_classes > 0:
+        return z, torch.randint(0, model.num_classes, (n,), generator=g)
+    return (z,)
+
+
+def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    names = ["z", "labels"][: len(inputs)]
+    batch = torch.export.Dim("n", min=1, max=1_000_000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module, inputs, str(path), input_names=names, output_names=["images"],
+            dynamic_shapes=tuple({0: batch} for _ in names), opset_version=ONNX_OPSET,
+            dynamo=True, external_data=False, optimize=True, verbose=False,
+        )
+
+
+def export_torchscript(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, inputs, check_trace=False)
+    traced.save(str(path))
+
+
+def check_parity(module: nn.Module, onnx_path: Path, ts_path: Path, model: nn.Module) -> dict:
+    """ONNX Runtime and TorchScript outputs vs eager on fresh inputs of two batch sizes; raises past 1e-5."""
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(ts_path))
+    worst = {"onnxruntime": 0.0, "torchscript": 0.0}
+    for n, seed in ((1, 11), (37, 12)):
+        inputs = example_inputs(model, n, seed)
+        with torch.inference_mode():
+            eager = module(*inputs).numpy()
+            ts = scripted(*inputs).numpy()
+        feeds = {name: t.numpy() for name, t in zip(["z", "labels"], inputs)}
+        (ort_out,) = session.run(["images"], feeds)
+        assert ort_out.shape == eager.shape == (n, *model.image_shape), f"shape {ort_out.shape} != {eager.shape}"
+        worst["onnxruntime"] = max(worst["onnxruntime"], float(np.abs(ort_out - eager).max()))
+        worst["torchscript"] = max(worst["torchscript"], float(np.abs(ts - eager).max()))
+    for backend, err in worst.items():
+        if err > PARITY_ATOL:
+            raise AssertionError(f"{backend} output differs from eager by {err:.2e} (> {PARITY_ATOL:g})")
+    return worst
+
+
+def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
+    """Export one run directory to out_root/<dataset>/<model>/ and refresh the manifest; returns that folder."""
+    model, state = load_checkpoint(run_dir)
+    cfg, info = state["config"], state["dataset_info"]
+    family = MODEL_FAMILIES[cfg["model"]]
+    out = Path(out_root) / info["id"] / cfg["model"]
+    out.mkdir(parents=True, exist_ok=True)
+
+    module = inference_module(model)
+    inputs = example_inputs(model, 4)
+    export_onnx(module, inputs, out / ONNX_FILE)
+    export_torchscript(module, inputs, out / TORCHSCRIPT_FILE)
+    parity = check_parity(module, out / ONNX_FILE, out / TORCHSCRIPT_FILE, model)
+
+    per_class = 10
+    labels = class_rows(len(info["classes"]), per_class) if family.conditional else None
+    grid = sample(model, len(info["classes"]) * per_class if family.conditional else 64, labels, torch.Generator().manual_seed(0))
+    save_grid(grid, out / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
+
+    card_path = out / CARD
+    old_card = json.loads(card_path.read_text()) if card_path.exists() else {}
+    files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
+    card = {
+        "format": "synthgen-card/1",
+        "dataset": info["id"],
+        "model": cfg["model"],
+        "description": family.description,
+        "classes": list(info["classes"]),
+        "num_classes": len(info["classes"]),
+        "conditional": family.conditional,
+        "image_shape": [info["channels"], info["size"], info["size"]],
+        "latent_dim": model.latent_dim,
+        "contract": {
+            "inputs": {"z": "float32 [N, latent_dim], standard normal",
+                       **({"labels": "int64 [N], class ids 0..num_classes-1"} if family.conditional else {})},
+            "output": {"images": "float32 [N, C, H, W] in [0, 1]"},
+        },
+        "samples_grid": "one row per class, fixed seed 0" if family.conditional else "8x8 grid, fixed seed 0",
+        "files": files,
+        "sha256": {kind: sha256_of(out / name) for kind, name in files.items()},
+        "parameters": sum(p.numel() for p in module.parameters()),  # of the exported graph
+        "parity_max_abs_error": parity,
+        "training": {
+            "config": cfg,
+            "epochs": state["epoch"],
+            "steps": state["step"],
+            "wall_time_s": round(state["wall_time_s"], 1),
+            "hardware": state["hardware"],
+            "torch_version": state["torch_version"],
+            "code_version": state["version"],
+            "data": f"{info['id']} train split, real files",
+        },
+        # Metrics come from `python -m training.evaluate`; a re-export of the same run keeps them.
+        "metrics": old_card.get("metrics", {}) if old_card.get("training", {}).get("steps") == state["step"] else {},
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_code_version": code_version(),
+    }
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_manifest(out_root)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="+", help="training run directories (holding checkpoint.pt)")
+    parser.add_argument("--out", default="exported", help="export root (default: exported)")
+    args = parser.parse_args()
+    for run_dir in args.run_dirs:
+        out = export_run(run_dir, args.out)
+        card = json.loads((out / CARD).read_text())
+        print(f"{out}: parity {card['parity_max_abs_error']}, {card['parameters']} parameters")
+
+
+if __name__ == "__main__":
+    main()

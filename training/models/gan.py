@@ -1,0 +1,158 @@
+"""GAN networks: the MLP GAN and the DCGAN, unconditional or class-conditional.
+
+Generators map z (N, latent_dim) [and labels (N,)] to images in [-1, 1] (tanh); `generate` maps them to
+[0, 1], the exported contract. Discriminators return one logit per image (N,); the objectives that train
+them live in `training/objectives.py`. The same DCGAN discriminator with `norm="none"` is the WGAN-GP critic
+(the gradient penalty is per sample, which batch norm would break).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class LabelEmbedding(nn.Module):
+    """Class ids (N,) -> learned vectors (N, dim); empty when the model is unconditional."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, dim) if num_classes > 0 else None
+
+    def forward(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        if self.embed is None:
+            return None
+        assert labels is not None, "a conditional model needs labels"
+        return self.embed(labels)
+
+
+class MLPGenerator(nn.Module):
+    """z (N, 100) -> 128 -> 256 -> 512 -> 1024 -> C*H*W, BatchNorm + LeakyReLU, tanh (the reference MLP GAN)."""
+
+    def __init__(self, latent_dim: int = 100, image_shape=(1, 28, 28), hidden=(128, 256, 512, 1024), num_classes: int = 0):
+        super().__init__()
+        self.latent_dim, self.image_shape, self.num_classes = latent_dim, tuple(image_shape), num_classes
+        self.label_embedding = LabelEmbedding(num_classes, num_classes)
+        layers, width = [], latent_dim + num_classes
+        for i, out in enumerate(hidden):
+            layers.append(nn.Linear(width, out))
+            if i > 0:  # no normalisation on the first layer, as in the reference
+                layers.append(nn.BatchNorm1d(out))
+            layers.append(nn.LeakyReLU(0.2, inplace=True))
+            width = out
+        layers += [nn.Linear(width, math.prod(image_shape)), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.label_embedding(labels)
+        h = z if y is None else torch.cat([z, y], 1)
+        return self.net(h).view(-1, *self.image_shape)  # (N, C, H, W) in [-1, 1]
+
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return (self(z, labels) + 1) / 2  # (N, C, H, W) in [0, 1]
+
+
+class MLPDiscriminator(nn.Module):
+    """C*H*W -> 512 -> 256 -> 1 logit, LeakyReLU (the reference MLP GAN, without the final sigmoid)."""
+
+    def __init__(self, image_shape=(1, 28, 28), hidden=(512, 256), num_classes: int = 0):
+        super().__init__()
+        self.label_embedding = LabelEmbedding(num_classes, num_classes)
+        layers, width = [], math.prod(image_shape) + num_classes
+        for out in hidden:
+            layers += [nn.Linear(width, out), nn.LeakyReLU(0.2, inplace=True)]
+            width = out
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = x.flatten(1)
+        y = self.label_embedding(labels)
+        if y is not None:
+            h = torch.cat([h, y], 1)
+        return self.net(h).squeeze(1)  # (N,)
+
+
+def _upsampling_plan(size: int) -> tuple[int, int]:
+    """Start size and number of stride-2 upsamplings: 28 = 4 -> 7 -> 14 -> 28, 64 = 4 -> 8 -> 16 -> 32 -> 64."""
+    if size == 28:
+        return 4, 3
+    if size == 64:
+        return 4, 4
+    raise ValueError(f"DCGAN supports image sizes 28 and 64, not {size}")
+
+
+class DCGANGenerator(nn.Module):
+    """z [+ label embedding] -> 4x4 -> ... -> HxW with ConvTranspose2d + BatchNorm + ReLU, tanh output.
+
+    Widths halve at each upsampling, from ngf * 2**(steps-1) down to ngf. For 28x28 the first upsampling
+    uses a 3x3 kernel (4 -> 7); the others are the DCGAN paper's 4x4, stride 2, padding 1.
+    """
+
+    def __init__(self, latent_dim: int = 100, image_shape=(1, 28, 28), ngf: int = 32, num_classes: int = 0, embed_dim: int = 50):
+        super().__init__()
+        self.latent_dim, self.image_shape, self.num_classes = latent_dim, tuple(image_shape), num_classes
+        channels, size, _ = image_shape
+        start, steps = _upsampling_plan(size)
+        self.label_embedding = LabelEmbedding(num_classes, embed_dim)
+        in_dim = latent_dim + (embed_dim if num_classes > 0 else 0)
+        width = ngf * 2 ** (steps - 1)
+        layers = [nn.ConvTranspose2d(in_dim, width, start, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        for step in range(steps - 1):
+            kernel = 3 if (size == 28 and step == 0) else 4
+            layers += [nn.ConvTranspose2d(width, width // 2, kernel, 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.label_embedding(labels)
+        h = z if y is None else torch.cat([z, y], 1)
+        return self.net(h[:, :, None, None])  # (N, C, H, W) in [-1, 1]
+
+    def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return (self(z, labels) + 1) / 2  # (N, C, H, W) in [0, 1]
+
+
+class DCGANDiscriminator(nn.Module):
+    """HxW -> ... -> 4x4 (or 7x7) -> 1 logit with strided Conv2d + norm + LeakyReLU(0.2).
+
+    Conditional: the label is embedded to one HxW plane and stacked as an extra input channel.
+    norm: "batch" for GANs, "none" for the WGAN-GP critic.
+    """
+
+    def __init__(self, image_shape=(1, 28, 28), ndf: int = 32, num_classes: int = 0, norm: str = "batch"):
+        super().__init__()
+        if norm not in ("batch", "none"):
+            raise ValueError(f"norm must be 'batch' or 'none', not {norm!r}")
+        channels, size, _ = image_shape
+        self.size = size
+        self.label_embedding = LabelEmbedding(num_classes, size * size)
+        steps = 2 if size == 28 else 4  # 28 -> 14 -> 7 ; 64 -> 32 -> 16 -> 8 -> 4
+        width, layers = ndf, [nn.Conv2d(channels + (1 if num_classes > 0 else 0), ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for _ in range(steps - 1):
+            layers.append(nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"))
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(width * 2))
+            layers.append(nn.LeakyReLU(0.2, True))
+            width *= 2
+        final = size // 2**steps  # 7 for 28x28, 4 for 64x64
+        layers.append(nn.Conv2d(width, 1, final, 1, 0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.label_embedding(labels)
+        if y is not None:
+            x = torch.cat([x, y.view(-1, 1, self.size, self.size)], 1)
+        return self.net(x).view(-1)  # (N,)
+
+
+def init_dcgan_weights(module: nn.Module) -> None:
+    """DCGAN paper init: conv weights N(0, 0.02), batch-norm scale N(1, 0.02) and shift 0."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)

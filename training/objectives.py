@@ -1,0 +1,149 @@
+"""The three training objectives, one class each: VAE ELBO, GAN with BCE, WGAN-GP.
+
+An objective owns its optimisers and does one optimisation step on a batch of real images in [0, 1]
+(N, C, H, W) with labels (N,); it returns the step's losses as floats. The trainer (`training/train.py`)
+does everything else. Models may be wrapped in DistributedDataParallel: the objective does not care.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+
+
+def vae_loss(recon, x, mu, logvar, beta: float = 1.0):
+    """Negative ELBO per image: Bernoulli reconstruction (BCE summed over pixels) + beta * KL(q(z|x) || N(0, I))."""
+    reconstruction = F.binary_cross_entropy(recon, x, reduction="sum") / x.shape[0]
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
+    return reconstruction + beta * kl, reconstruction, kl
+
+
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, labels) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): (||grad_x D(x_hat)||_2 - 1)^2 on random interpolates x_hat."""
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    scores = critic(mixed, labels)
+    (grad,) = torch.autograd.grad(scores.sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def _adam(module: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
+    return torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+class Objective:
+    """Shared plumbing: optimisers by name for checkpoints, autocast on CUDA."""
+
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        use_amp = cfg.amp and device.type == "cuda"
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+
+    def state_dict(self) -> dict:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
+class VAEObjective(Objective):
+    def __init__(self, cfg, device, vae: nn.Module, conditional: bool):
+        super().__init__(cfg, device)
+        self.vae, self.conditional = vae, conditional
+        self.optimizers = {"vae": _adam(vae, cfg)}
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        y = labels if self.conditional else None
+        with self.autocast():
+            recon, mu, logvar = self.vae(x, y)
+        loss, reconstruction, kl = vae_loss(recon.float(), x, mu.float(), logvar.float(), self.cfg.beta)
+        opt = self.optimizers["vae"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.item(), "recon": reconstruction.item(), "kl": kl.item()}
+
+
+class GANObjective(Objective):
+    """Non-saturating GAN with BCE on logits: D maximises log D(x) + log(1 - D(G(z))), G maximises log D(G(z))."""
+
+    def __init__(self, cfg, device, generator: nn.Module, discriminator: nn.Module, conditional: bool):
+        super().__init__(cfg, device)
+        self.G, self.D, self.conditional = generator, discriminator, conditional
+        self.optimizers = {"generator": _adam(generator, cfg), "discriminator": _adam(discriminator, cfg)}
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        y = labels if self.conditional else None
+        real = x * 2 - 1  # the generator's tanh range
+        z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
+        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
+        with self.autocast():
+            fake = self.G(z, y)
+            d_real, d_fake = self.D(real, y).float(), self.D(fake.detach(), y).float()
+        loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
+            F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        opt_d.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt_d.step()
+
+        with self.autocast():
+            d_gen = self.D(fake, y).float()
+        loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
+                "d_real": torch.sigmoid(d_real).mean().item(), "d_fake": torch.sigmoid(d_fake).mean().item()}
+
+
+class WGANGPObjective(Objective):
+    """WGAN-GP: the critic minimises D(G(z)) - D(x) + lambda * GP every batch; G minimises -D(G(z)) every n_critic."""
+
+    def __init__(self, cfg, device, generator: nn.Module, critic: nn.Module, conditional: bool):
+        super().__init__(cfg, device)
+        self.G, self.D, self.conditional = generator, critic, conditional
+        self.optimizers = {"generator": _adam(generator, cfg), "critic": _adam(critic, cfg)}
+        self.steps = 0
+        self.last_loss_g = float("nan")
+
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        y = labels if self.conditional else None
+        real = x * 2 - 1
+        opt_g, opt_c = self.optimizers["generator"], self.optimizers["critic"]
+        z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
+        with torch.no_grad():
+            fake = self.G(z, y)
+        wasserstein = self.D(fake, y).mean() - self.D(real, y).mean()  # critic in fp32: the GP needs it
+        gp = gradient_penalty(self.D, real, fake, y)
+        loss_c = wasserstein + self.cfg.gp_weight * gp
+        opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        opt_c.step()
+
+        self.steps += 1
+        if self.steps % self.cfg.n_critic == 0:
+            z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
+            with self.autocast():
+                fake = self.G(z, y)
+            loss_g = -self.D(fake.float(), y).mean()
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
+            self.last_loss_g = loss_g.item()
+        return {"loss_c": loss_c.item(), "wasserstein": -wasserstein.item(), "gp": gp.item(), "loss_g": self.last_loss_g}
+
+
+def build_objective(cfg: TrainConfig, device, generator, discriminator, conditional: bool) -> Objective:
+    if cfg.objective == "vae":
+        return VAEObjective(cfg, device, generator, conditional)
+    if cfg.objective == "gan":
+        return GANObjective(cfg, device, generator, discriminator, conditional)
+    return WGANGPObjective(cfg, device, generator, discriminator, conditional)

@@ -1,0 +1,50 @@
+"""The one sampler: previews, export checks and evaluation all draw images through `sample`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module behind DistributedDataParallel or torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def balanced_labels(n: int, num_classes: int, device=None) -> torch.Tensor:
+    """0, 1, ..., k-1, 0, 1, ...: the 'balanced' label mix (same rule as the service)."""
+    return torch.arange(n, device=device) % num_classes
+
+
+def class_rows(num_classes: int, per_class: int, device=None) -> torch.Tensor:
+    """Labels for a grid with one row per class: 0 0 0 ... 1 1 1 ..."""
+    return torch.arange(num_classes, device=device).repeat_interleave(per_class)
+
+
+@torch.inference_mode()
+def sample(model: nn.Module, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
+           device=None) -> torch.Tensor:
+    """n images (n, C, H, W) in [0, 1] from a generator or VAE, in eval mode; labels only for conditional models."""
+    model = unwrap(model)
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        z = torch.randn(n, model.latent_dim, generator=generator, device="cpu").to(device)
+        y = None
+        if model.num_classes > 0:
+            y = (labels if labels is not None else balanced_labels(n, model.num_classes)).to(device)
+        return model.generate(z, y).float().clamp_(0, 1)
+    finally:
+        model.train(was_training)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:
+    """Images (N, C, H, W) in [0, 1] as one PNG grid, nrow images per row."""
+    from torchvision.utils import save_image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_image(images.cpu(), str(path), nrow=nrow, padding=2, pad_value=1.0)

@@ -1,0 +1,269 @@
+"""Train any model family on any dataset: one loop, the objective supplies the step.
+
+    python -m training.train --dataset mnist --model cdcgan --epochs 10 --data-dir ../shared/data
+    python -m training.train --dataset bloodmnist_64 --model cdcgan --epochs 30
+    python -m training.train --dataset pathmnist_gray --model mlp_gan --epochs 50
+    torchrun --nproc_per_node=2 -m training.train --dataset mnist --model dcgan --epochs 5   # DDP (gloo on CPU, nccl on GPU)
+
+A run directory (default runs/<dataset>/<model>) gets: config.json (the resolved config), checkpoint.pt
+(self-describing: weights, optimisers, epoch, step, config, code version), metrics.csv and metrics.jsonl
+(per-epoch mean losses), loss_curve.png, samples/epoch_NNN.png (fixed-seed grid, one row per class for
+conditional models) and, with --tensorboard, TensorBoard events. Run again with --resume to continue.
+
+Speed: the dataset is held as one uint8 tensor on the device, batches are index slices of it (no
+DataLoader, no per-sample Python work); on CUDA, bf16 autocast (--amp, default on) and --compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import TrainConfig
+from .data import DATA_DIR_ENV, dataset_info, load_dataset
+from .models import MODEL_FAMILIES, build_model
+from .objectives import build_objective
+from .sampling import class_rows, sample, save_grid, unwrap
+
+CHECKPOINT = "checkpoint.pt"
+PREVIEW_PER_CLASS = 10
+
+
+def code_version() -> str:
+    """The git commit of the training code (with -dirty if modified), or 'unknown' outside a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "."], cwd=here, capture_output=True, text=True).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hardware_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def parse_args(argv=None) -> TrainConfig:
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for field in dataclasses.fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if field.type in ("bool",):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
+        help_text = f"default: {default}" if default is not None else "default: the model family's"
+        if field.name == "data_dir":
+            help_text = f"data folder (default: ${DATA_DIR_ENV}, then ./data)"
+        parser.add_argument(flag, type=kind, default=default, help=help_text)
+    parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    cfg = TrainConfig(**args).resolve()
+    cfg.resume = resume  # not a config field: the same run resumed has the same config
+    return cfg
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
+    """(device, rank, world size). Under torchrun (WORLD_SIZE set) joins the process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+        if want_cuda:
+            torch.cuda.set_device(device)
+        return device, rank, world
+    return torch.device(cfg.device if cfg.device != "auto" else ("cuda" if want_cuda else "cpu")), 0, 1
+
+
+def main(cfg: TrainConfig) -> Path:
+    device, rank, world = setup_distributed(cfg)
+    is_main = rank == 0
+    out = Path(cfg.out_dir)
+    family = MODEL_FAMILIES[cfg.model]
+    info = dataset_info(cfg.dataset)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+
+    data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download)
+    images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W) uint8, (N,) int64
+
+    generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width)
+    generator = generator.to(device)
+    discriminator = discriminator.to(device) if discriminator is not None else None
+
+    start_epoch, step, wall_time = 1, 0, 0.0
+    checkpoint_path = out / CHECKPOINT
+    state = None
+    if getattr(cfg, "resume", False):
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        generator.load_state_dict(state["models"]["generator"])
+        if discriminator is not None:
+            discriminator.load_state_dict(state["models"]["discriminator"])
+        start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
+
+    if world > 1:
+        # broadcast_buffers=False: GAN steps run D several times per backward; per-rank BN stats are fine.
+        generator = DistributedDataParallel(generator, broadcast_buffers=False)
+        if discriminator is not None:
+            discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
+    if cfg.compile:
+        generator = torch.compile(generator)
+        discriminator = torch.compile(discriminator) if discriminator is not None else None
+    objective = build_objective(cfg, device, generator, discriminator, family.conditional)
+    if state is not None:
+        objective.load_state_dict(state["optimizers"])
+        if "objective_steps" in state:
+            objective.steps = state["objective_steps"]
+
+    log = None
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.save(out / "config.json")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            log = SummaryWriter(str(out / "tensorboard"))
+    preview_labels = class_rows(info.num_classes, PREVIEW_PER_CLASS) if family.conditional else None
+    preview_n = info.num_classes * PREVIEW_PER_CLASS if family.conditional else 64
+
+    n_shard = len(images) // world
+    batch = min(cfg.batch_size, n_shard)
+    steps_per_epoch = n_shard // batch
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)  # noise: reproducible per epoch, so resume is exact
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        shard = order[rank * n_shard:(rank + 1) * n_shard].to(device)
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        count = 0
+        progress = range(steps_per_epoch)
+        if is_main:
+            from tqdm import tqdm
+
+            progress = tqdm(progress, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+        for i in progress:
+            idx = shard[i * batch:(i + 1) * batch]
+            x = images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
+            losses = objective.step(x, labels[idx])
+            step += 1
+            count += 1
+            for key, value in losses.items():
+                if value == value:  # skip NaN: WGAN-GP reports loss_g only on generator steps
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] = counts.get(key, 0) + 1
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        seconds = time.perf_counter() - t0
+        wall_time += seconds
+        if not is_main:
+            continue
+        row = {"epoch": epoch, "step": step, "seconds": round(seconds, 3),
+               "images_per_s": round(count * batch * world / seconds, 1),
+               **{k: v / counts[k] for k, v in sums.items()}}
+        _append_metrics(out, row)
+        if log is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step"):
+                    log.add_scalar(key, value, epoch)
+        print(json.dumps(row), flush=True)
+        last = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
+        if epoch % cfg.sample_every == 0 or last:
+            grid = sample(generator, preview_n, preview_labels, torch.Generator().manual_seed(1234))
+            save_grid(grid, out / "samples" / f"epoch_{epoch:03d}.png", nrow=PREVIEW_PER_CLASS if family.conditional else 8)
+            _plot_losses(out)
+        if epoch % cfg.checkpoint_every == 0 or last:
+            _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, objective, epoch, step, wall_time, device)
+    if log is not None:
+        log.close()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def _save_checkpoint(path: Path, cfg, info, generator, discriminator, objective, epoch, step, wall_time, device) -> None:
+    state = {
+        "format": "synthgen-checkpoint/1",
+        "version": code_version(),
+        "torch_version": torch.__version__,
+        "config": cfg.to_dict(),
+        "dataset_info": dataclasses.asdict(info),
+        "epoch": epoch,
+        "step": step,
+        "wall_time_s": wall_time,
+        "hardware": hardware_name(device),
+        "models": {"generator": unwrap(generator).state_dict(),
+                   **({"discriminator": unwrap(discriminator).state_dict()} if discriminator is not None else {})},
+        "optimizers": objective.state_dict(),
+        "objective_steps": getattr(objective, "steps", 0),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # atomic: a crash mid-save never leaves a truncated checkpoint
+
+
+def _append_metrics(out: Path, row: dict) -> None:
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _plot_losses(out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [k for k in rows[-1] if k.startswith("loss") or k in ("recon", "kl", "gp", "wasserstein")]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        ax.plot([r["epoch"] for r in rows], [r.get(key) for r in rows], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.legend()
+    ax.set_title(out.as_posix())
+    fig.tight_layout()
+    fig.savefig(out / "loss_curve.png", dpi=80)
+    plt.close(fig)
+
+
+def load_checkpoint(run_dir: str | Path, device="cpu"):
+    """Rebuild (generator or VAE, checkpoint dict) from a run directory alone."""
+    state = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    info = state["dataset_info"]
+    image_shape = (info["channels"], info["size"], info["size"])
+    generator, _ = build_model(cfg.model, image_shape, len(info["classes"]), cfg.latent_dim, cfg.width)
+    generator.load_state_dict(state["models"]["generator"])
+    return generator.to(device).eval(), state
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -14,3 +14,22 @@ test:
 
 export:
 	$(PY) -m training.export $(RUNS)
+
+# Container image of the service (scripts/container.sh; needs a Docker engine: `make docker-engine`).
+# BASE=auto|default|local|<image>: BentoML's python:3.11-slim base, or a local Debian one when Docker Hub is out of reach.
+BASE ?= auto
+.PHONY: container container-run container-size docker-engine docker-engine-stop
+container:
+	SYNTHGEN_BASE=$(BASE) PY=$(PY) scripts/container.sh build
+
+container-run:
+	PORT=$(PORT) PY=$(PY) scripts/container.sh run
+
+container-size:
+	PY=$(PY) scripts/container.sh size
+
+docker-engine:
+	scripts/docker-engine.sh install && scripts/docker-engine.sh start
+
+docker-engine-stop:
+	scripts/docker-engine.sh stop

@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Build and run the synthgen container image.
+#
+#   scripts/container.sh build      bentoml build + bentoml containerize -> synthgen-service:<pyproject version>
+#   scripts/container.sh run        run that image on 127.0.0.1:$PORT (host network), print the URL, stay in front
+#   scripts/container.sh tag        print the image tag the build makes
+#   scripts/container.sh size       image size and what dominates it (docker history, du inside the image)
+#
+# Settings (environment):
+#   SYNTHGEN_IMAGE          image tag (default synthgen-service:<version from pyproject.toml>)
+#   SYNTHGEN_BASE           base image: auto (default) | default | local | <image ref>
+#                             default: BentoML's own base (python:3.11-slim from Docker Hub), bentofile.yaml as is;
+#                             local:   a Debian bookworm base built here by scripts/base-image.sh (no Docker Hub needed);
+#                             auto:    default when Docker Hub answers (or the image is present), else local;
+#                             <ref>:   any image with Python 3.11 (bentofile.yaml's docker.base_image is set to it).
+#                           A base other than the default is set in a temporary copy of bentofile.yaml;
+#                           the committed bentofile.yaml is never changed.
+#   SYNTHGEN_PROJECT_DIR    the project tree to build (default: this repository)
+#   PORT                    run: port on 127.0.0.1 (default 3000)
+#   SYNTHGEN_*              run: the service's settings (API key, limits, models...) are passed to the container,
+#                           except host paths (SYNTHGEN_EXPORTED_DIR, _DATA_DIR, _CACHE_DIR) and this script's own.
+set -euo pipefail
+
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+PROJECT="$(cd "${SYNTHGEN_PROJECT_DIR:-$HERE}" && pwd)"
+PY="${PY:-$HERE/.venv/bin/python}"
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; *) PY="$(command -v "$PY")" ;; esac
+BENTOML="${BENTOML:-$(dirname "$PY")/bentoml}"
+DEFAULT_BASE="python:3.11-slim"   # BentoML 1.4's base for distro debian, Python 3.11
+LOCAL_BASE="${SYNTHGEN_BASE_IMAGE:-synthgen-base:bookworm}"
+export BENTOML_DO_NOT_TRACK=true
+
+say() { echo "container: $*" >&2; }
+
+version() { "$PY" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$PROJECT/pyproject.toml"; }
+image_tag() { echo "${SYNTHGEN_IMAGE:-synthgen-service:$(version)}"; }
+
+need_engine() {
+    timeout 20 docker info >/dev/null 2>&1 && return 0
+    say "no Docker engine answers. Start one: scripts/docker-engine.sh install && scripts/docker-engine.sh start"
+    exit 1
+}
+
+choose_base() {
+    local base="${SYNTHGEN_BASE:-auto}"
+    case "$base" in
+        default) echo default ;;
+        local) echo local ;;
+        auto)
+            if docker image inspect "$DEFAULT_BASE" >/dev/null 2>&1 || timeout 120 docker pull -q "$DEFAULT_BASE" >/dev/null 2>&1; then
+                echo default
+            else
+                say "cannot pull $DEFAULT_BASE (no Docker Hub?): using the local Debian base $LOCAL_BASE"
+                echo local
+            fi ;;
+        *) echo "$base" ;;
+    esac
+}
+
+cmd_build() {
+    need_engine
+    local image base bentofile tag start work
+    image="$(image_tag)"
+    base="$(choose_base)"
+    start=$(date +%s)
+    work="$(mktemp -d /tmp/synthgen-container.XXXXXX)"
+    trap 'rm -rf "$work"' RETURN
+    bentofile="$PROJECT/bentofile.yaml"
+    [ -f "$bentofile" ] || { say "no bentofile.yaml in $PROJECT"; exit 1; }
+    if [ "$base" != default ]; then
+        if [ "$base" = local ]; then "$HERE/scripts/base-image.sh" "$LOCAL_BASE"; base="$LOCAL_BASE"; fi
+        # A temporary bentofile with docker.base_image set; paths in it stay relative to the project tree.
+        "$PY" - "$bentofile" "$work/bentofile.yaml" "$base" <<'PYEOF'
+import sys, yaml
+src, dst, base = sys.argv[1:]
+config = yaml.safe_load(open(src)) or {}
+config.setdefault("docker", {})
+config["docker"] = dict(config["docker"] or {}, base_image=base)
+yaml.safe_dump(config, open(dst, "w"), sort_keys=False)
+PYEOF
+        bentofile="$work/bentofile.yaml"
+        say "base image $base (temporary bentofile $bentofile)"
+    else
+        say "base image: BentoML's default ($DEFAULT_BASE)"
+    fi
+    say "bentoml build $PROJECT"
+    tag="$(cd "$PROJECT" && "$BENTOML" build -f "$bentofile" -o tag "$PROJECT" | tail -n 1)"
+    tag="${tag#__tag__:}"
+    [ -n "$tag" ] || { say "bentoml build printed no tag"; exit 1; }
+    say "bento $tag built in $(( $(date +%s) - start ))s; containerizing as $image"
+    # The classic builder (no buildx here); host network so pip/uv in the build reach the registry.
+    DOCKER_BUILDKIT=0 "$BENTOML" containerize "$tag" --opt network=host -t "$image"
+    docker tag "$image" "${image%:*}:latest" >/dev/null
+    say "built $image in $(( $(date +%s) - start ))s; size $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
+    echo "$image"
+}
+
+runtime_env_args() {
+    local name
+    for name in $(compgen -e | grep '^SYNTHGEN_' || true); do
+        case "$name" in
+            SYNTHGEN_EXPORTED_DIR|SYNTHGEN_DATA_DIR|SYNTHGEN_CACHE_DIR|SYNTHGEN_IMAGE|SYNTHGEN_BASE|SYNTHGEN_BASE_*|SYNTHGEN_PROJECT_DIR|SYNTHGEN_DOCKER_*|SYNTHGEN_DEBIAN_MIRROR|SYNTHGEN_CA_BUNDLE|SYNTHGEN_UV_VERSION) ;;
+            *) printf -- '-e\0%s\0' "$name" ;;
+        esac
+    done
+}
+
+cmd_run() {
+    need_engine
+    local image port name
+    image="$(image_tag)"
+    port="${PORT:-3000}"
+    name="${SYNTHGEN_CONTAINER_NAME:-synthgen-$port}"
+    docker image inspect "$image" >/dev/null 2>&1 || { say "no image $image: run 'make container' first"; exit 1; }
+    local env_args=()
+    while IFS= read -r -d '' a; do env_args+=("$a"); done < <(runtime_env_args)
+    say "serving $image at http://127.0.0.1:$port  (livez /livez, readyz /readyz, metrics /metrics; Ctrl-C stops)"
+    # Host network with the server bound to loopback: nothing is published beyond this machine.
+    exec docker run --rm --name "$name" --network host --stop-timeout 30 \
+        -e BENTOML_HOST=127.0.0.1 -e BENTOML_PORT="$port" "${env_args[@]}" "$image"
+}
+
+cmd_size() {
+    need_engine
+    local image; image="$(image_tag)"
+    docker image inspect -f 'size {{.Size}} bytes' "$image"
+    docker history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | awk -F'\t' '$1 != "0B"' | cut -c1-150
+    docker run --rm --network none --entrypoint /bin/sh "$image" -c \
+        'du -xsh /app/.venv /usr /var /home/bentoml/bento 2>/dev/null; echo "-- largest packages in /app/.venv:"; du -sh /app/.venv/lib/python3*/site-packages/* 2>/dev/null | sort -h | tail -n 12'
+}
+
+case "${1:-}" in
+    build) cmd_build ;;
+    run) cmd_run ;;
+    tag) image_tag ;;
+    size) cmd_size ;;
+    *) echo "usage: $0 build|run|tag|size" >&2; exit 2 ;;
+esac

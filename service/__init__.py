@@ -1,0 +1,7 @@
+"""synthgen serving: the BentoML service (service.service:SyntheticImages) and its Python client (service.client).
+
+Modules: config (environment variables), catalog (manifest and file verification), backends (ONNX Runtime,
+TorchScript), sampling (seed -> latents, labels, uint8 rule), batching (per-model micro-batcher), encoders
+(npz / png_grid / zip / json and their decoders), schemas (request and response models), errors (the 4xx
+body), middleware (auth, body limits). Nothing here imports `training/` or, on the default path, torch.
+"""

@@ -1,0 +1,95 @@
+"""Model runners: ONNX Runtime (the default, CPU) and TorchScript (for GPU hosts, SYNTHGEN_BACKEND=torchscript).
+
+Both implement the export contract of `training/export.py`:
+    inputs   z       float32 [N, latent_dim]   standard normal
+             labels  int64   [N]               class ids (conditional models only)
+    output   images  float32 [N, C, H, W]      in [0, 1]
+`run` is blocking and thread-safe enough for the one inference thread the service uses. torch is imported
+only when the TorchScript backend is selected, so the default serving path (and its container) has no torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .catalog import CatalogEntry, ModelCard
+
+
+class BackendLoadError(RuntimeError):
+    """A verified file that the runtime still cannot use (wrong opset, shapes that disagree with the card)."""
+
+
+class OnnxRuntimeRunner:
+    backend = "onnxruntime"
+
+    def __init__(self, path, card: ModelCard, threads: int):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Without the arena, a large batch's activations go back to the OS after the call instead of
+        # staying reserved for the life of the process (what keeps RSS flat under mixed request sizes).
+        options.enable_cpu_mem_arena = False
+        self.card = card
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for unusable graphs
+            raise BackendLoadError(f"ONNX Runtime cannot load {path.name}: {exc}") from None
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        expected = {"z", "labels"} if card.conditional else {"z"}
+        if self.input_names != expected:
+            raise BackendLoadError(f"graph inputs {sorted(self.input_names)} != {sorted(expected)} for a "
+                                   f"{'conditional' if card.conditional else 'unconditional'} card")
+
+    def run(self, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        feeds = {"z": z}
+        if self.card.conditional:
+            feeds["labels"] = labels
+        return self.session.run(["images"], feeds)[0]
+
+
+class TorchScriptRunner:
+    backend = "torchscript"
+
+    def __init__(self, path, card: ModelCard, threads: int, device: str | None):
+        import torch
+
+        self.torch = torch
+        self.card = card
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads)
+        try:
+            self.module = torch.jit.load(str(path), map_location=self.device).eval()
+        except Exception as exc:  # torch raises RuntimeError and friends for unusable archives
+            raise BackendLoadError(f"TorchScript cannot load {path.name}: {exc}") from None
+
+    def run(self, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            args = [torch.from_numpy(z).to(self.device)]
+            if self.card.conditional:
+                args.append(torch.from_numpy(labels).to(self.device))
+            return self.module(*args).float().cpu().numpy()
+
+
+def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None):
+    """Load one verified model and check it on one sample: output shape and range must match its card."""
+    card = entry.card
+    if backend == "torchscript":
+        runner = TorchScriptRunner(entry.model_path, card, threads, device)
+    else:
+        runner = OnnxRuntimeRunner(entry.model_path, card, threads)
+    z = np.zeros((1, card.latent_dim), dtype=np.float32)
+    labels = np.zeros(1, dtype=np.int64)
+    try:
+        out = runner.run(z, labels)
+    except Exception as exc:  # any runtime failure on the smoke input means the model cannot be served
+        raise BackendLoadError(f"{backend} fails on a smoke input: {exc}") from None
+    if out.shape != (1, *card.image_shape) or out.dtype != np.float32:
+        raise BackendLoadError(f"output {out.dtype}{list(out.shape)} != float32{[1, *card.image_shape]} from the card")
+    if not (np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0):
+        raise BackendLoadError("output on a smoke input is not within [0, 1]")
+    return runner

@@ -1,0 +1,89 @@
+"""Run-time settings of the service, all read from environment variables once at start-up.
+
+    SYNTHGEN_EXPORTED_DIR     folder holding manifest.json            default: <repo>/exported (next to service/)
+    SYNTHGEN_BACKEND          onnxruntime | torchscript               default: onnxruntime
+    SYNTHGEN_DEVICE           torchscript device, e.g. cuda, cuda:1   default: cuda when available, else cpu
+    SYNTHGEN_MAX_N            largest n of one request                default: 10000
+    SYNTHGEN_MAX_STEPS        largest steps of one /interpolate       default: 256
+    SYNTHGEN_MAX_BODY_BYTES   largest request body                    default: 1048576 (1 MiB)
+    SYNTHGEN_BATCH_ROWS       rows per model call (merge/split unit)  default: 1024
+    SYNTHGEN_ORT_THREADS      ONNX Runtime intra-op threads           default: CPUs this process may use
+    SYNTHGEN_MEMORY_BUDGET_MB image memory of requests in flight      default: 1024 (more requests wait)
+    SYNTHGEN_API_TOKEN        bearer token; unset or empty = no auth  default: unset
+
+A malformed value fails start-up with a message naming the variable (never a silent fallback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_EXPORTED_DIR = Path(__file__).resolve().parent.parent / "exported"
+BACKENDS = ("onnxruntime", "torchscript")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names the environment variable."""
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _int(env: dict, name: str, default: int, low: int, high: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={value} is outside {low}..{high}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    exported_dir: Path = DEFAULT_EXPORTED_DIR
+    backend: str = "onnxruntime"
+    device: str | None = None
+    max_n: int = 10_000
+    max_steps: int = 256
+    max_body_bytes: int = 1 << 20
+    batch_rows: int = 1024
+    ort_threads: int = 1
+    memory_budget_bytes: int = 1 << 30
+    api_token: str | None = None
+
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> Settings:
+        env = dict(os.environ if env is None else env)
+        backend = env.get("SYNTHGEN_BACKEND", "").strip().lower() or "onnxruntime"
+        if backend not in BACKENDS:
+            raise ConfigError(f"SYNTHGEN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
+        exported = env.get("SYNTHGEN_EXPORTED_DIR", "").strip()
+        return cls(
+            exported_dir=Path(exported).expanduser().resolve() if exported else DEFAULT_EXPORTED_DIR,
+            backend=backend,
+            device=env.get("SYNTHGEN_DEVICE", "").strip() or None,
+            max_n=_int(env, "SYNTHGEN_MAX_N", 10_000, 1, 1_000_000),
+            max_steps=_int(env, "SYNTHGEN_MAX_STEPS", 256, 2, 10_000),
+            max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
+            batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
+            ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", _cpu_count(), 1, 1024),
+            memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", 1024, 64, 1 << 20) << 20,
+            api_token=env.get("SYNTHGEN_API_TOKEN") or None,
+        )
+
+
+@functools.cache
+def current() -> Settings:
+    """The settings of this process, read once (schemas need max_n when they are defined)."""
+    return Settings.from_env()

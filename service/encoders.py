@@ -1,0 +1,177 @@
+"""Response formats for a batch of uint8 N x H x W x C images with int64 labels, and their decoders.
+
+    npz       application/x-npz   uncompressed .npz (np.load): images uint8 N x H x W x C, labels int64 N,
+                                  class_names str K, plus 0-d arrays for the metadata (dataset, model, seed...)
+    png_grid  image/png           one preview PNG, images in row-major order, 2 px black gaps
+    zip       application/zip     images/000000.png ... (one PNG per image), labels.csv
+                                  (filename,label,class_name) and info.json (metadata, class_names)
+    json      application/json    {"images": [base64 PNG, ...], "labels": [...], "class_names": [...],
+                                   "image_shape": [H, W, C], ...metadata}; for small requests
+
+Every encoder is a pure function of its inputs: archive timestamps are fixed (1980-01-01), so the same
+images give the same bytes. Labels of unconditional models are -1 (class_name "" in labels.csv).
+The decoders are what `service.client` uses and what the round-trip tests check.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import math
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+FORMATS = ("npz", "png_grid", "zip", "json")
+MEDIA_TYPES = {"npz": "application/x-npz", "png_grid": "image/png", "zip": "application/zip",
+               "json": "application/json"}
+EXTENSIONS = {"npz": "npz", "png_grid": "png", "zip": "zip", "json": "json"}
+FIXED_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can store; makes archives reproducible
+PNG_COMPRESS_LEVEL = 1  # lossless either way; level 1 is several times faster than the default 6
+GRID_PAD = 2
+
+
+@dataclass
+class Batch:
+    images: np.ndarray  # uint8 N x H x W x C
+    labels: np.ndarray  # int64 N, -1 for unconditional models
+    class_names: list[str]
+    meta: dict = field(default_factory=dict)  # JSON scalars: dataset, model, seed, ...
+
+
+def _zip_entry(name: str) -> zipfile.ZipInfo:
+    info = zipfile.ZipInfo(name, date_time=FIXED_TIME)
+    info.compress_type = zipfile.ZIP_STORED
+    info.external_attr = 0o644 << 16
+    return info
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One H x W x C uint8 image (C = 1 or 3) as PNG (8-bit grayscale or RGB)."""
+    pil = Image.fromarray(image[..., 0], "L") if image.shape[-1] == 1 else Image.fromarray(image, "RGB")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return buf.getvalue()
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> uint8 H x W x C (C = 1 for grayscale)."""
+    with Image.open(io.BytesIO(data)) as pil:
+        array = np.asarray(pil.convert("L" if pil.mode in ("L", "1", "I", "I;16") else "RGB"))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def encode_npz(batch: Batch) -> bytes:
+    arrays = {"images": batch.images, "labels": batch.labels.astype(np.int64, copy=False),
+              "class_names": np.asarray(batch.class_names, dtype=np.str_)}
+    arrays.update({key: np.asarray(value) for key, value in batch.meta.items()})
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for key, value in arrays.items():
+            with archive.open(_zip_entry(f"{key}.npy"), "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, value, allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npz(data: bytes) -> Batch:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    images, labels = arrays.pop("images"), arrays.pop("labels")
+    class_names = [str(c) for c in arrays.pop("class_names")]
+    meta = {key: value.item() for key, value in arrays.items()}
+    return Batch(images=images, labels=labels, class_names=class_names, meta=meta)
+
+
+def grid_columns(n: int) -> int:
+    return max(1, math.ceil(math.sqrt(n)))
+
+
+def encode_png_grid(batch: Batch, columns: int | None = None) -> bytes:
+    images = batch.images
+    n, h, w, c = images.shape
+    cols = min(n, columns or grid_columns(n))
+    rows = math.ceil(n / cols)
+    canvas = np.zeros((rows * h + (rows + 1) * GRID_PAD, cols * w + (cols + 1) * GRID_PAD, c), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y, x = GRID_PAD + r * (h + GRID_PAD), GRID_PAD + k * (w + GRID_PAD)
+        canvas[y:y + h, x:x + w] = images[i]
+    return png_bytes(canvas)
+
+
+def split_png_grid(data: bytes, n: int, height: int, width: int, columns: int | None = None) -> np.ndarray:
+    """The n images of a grid made by encode_png_grid, back as uint8 N x H x W x C."""
+    canvas = decode_png(data)
+    cols = min(n, columns or grid_columns(n))
+    out = np.empty((n, height, width, canvas.shape[-1]), dtype=np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        y, x = GRID_PAD + r * (height + GRID_PAD), GRID_PAD + k * (width + GRID_PAD)
+        out[i] = canvas[y:y + height, x:x + width]
+    return out
+
+
+def _name_width(n: int) -> int:
+    return max(6, len(str(n - 1)))
+
+
+def encode_zip(batch: Batch) -> bytes:
+    n = len(batch.images)
+    width = _name_width(n)
+    names = [f"images/{i:0{width}d}.png" for i in range(n)]
+    table = io.StringIO()
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["filename", "label", "class_name"])
+    for name, label in zip(names, batch.labels.tolist()):
+        writer.writerow([name, label, batch.class_names[label] if label >= 0 else ""])
+    info = {**batch.meta, "n": n, "image_shape": list(batch.images.shape[1:]), "class_names": batch.class_names}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+        for name, image in zip(names, batch.images):
+            archive.writestr(_zip_entry(name), png_bytes(image))
+        archive.writestr(_zip_entry("labels.csv"), table.getvalue())
+        archive.writestr(_zip_entry("info.json"), json.dumps(info, indent=2) + "\n")
+    return buf.getvalue()
+
+
+def decode_zip(data: bytes) -> Batch:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode("utf-8"))))
+        info = json.loads(archive.read("info.json"))
+        images = [decode_png(archive.read(row["filename"])) for row in rows]
+    class_names = info.pop("class_names")
+    h, w, c = info.pop("image_shape")
+    info.pop("n")
+    stacked = np.stack(images) if images else np.empty((0, h, w, c), dtype=np.uint8)
+    return Batch(images=stacked, labels=np.asarray([int(r["label"]) for r in rows], dtype=np.int64),
+                 class_names=class_names, meta=info)
+
+
+def encode_json(batch: Batch) -> bytes:
+    body = {**batch.meta, "n": len(batch.images), "image_shape": list(batch.images.shape[1:]),
+            "class_names": batch.class_names, "labels": batch.labels.tolist(),
+            "images": [base64.b64encode(png_bytes(image)).decode("ascii") for image in batch.images]}
+    return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+def decode_json(data: bytes | dict) -> Batch:
+    body = json.loads(data) if isinstance(data, bytes | str) else dict(data)
+    images = [decode_png(base64.b64decode(s)) for s in body.pop("images")]
+    h, w, c = body.pop("image_shape")
+    body.pop("n")
+    stacked = np.stack(images) if images else np.empty((0, h, w, c), dtype=np.uint8)
+    return Batch(images=stacked, labels=np.asarray(body.pop("labels"), dtype=np.int64),
+                 class_names=body.pop("class_names"), meta=body)
+
+
+ENCODERS = {"npz": encode_npz, "png_grid": encode_png_grid, "zip": encode_zip, "json": encode_json}
+
+
+def encode(batch: Batch, fmt: str, columns: int | None = None) -> bytes:
+    if fmt == "png_grid":
+        return encode_png_grid(batch, columns)
+    return ENCODERS[fmt](batch)

@@ -1,0 +1,92 @@
+"""The fixed, documented rules that make a request reproducible: latents from the seed, labels, uint8 images.
+
+    z        = numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal((n, latent_dim), dtype=float32)
+    labels   "balanced" -> [0, 1, ..., k-1, 0, 1, ...]; one id/name -> that class n times; a list -> as given
+    images   uint8 = clip(rint(x * 255), 0, 255) (round half to even), laid out N x H x W x C
+
+Row i of z depends only on (seed, i), so a request with the same seed and a larger n starts with the same
+images, and /interpolate with seed_start=s starts at the image /generate returns for n=1, seed=s.
+Unconditional models get label -1 for every image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .catalog import ModelCard
+from .errors import ApiError
+
+UNCONDITIONAL_LABEL = -1
+INTERPOLATION_METHODS = ("slerp", "lerp")
+
+
+def latents(seed: int, n: int, latent_dim: int) -> np.ndarray:
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal((n, latent_dim), dtype=np.float32)
+
+
+def interpolation_latents(seed_start: int, seed_end: int, steps: int, latent_dim: int,
+                          method: str = "slerp") -> np.ndarray:
+    """`steps` latents from z(seed_start) to z(seed_end), both ends exact; slerp keeps the Gaussian norm."""
+    a = latents(seed_start, 1, latent_dim)[0].astype(np.float64)
+    b = latents(seed_end, 1, latent_dim)[0].astype(np.float64)
+    t = np.linspace(0.0, 1.0, steps)[:, None]
+    cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    omega = np.arccos(np.clip(cos, -1.0, 1.0))
+    if method == "lerp" or np.sin(omega) < 1e-6:  # (anti)parallel ends: slerp degenerates to lerp
+        path = (1.0 - t) * a + t * b
+    else:
+        path = (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)
+    path[0], path[-1] = a, b
+    return path.astype(np.float32)
+
+
+def class_id(value: int | str, card: ModelCard, field: str) -> int:
+    """One label, as a class id or a class name, checked against the card's classes."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ApiError(400, f"{field}: {value!r} is neither a class id nor a class name", field=field,
+                       allowed=list(card.classes))
+    if isinstance(value, int):
+        if 0 <= value < card.num_classes:
+            return value
+        raise ApiError(400, f"{field}: class id {value} is outside 0..{card.num_classes - 1} for "
+                       f"{card.dataset}/{card.model}", field=field, allowed=list(range(card.num_classes)))
+    try:
+        return card.classes.index(value)
+    except ValueError:
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise ApiError(400, f"{field}: unknown class name {shown!r} for {card.dataset}", field=field,
+                       allowed=list(card.classes)) from None
+
+
+def resolve_labels(labels, n: int, card: ModelCard) -> np.ndarray:
+    """The int64 label of each of the n images, following the module's rules; 4xx naming 'labels' otherwise."""
+    if not card.conditional:
+        if labels is None or labels == "balanced":
+            return np.full(n, UNCONDITIONAL_LABEL, dtype=np.int64)
+        raise ApiError(400, f"labels: {card.dataset}/{card.model} is an unconditional model and cannot follow "
+                       "labels; omit 'labels' (every image gets label -1) or pick a conditional model",
+                       field="labels", allowed=["balanced", None])
+    if labels is None or labels == "balanced":
+        return np.arange(n, dtype=np.int64) % card.num_classes
+    if isinstance(labels, list):
+        if len(labels) != n:
+            raise ApiError(400, f"labels: a list of labels must have exactly n={n} items, it has {len(labels)}",
+                           field="labels", allowed=[f"a list of {n} class ids or names", "balanced",
+                                                    "one class id or name"])
+        ids = [class_id(v, card, "labels") for v in labels]
+        return np.asarray(ids, dtype=np.int64)
+    return np.full(n, class_id(labels, card, "labels"), dtype=np.int64)
+
+
+def quantize_into(images: np.ndarray, out: np.ndarray) -> None:
+    """float32 N x C x H x W in [0, 1] -> uint8 N x H x W x C written into `out`; consumes `images` as scratch.
+
+    Works through ~1 MiB blocks so each one stays in cache across the four passes.
+    """
+    step = max(1, (1 << 18) // max(1, images[0].size)) if len(images) else 1
+    for a in range(0, len(images), step):
+        block = images[a:a + step]
+        np.multiply(block, 255.0, out=block)
+        np.rint(block, out=block)
+        np.clip(block, 0.0, 255.0, out=block)
+        np.copyto(out[a:a + step], block.astype(np.uint8).transpose(0, 2, 3, 1))

@@ -1,0 +1,110 @@
+"""Request and response models of the public API, and example requests that the docs and tests reuse.
+
+Requests are strict: unknown fields are rejected (a typo such as "label" for "labels" is a 400, not a silent
+default), integers must be JSON integers, and `n` is bounded by SYNTHGEN_MAX_N at start-up. Checks that need
+the catalog (does the dataset exist, is the class name valid for it) happen in the service.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema
+
+from .config import current
+
+SETTINGS = current()
+MAX_SEED = 2**63 - 1
+MAX_NAME = 64  # longest dataset/model name accepted; real ones are short identifiers
+
+Format = Literal["npz", "png_grid", "zip", "json"]
+# BentoML flattens a JSON-schema "anyOf" to its first member when it builds /docs.json, which would document
+# `labels` as the constant "balanced"; these explicit "oneOf" schemas keep every accepted shape visible.
+_ONE_LABEL = [{"type": "integer", "minimum": 0, "description": "class id"},
+              {"type": "string", "description": "class name"}]
+Label = Annotated[Union[StrictInt, StrictStr, None], WithJsonSchema({"oneOf": _ONE_LABEL})]
+Labels = Annotated[
+    Union[Literal["balanced"], StrictInt, StrictStr, Annotated[list[Union[StrictInt, StrictStr]],
+                                                               Field(max_length=SETTINGS.max_n)], None],
+    WithJsonSchema({"oneOf": [*_ONE_LABEL, {"type": "array", "maxItems": SETTINGS.max_n,
+                                            "items": {"oneOf": _ONE_LABEL}}]}),
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class GenerateRequest(_Strict):
+    """POST /generate: n labelled images from one model."""
+
+    dataset: StrictStr = Field(max_length=MAX_NAME, description="dataset id, e.g. 'mnist' (see /models)")
+    model: StrictStr | None = Field(default=None, max_length=MAX_NAME,
+                                    description="model family; default: the dataset's default model")
+    n: StrictInt = Field(default=64, ge=1, le=SETTINGS.max_n, description="number of images")
+    labels: Labels = Field(
+        default=None,
+        description="conditional models: 'balanced' (default: 0,1,..,k-1,0,1,..), one class id or name for "
+                    "all images, or a list of n ids/names. Unconditional models: omit (labels are -1).")
+    seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED,
+                                   description="random seed; omitted: one is drawn and returned (X-Seed header, "
+                                               "and inside npz/zip/json)")
+    format: Format = Field(default="npz", description="npz (default) | png_grid | zip | json")
+
+
+class InterpolateRequest(_Strict):
+    """POST /interpolate: images along the latent path from the seed_start image to the seed_end image."""
+
+    dataset: StrictStr = Field(max_length=MAX_NAME)
+    model: StrictStr | None = Field(default=None, max_length=MAX_NAME)
+    seed_start: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
+    seed_end: StrictInt = Field(default=1, ge=0, le=MAX_SEED)
+    steps: StrictInt = Field(default=8, ge=2, le=SETTINGS.max_steps, description="images on the path, ends included")
+    label: Label = Field(
+        default=None, description="conditional models: the class of every step (id or name; default class 0)")
+    method: Literal["slerp", "lerp"] = Field(default="slerp", description="spherical (default) or linear path")
+    format: Format = Field(default="png_grid", description="png_grid (default, one row) | npz | zip | json")
+
+
+class ModelInfo(BaseModel):
+    dataset: str
+    model: str
+    description: str
+    default: bool
+    conditional: bool
+    classes: list[str]
+    num_classes: int
+    image_shape: list[int] = Field(description="[C, H, W]")
+    latent_dim: int
+    metrics: dict[str, Any] = Field(description="quality metrics from the model card (fid, precision, ...)")
+    parameters: int | None = None
+    training: dict[str, Any] = Field(default_factory=dict, description="epochs, wall time and hardware")
+
+
+class DatasetInfo(BaseModel):
+    default_model: str
+    models: list[str]
+    classes: list[str]
+    image_shape: list[int]
+
+
+class FailedModel(BaseModel):
+    dataset: str
+    model: str
+    reason: str
+
+
+class Catalog(BaseModel):
+    backend: str
+    max_n: int
+    datasets: dict[str, DatasetInfo]
+    models: list[ModelInfo]
+    failed: list[FailedModel] = Field(description="models in the manifest that are not served, and why")
+
+
+EXAMPLE_GENERATE = {"dataset": "mnist", "model": "cdcgan", "n": 64, "labels": "balanced", "seed": 0,
+                    "format": "npz"}
+EXAMPLE_GENERATE_BY_NAME = {"dataset": "pneumoniamnist", "n": 8, "labels": "pneumonia", "seed": 1,
+                            "format": "json"}
+EXAMPLE_INTERPOLATE = {"dataset": "mnist", "model": "cdcgan", "seed_start": 0, "seed_end": 1, "steps": 8,
+                       "label": 3, "format": "png_grid"}

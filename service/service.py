@@ -1,0 +1,266 @@
+"""synthgen: labelled synthetic MNIST / MedMNIST images over HTTP (BentoML 1.4).
+
+Run it (from the repository root; models come from exported/manifest.json):
+
+    bentoml serve service.service:SyntheticImages --host 127.0.0.1 --port 3000
+    curl -s -X POST localhost:3000/generate -H 'Content-Type: application/json' \\
+         -d '{"dataset": "mnist", "n": 64, "seed": 0}' -o batch.npz
+
+Endpoints: POST /generate, POST (or GET) /models, POST /interpolate, plus BentoML's /livez /readyz
+/healthz /metrics and the OpenAPI document /docs.json. Configuration is by environment variable (see
+service/config.py). Start-up reads the manifest, verifies every file's sha256 and loads every model once;
+a model that fails is not served (the catalog says why), and start-up fails when no model is usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated
+
+import anyio.to_thread
+import bentoml
+import numpy as np
+from bentoml.validators import ContentType
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from . import schemas
+from .backends import BackendLoadError, load_runner
+from .batching import MicroBatcher
+from .catalog import CatalogEntry, ManifestError, load_catalog
+from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
+from .errors import ApiError
+from .middleware import GuardMiddleware
+from .sampling import class_id, interpolation_latents, latents, resolve_labels
+
+logger = logging.getLogger("bentoml.synthgen")
+SETTINGS = schemas.SETTINGS
+# The body of /generate and /interpolate: the bytes of the requested format (npz, PNG, zip or JSON).
+Binary = Annotated[bytes, ContentType("application/octet-stream")]
+INLINE_ENCODE_BYTES = 1 << 20  # npz of up to this many pixel bytes is written on the event loop (no thread hop)
+MODEL_CALLS = bentoml.metrics.Counter(name="synthgen_model_calls", labelnames=["dataset", "model"],
+                                      documentation="Model calls; concurrent requests share calls (micro-batching)")
+IMAGES = bentoml.metrics.Counter(name="synthgen_images", labelnames=["dataset", "model"],
+                                 documentation="Images generated")
+
+
+class MemoryBudget:
+    """Caps the image memory of requests in flight: a request waits (never fails) until its share fits."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit, self.used = limit_bytes, 0
+        self._cond: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, nbytes: int):
+        nbytes = min(nbytes, self.limit)
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        async with self._cond:
+            await self._cond.wait_for(lambda: self.used + nbytes <= self.limit)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
+def nothing_servable(catalog) -> str:
+    reasons = "; ".join(f"{e.dataset}/{e.model}: {e.error}" for e in catalog.failed()) or "the manifest lists none"
+    return f"no model in {catalog.root} can be served ({reasons})"
+
+
+def request_bytes(n: int, card) -> int:
+    """Peak memory of one request: uint8 images, their encoding (about the same size) and the latents."""
+    return 2 * n * card.image_bytes + n * card.latent_dim * 4
+
+
+async def _get_models(_: Request) -> Response:
+    """GET /models: the same catalog as POST /models."""
+    return JSONResponse(bentoml.get_current_service().catalog_info.model_dump())
+
+
+catalog_app = Starlette(routes=[Route("/models", _get_models, methods=["GET"])])
+
+
+@bentoml.asgi_app(catalog_app, path="/", name="catalog")
+@bentoml.service(
+    name="synthgen",
+    workers=1,
+    traffic={"timeout": 300},
+    resources={"cpu": str(SETTINGS.ort_threads)},
+)
+class SyntheticImages:
+    """Labelled synthetic MNIST and MedMNIST images from trained generators: see POST /models for what exists."""
+
+    @bentoml.on_deployment
+    def preflight() -> None:
+        """Once, in the `bentoml serve` process before any worker starts: a missing or malformed manifest, or
+        a zoo where no model passes its file checks, stops the server here with one clear error (instead of
+        workers failing and being restarted in a loop)."""
+        catalog = load_catalog(SETTINGS.exported_dir, SETTINGS.backend)
+        if not catalog.usable():
+            raise ManifestError(nothing_servable(catalog))
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self._ready = False
+        self.catalog = load_catalog(self.settings.exported_dir, self.settings.backend)
+        for entry in self.catalog.usable():
+            try:
+                entry.runner = load_runner(entry, self.settings.backend, self.settings.ort_threads,
+                                           self.settings.device)
+            except BackendLoadError as exc:
+                entry.error = str(exc)
+                logger.error("model %s/%s is not served: %s", entry.dataset, entry.model, exc)
+        usable = self.catalog.usable()
+        if not usable:
+            raise ManifestError(nothing_servable(self.catalog))
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthgen-infer")
+        self.batchers = {(e.dataset, e.model): MicroBatcher(e.runner, self.executor, self.settings.batch_rows,
+                                                            e.card.image_shape, on_call=self._counter(e))
+                         for e in usable}
+        self.budget = MemoryBudget(self.settings.memory_budget_bytes)
+        self.catalog_info = self._catalog_info()
+        self._ready = True
+        logger.info("serving %d model(s) with %s from %s (%d not served)", len(usable), self.settings.backend,
+                    self.catalog.root, len(self.catalog.failed()))
+
+    @staticmethod
+    def _counter(entry: CatalogEntry):
+        calls = MODEL_CALLS.labels(dataset=entry.dataset, model=entry.model)
+        images = IMAGES.labels(dataset=entry.dataset, model=entry.model)
+
+        def count(rows: int) -> None:
+            calls.inc()
+            images.inc(rows)
+
+        return count
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    @bentoml.on_shutdown
+    def _stop_inference_thread(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def _catalog_info(self) -> schemas.Catalog:
+        datasets, models = {}, []
+        for dataset, names in self.catalog.datasets().items():
+            default = self.catalog.default_model(dataset)
+            card = self.catalog.entries[(dataset, default)].card
+            datasets[dataset] = schemas.DatasetInfo(default_model=default, models=names, classes=list(card.classes),
+                                                    image_shape=list(card.image_shape))
+            for name in names:
+                card = self.catalog.entries[(dataset, name)].card
+                training = card.raw.get("training") or {}
+                models.append(schemas.ModelInfo(
+                    dataset=dataset, model=name, description=card.description, default=name == default,
+                    conditional=card.conditional, classes=list(card.classes), num_classes=card.num_classes,
+                    image_shape=list(card.image_shape), latent_dim=card.latent_dim, metrics=card.metrics,
+                    parameters=card.raw.get("parameters") if isinstance(card.raw.get("parameters"), int) else None,
+                    training={k: training[k] for k in ("epochs", "steps", "wall_time_s", "hardware") if k in training},
+                ))
+        failed = [schemas.FailedModel(dataset=e.dataset, model=e.model, reason=e.error) for e in self.catalog.failed()]
+        return schemas.Catalog(backend=self.settings.backend, max_n=self.settings.max_n, datasets=datasets,
+                               models=models, failed=failed)
+
+    def _entry(self, dataset: str, model: str | None) -> CatalogEntry:
+        """The usable catalog entry for a request's names: 404 listing what exists, or 503 saying why not."""
+        available = self.catalog.datasets()
+        if dataset not in available:
+            raise ApiError(404, f"unknown dataset {dataset[:64]!r}; available: {', '.join(available)}",
+                           field="dataset", allowed=list(available), kind="not_found",
+                           extra={"datasets": available})
+        name = model if model is not None else self.catalog.default_model(dataset)
+        entry = self.catalog.entries.get((dataset, name))
+        if entry is not None and not entry.ok:
+            raise ApiError(503, f"model {dataset}/{name} is not served: it failed to load at start-up ({entry.error})",
+                           field="model", allowed=available[dataset], kind="unavailable",
+                           extra={"datasets": available})
+        if entry is None:
+            raise ApiError(404, f"unknown model {name[:64]!r} for dataset {dataset!r}; available: "
+                           f"{', '.join(available[dataset])}", field="model", allowed=available[dataset],
+                           kind="not_found", extra={"datasets": available})
+        return entry
+
+    async def _render(self, entry: CatalogEntry, z: np.ndarray, labels: np.ndarray, fmt: str, meta: dict,
+                      stem: str, columns: int | None = None) -> Response:
+        card = entry.card
+        async with self.budget.reserve(request_bytes(len(z), card)):
+            images = await self.batchers[(entry.dataset, entry.model)].generate(z, labels)
+            batch = Batch(images=images, labels=labels, class_names=list(card.classes), meta=meta)
+            if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
+                body = encode(batch, fmt)
+            else:
+                body = await anyio.to_thread.run_sync(encode, batch, fmt, columns)
+            del images, batch
+        headers = {"X-Dataset": entry.dataset, "X-Model": entry.model, "X-Count": str(len(z)),
+                   "Content-Disposition": f'{"inline" if fmt == "png_grid" else "attachment"}; '
+                                          f'filename="{stem}.{EXTENSIONS[fmt]}"'}
+        return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
+
+    @bentoml.api(route="/generate")
+    async def generate(self, request: schemas.GenerateRequest, /) -> Binary:
+        """n labelled images from one model, as npz (default), png_grid, zip or json.
+
+        The seed (given, or drawn when absent) comes back in the X-Seed header and inside npz/zip/json;
+        the same request with the same seed gives byte-identical output. Unconditional models label every
+        image -1. Errors: 404 unknown dataset/model (lists what exists), 400 invalid field (names it).
+        """
+        try:
+            entry = self._entry(request.dataset, request.model)
+            labels = resolve_labels(request.labels, request.n, entry.card)
+        except ApiError as exc:
+            return exc.response()
+        seed = request.seed if request.seed is not None else secrets.randbits(32)
+        z = latents(seed, request.n, entry.card.latent_dim)
+        meta = {"dataset": entry.dataset, "model": entry.model, "seed": seed}
+        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}"
+        response = await self._render(entry, z, labels, request.format, meta, stem)
+        response.headers["X-Seed"] = str(seed)
+        return response
+
+    @bentoml.api(route="/interpolate")
+    async def interpolate(self, request: schemas.InterpolateRequest, /) -> Binary:
+        """`steps` images along the latent path between the seed_start and seed_end images (ends included).
+
+        Step 0 is exactly the image /generate returns for n=1, seed=seed_start (and the same label); the
+        last step the one for seed_end. Conditional models keep one class along the path (`label`, default 0).
+        png_grid (default) shows the path as one row.
+        """
+        try:
+            entry = self._entry(request.dataset, request.model)
+            card = entry.card
+            if card.conditional:
+                label = class_id(request.label if request.label is not None else 0, card, "label")
+            elif request.label is not None:
+                raise ApiError(400, f"label: {card.dataset}/{card.model} is an unconditional model; omit 'label'",
+                               field="label", allowed=[None])
+            else:
+                label = -1
+        except ApiError as exc:
+            return exc.response()
+        z = interpolation_latents(request.seed_start, request.seed_end, request.steps, card.latent_dim, request.method)
+        labels = np.full(request.steps, label, dtype=np.int64)
+        meta = {"dataset": entry.dataset, "model": entry.model, "seed_start": request.seed_start,
+                "seed_end": request.seed_end, "method": request.method}
+        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{request.seed_start}-to-{request.seed_end}"
+        return await self._render(entry, z, labels, request.format, meta, stem, columns=request.steps)
+
+    @bentoml.api(route="/models")
+    async def models(self) -> schemas.Catalog:
+        """Every servable dataset and model: classes, image shape, conditional or not, the default model,
+        the quality metrics from its card; and the models of the manifest that are not served, with why."""
+        return self.catalog_info
+
+
+SyntheticImages.add_asgi_middleware(GuardMiddleware, token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)

@@ -1,0 +1,359 @@
+"""The service's parts in-process (no server): manifest verification, the reproducibility rules, the
+micro-batcher, the encoders and request validation. Fast; the HTTP behaviour is in test_service.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from service import encoders, schemas
+from service.backends import load_runner
+from service.batching import MicroBatcher
+from service.catalog import ManifestError, load_catalog
+from service.config import ConfigError, Settings
+from service.errors import ApiError
+from service.sampling import interpolation_latents, latents, quantize_into, resolve_labels
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def catalog(exported_dir):
+    return load_catalog(exported_dir)
+
+
+@pytest.fixture(scope="module")
+def runners(catalog):
+    return {key: load_runner(entry, "onnxruntime", threads=1) for key, entry in catalog.entries.items()}
+
+
+def damaged_copy(exported_dir: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "exported"
+    shutil.copytree(exported_dir, root)
+    return root
+
+
+def manifest_of(root: Path) -> dict:
+    return json.loads((root / "manifest.json").read_text())
+
+
+# --- manifest and file verification -------------------------------------------------------------------------
+
+def test_every_model_of_a_good_manifest_is_usable(catalog):
+    assert {key for key, e in catalog.entries.items() if e.ok} == {
+        ("mnist", "cdcgan"), ("mnist", "mlp_vae"), ("bloodmnist_64", "dcgan"), ("pneumoniamnist", "cvae")}
+    assert catalog.default_model("mnist") == "cdcgan"
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ("truncate", "sha256"), ("flip_byte", "sha256"), ("delete", "missing"),
+])
+def test_damaged_model_file_is_refused_with_the_file_named(exported_dir, tmp_path, damage, reason):
+    root = damaged_copy(exported_dir, tmp_path)
+    onnx = root / "mnist" / "mlp_vae" / "generator.onnx"
+    data = onnx.read_bytes()
+    if damage == "truncate":
+        onnx.write_bytes(data[: len(data) // 2])
+    elif damage == "flip_byte":
+        onnx.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    else:
+        onnx.unlink()
+    catalog = load_catalog(root)
+    entry = catalog.entries[("mnist", "mlp_vae")]
+    assert not entry.ok and reason in entry.error and "mnist/mlp_vae/generator.onnx" in entry.error
+    assert catalog.entries[("mnist", "cdcgan")].ok  # the others keep working
+
+
+def test_manifest_paths_cannot_leave_the_exported_folder(exported_dir, tmp_path):
+    root = damaged_copy(exported_dir, tmp_path)
+    manifest = manifest_of(root)
+    manifest["models"][0]["files"]["onnx"]["path"] = "../../../../etc/passwd"
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    entry = load_catalog(root).entries[(manifest["models"][0]["dataset"], manifest["models"][0]["model"])]
+    assert not entry.ok and "leaves the exported folder" in entry.error
+
+
+def test_default_falls_back_to_a_usable_model_when_the_manifest_default_is_broken(exported_dir, tmp_path):
+    root = damaged_copy(exported_dir, tmp_path)
+    (root / "mnist" / "cdcgan" / "generator.onnx").write_bytes(b"not a model")
+    assert load_catalog(root).default_model("mnist") == "mlp_vae"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no manifest"),
+    ("{not json", "not valid JSON"),
+    ('{"format": "other/1", "models": []}', "expected 'synthgen-manifest/1'"),
+    ('{"format": "synthgen-manifest/1", "models": {}}', "'models' must be a list"),
+    ('[1, 2]', "format 'list'"),
+])
+def test_malformed_manifest_is_one_clear_error(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(ManifestError, match=message):
+        load_catalog(tmp_path)
+
+
+def test_a_card_that_disagrees_with_the_model_is_refused(exported_dir, tmp_path):
+    """A card whose image_shape lies is caught by the smoke run at load, not by the first user."""
+    root = damaged_copy(exported_dir, tmp_path)
+    card_path = root / "mnist" / "cdcgan" / "card.json"
+    card = json.loads(card_path.read_text())
+    card["image_shape"] = [3, 28, 28]
+    card_path.write_text(json.dumps(card))
+    from training.manifest import write_manifest  # re-hash so only the content is wrong, not the sha256
+
+    write_manifest(root)
+    entry = load_catalog(root).entries[("mnist", "cdcgan")]
+    with pytest.raises(Exception, match="from the card"):
+        load_runner(entry, "onnxruntime", threads=1)
+
+
+# --- configuration ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env, name", [
+    ({"SYNTHGEN_MAX_N": "lots"}, "SYNTHGEN_MAX_N"),
+    ({"SYNTHGEN_MAX_N": "0"}, "SYNTHGEN_MAX_N"),
+    ({"SYNTHGEN_BACKEND": "tensorrt"}, "SYNTHGEN_BACKEND"),
+    ({"SYNTHGEN_MAX_BODY_BYTES": "-1"}, "SYNTHGEN_MAX_BODY_BYTES"),
+])
+def test_bad_settings_fail_naming_the_variable(env, name):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env(env)
+
+
+def test_settings_defaults():
+    s = Settings.from_env({})
+    assert (s.backend, s.max_n, s.max_body_bytes, s.api_token) == ("onnxruntime", 10_000, 1 << 20, None)
+    assert s.exported_dir == REPO / "exported"
+
+
+# --- reproducibility rules ----------------------------------------------------------------------------------
+
+def test_latents_follow_the_documented_rule():
+    expected = np.random.Generator(np.random.PCG64(123)).standard_normal((5, 7), dtype=np.float32)
+    assert np.array_equal(latents(123, 5, 7), expected)
+    assert np.array_equal(latents(123, 9, 7)[:5], expected)  # a larger n extends a smaller one
+
+
+@pytest.mark.parametrize("method", ["slerp", "lerp"])
+def test_interpolation_ends_are_exactly_the_seed_latents(method):
+    path = interpolation_latents(3, 8, 5, 16, method)
+    assert path.shape == (5, 16) and path.dtype == np.float32
+    assert np.array_equal(path[0], latents(3, 1, 16)[0]) and np.array_equal(path[-1], latents(8, 1, 16)[0])
+
+
+def test_labels_rules(catalog):
+    cond = catalog.entries[("pneumoniamnist", "cvae")].card
+    uncond = catalog.entries[("mnist", "mlp_vae")].card
+    assert resolve_labels(None, 5, cond).tolist() == [0, 1, 0, 1, 0]
+    assert resolve_labels("pneumonia", 3, cond).tolist() == [1, 1, 1]
+    assert resolve_labels(["normal", 1, "pneumonia"], 3, cond).tolist() == [0, 1, 1]
+    assert resolve_labels("balanced", 2, uncond).tolist() == [-1, -1]
+    for bad, field in ((2, "labels"), ("covid", "labels"), ([0], "labels"), (-1, "labels")):
+        with pytest.raises(ApiError) as info:
+            resolve_labels(bad, 3, cond)
+        assert info.value.status == 400 and info.value.field == field and info.value.allowed
+    with pytest.raises(ApiError, match="unconditional"):
+        resolve_labels(3, 2, uncond)
+
+
+def test_quantization_is_round_half_to_even_in_nhwc():
+    x = np.array([0.0, 0.5 / 255, 1.5 / 255, 0.2, 1.0, 1.2, -0.1], dtype=np.float32).reshape(1, 7, 1, 1)
+    out = np.empty((1, 1, 1, 7), dtype=np.uint8)
+    quantize_into(x.copy(), out)
+    expected = np.clip(np.rint(x.reshape(-1) * np.float32(255)), 0, 255).astype(np.uint8)
+    assert out.reshape(-1).tolist() == expected.tolist()
+
+
+# --- micro-batching -----------------------------------------------------------------------------------------
+
+async def _generate_all(batcher: MicroBatcher, jobs: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    return await asyncio.gather(*(batcher.generate(z, labels) for z, labels in jobs))
+
+
+@pytest.mark.parametrize("key", [("mnist", "cdcgan"), ("mnist", "mlp_vae"), ("bloodmnist_64", "dcgan"),
+                                 ("pneumoniamnist", "cvae")])
+def test_batched_requests_are_byte_identical_to_unbatched(catalog, runners, key):
+    card, runner = catalog.entries[key].card, runners[key]
+    sizes = [1, 3, 1, 40, 2, 1, 17, 1]
+    jobs = [(latents(seed, n, card.latent_dim), np.arange(n, dtype=np.int64) % card.num_classes)
+            for seed, n in enumerate(sizes)]
+    with ThreadPoolExecutor(1) as pool:
+        alone = [asyncio.run(_generate_all(MicroBatcher(runner, pool, 1024, card.image_shape), [job]))[0]
+                 for job in jobs]
+        merged = MicroBatcher(runner, pool, 16, card.image_shape)  # 16 rows a call: merges AND splits
+        together = asyncio.run(_generate_all(merged, jobs))
+    assert merged.calls < len(jobs) and merged.rows == sum(sizes)
+    for a, b in zip(alone, together):
+        assert a.dtype == np.uint8 and a.shape[1:] == (card.image_shape[1], card.image_shape[2], card.image_shape[0])
+        assert a.tobytes() == b.tobytes()
+
+
+def test_a_failing_model_call_fails_its_requests_not_the_batcher(catalog, runners):
+    card = catalog.entries[("mnist", "mlp_vae")].card
+
+    class Flaky:
+        calls = 0
+
+        def run(self, z, labels):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("boom")
+            return runners[("mnist", "mlp_vae")].run(z, labels)
+
+    async def scenario():
+        batcher = MicroBatcher(Flaky(), pool, 1024, card.image_shape)
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.generate(latents(0, 2, card.latent_dim), np.full(2, -1))
+        return await batcher.generate(latents(0, 2, card.latent_dim), np.full(2, -1))
+
+    with ThreadPoolExecutor(1) as pool:
+        assert asyncio.run(scenario()).shape == (2, 28, 28, 1)
+
+
+# --- encoders: every format round-trips ---------------------------------------------------------------------
+
+@st.composite
+def batches(draw):
+    n = draw(st.integers(1, 6))
+    h, w = draw(st.integers(1, 9)), draw(st.integers(1, 9))
+    c = draw(st.sampled_from([1, 3]))
+    k = draw(st.integers(1, 5))
+    images = draw(st.binary(min_size=n * h * w * c, max_size=n * h * w * c))
+    labels = draw(st.lists(st.integers(-1, k - 1), min_size=n, max_size=n))
+    # Class names come from cards; NUL is excluded because numpy's str arrays drop trailing NULs.
+    name = st.text(st.characters(exclude_characters="\x00", exclude_categories=("Cs",)), min_size=1, max_size=12)
+    names = draw(st.lists(name, min_size=k, max_size=k, unique=True))
+    seed = draw(st.integers(0, schemas.MAX_SEED))
+    return encoders.Batch(images=np.frombuffer(images, np.uint8).reshape(n, h, w, c),
+                          labels=np.asarray(labels, dtype=np.int64), class_names=names,
+                          meta={"dataset": "d", "model": "m", "seed": seed})
+
+
+def _same(a: encoders.Batch, b: encoders.Batch) -> None:
+    assert b.images.dtype == np.uint8 and b.images.shape == a.images.shape
+    assert np.array_equal(a.images, b.images) and b.labels.tolist() == a.labels.tolist()
+    assert b.class_names == a.class_names and b.meta == a.meta
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_npz_zip_and_json_round_trip(batch):
+    _same(batch, encoders.decode_npz(encoders.encode_npz(batch)))
+    _same(batch, encoders.decode_zip(encoders.encode_zip(batch)))
+    _same(batch, encoders.decode_json(encoders.encode_json(batch)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches(), st.none() | st.integers(1, 8))
+def test_png_grid_holds_every_image(batch, columns):
+    n, h, w, _ = batch.images.shape
+    grid = encoders.encode_png_grid(batch, columns)
+    assert np.array_equal(encoders.split_png_grid(grid, n, h, w, columns), batch.images)
+
+
+@settings(max_examples=10, deadline=None)
+@given(batches())
+def test_encoders_are_pure_functions(batch):
+    for fmt in encoders.FORMATS:
+        assert encoders.encode(batch, fmt) == encoders.encode(batch, fmt)
+
+
+def test_npz_loads_with_plain_numpy_and_no_pickle(catalog):
+    batch = encoders.Batch(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0, 1]), class_names=["a", "b"],
+                           meta={"seed": 5})
+    import io
+
+    with np.load(io.BytesIO(encoders.encode_npz(batch)), allow_pickle=False) as npz:
+        assert npz["images"].shape == (2, 4, 4, 1) and npz["labels"].dtype == np.int64
+        assert npz["class_names"].tolist() == ["a", "b"] and int(npz["seed"]) == 5
+
+
+# --- request validation -------------------------------------------------------------------------------------
+
+generate_requests = st.fixed_dictionaries(
+    {"dataset": st.text(min_size=1, max_size=64)},
+    optional={"model": st.text(max_size=64), "n": st.integers(1, schemas.SETTINGS.max_n),
+              "labels": st.one_of(st.just("balanced"), st.integers(0, 9), st.text(max_size=10),
+                                  st.lists(st.integers(0, 9) | st.text(max_size=5), max_size=20)),
+              "seed": st.integers(0, schemas.MAX_SEED), "format": st.sampled_from(encoders.FORMATS)})
+
+
+@settings(max_examples=60, deadline=None)
+@given(generate_requests)
+def test_every_request_inside_the_schema_validates(body):
+    request = schemas.GenerateRequest.model_validate_json(json.dumps(body))
+    assert request.dataset == body["dataset"] and request.n == body.get("n", 64)
+
+
+@settings(max_examples=60, deadline=None)
+@given(generate_requests, st.sampled_from([
+    ("n", 0), ("n", schemas.SETTINGS.max_n + 1), ("n", "64"), ("n", 2.5), ("seed", -1), ("seed", 2**63),
+    ("format", "gif"), ("labels", 1.5), ("labels", {"a": 1}), ("dataset", None), ("dataset", "x" * 65),
+    ("label", 3), ("model", 7),
+]))
+def test_a_bad_field_is_rejected_and_named(body, bad):
+    field, value = bad
+    body = {**body, field: value}
+    with pytest.raises(ValidationError) as info:
+        schemas.GenerateRequest.model_validate_json(json.dumps(body))
+    assert any(error["loc"][0] == field for error in info.value.errors())
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=200) | st.recursive(st.none() | st.booleans() | st.integers() | st.text(),
+                                              lambda kids: st.lists(kids) | st.dictionaries(st.text(), kids))
+       .map(lambda v: json.dumps(v).encode()))
+def test_arbitrary_bodies_give_validation_errors_never_crashes(body):
+    try:
+        schemas.GenerateRequest.model_validate_json(body)
+    except ValidationError:
+        pass
+
+
+def test_deeply_nested_json_is_a_validation_error():
+    with pytest.raises(ValidationError, match="recursion"):
+        schemas.GenerateRequest.model_validate_json(b'{"dataset": "mnist", "labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+
+def test_the_examples_are_valid_requests():
+    schemas.GenerateRequest.model_validate(schemas.EXAMPLE_GENERATE)
+    schemas.GenerateRequest.model_validate(schemas.EXAMPLE_GENERATE_BY_NAME)
+    schemas.InterpolateRequest.model_validate(schemas.EXAMPLE_INTERPOLATE)
+
+
+# --- dependencies -------------------------------------------------------------------------------------------
+
+def test_default_serving_path_never_imports_torch_or_training(exported_dir):
+    code = f"""
+import sys, numpy as np
+import service.service, service.client
+from service.catalog import load_catalog
+from service.backends import load_runner
+catalog = load_catalog({str(exported_dir)!r})
+for entry in catalog.usable():
+    load_runner(entry, "onnxruntime", threads=1).run(np.zeros((2, entry.card.latent_dim), np.float32), np.zeros(2, np.int64))
+bad = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "training", "medmnist", "torchvision"))
+assert not bad, bad
+"""
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=120)
+
+
+def test_torchscript_backend_matches_onnxruntime(catalog, runners):
+    for key, entry in catalog.entries.items():
+        ts_catalog_entry = load_catalog(catalog.root, "torchscript").entries[key]
+        runner = load_runner(ts_catalog_entry, "torchscript", threads=1, device="cpu")
+        z = latents(0, 4, entry.card.latent_dim)
+        labels = np.arange(4, dtype=np.int64) % entry.card.num_classes
+        np.testing.assert_allclose(runner.run(z, labels), runners[key].run(z, labels), atol=1e-5)

@@ -1,0 +1,42 @@
+"""Synthetic images from a running synthgen service as a torch Dataset, to mix with real data.
+
+    from torch.utils.data import ConcatDataset
+    from training.synthetic import SyntheticDataset
+
+    synthetic = SyntheticDataset("http://127.0.0.1:3000", "bloodmnist", n=5000, seed=0)
+    train = ConcatDataset([real_train, synthetic])
+
+The n images are fetched once, in one request (npz), when the dataset is created; items are
+(float tensor C x H x W in [0, 1], int label), like torchvision's ToTensor() output. Labels follow the
+service's rules ("balanced" by default; -1 for unconditional models). Same arguments + same seed = same data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from service.client import SynthClient
+
+
+class SyntheticDataset(Dataset):
+    def __init__(self, url: str, dataset: str, n: int, model: str | None = None, labels="balanced",
+                 seed: int | None = 0, transform=None, token: str | None = None):
+        with SynthClient(url, token=token) as client:
+            images, label_ids, class_names = client.generate(dataset, n=n, model=model, labels=labels, seed=seed)
+            self.seed = client.last_seed
+        # uint8 N x H x W x C -> float N x C x H x W in [0, 1], converted once here rather than per item.
+        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)
+        self.labels = torch.from_numpy(label_ids.astype(np.int64))
+        self.classes = list(class_names)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[index])

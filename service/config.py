@@ -8,6 +8,7 @@
     SYNTHGEN_MAX_BODY_BYTES   largest request body                    default: 1048576 (1 MiB)
     SYNTHGEN_BATCH_ROWS       rows per model call (merge/split unit)  default: 1024
     SYNTHGEN_ORT_THREADS      ONNX Runtime intra-op threads           default: CPUs this process may use
+                                                                      (affinity, capped by a cgroup quota)
     SYNTHGEN_MEMORY_BUDGET_MB image memory of requests in flight      default: 1024 (more requests wait)
     SYNTHGEN_API_TOKEN        bearer token; unset or empty = no auth  default: unset
 
@@ -17,6 +18,7 @@ A malformed value fails start-up with a message naming the variable (never a sil
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +32,18 @@ class ConfigError(ValueError):
 
 
 def _cpu_count() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's limit)."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+        count = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass
+    return max(1, count)
 
 
 def _int(env: dict, name: str, default: int, low: int, high: int) -> int:

@@ -96,7 +96,7 @@ catalog_app = Starlette(routes=[Route("/models", _get_models, methods=["GET"])])
     name="synthgen",
     workers=1,
     traffic={"timeout": 300},
-    resources={"cpu": str(SETTINGS.ort_threads)},
+    resources={"cpu": "2", "memory": "2Gi"},  # what one worker is sized for (deploy/ sets the same limits)
 )
 class SyntheticImages:
     """Labelled synthetic MNIST and MedMNIST images from trained generators: see POST /models for what exists."""

@@ -1,0 +1,306 @@
+"""The public contract, through a real `bentoml serve` on 127.0.0.1 serving the tiny zoo of `exported_dir`.
+
+Every format round-trips, the same request and seed give the same bytes, classes can be chosen by id or
+name, the catalog and interpolation work, every error is a 4xx JSON body naming the field, and BentoML's
+health, metrics and OpenAPI routes keep working.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import re
+
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from service import encoders, schemas
+from service_harness import main_server
+
+MNIST = {"dataset": "mnist", "model": "cdcgan"}
+
+
+@pytest.fixture(scope="module")
+def server(exported_dir, tmp_path_factory):
+    return main_server(exported_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+def generate(http, **body) -> httpx.Response:
+    return http.post("/generate", json=body)
+
+
+def ok(response: httpx.Response) -> httpx.Response:
+    assert response.status_code == 200, response.text[:500]
+    return response
+
+
+def npz(http, **body) -> encoders.Batch:
+    return encoders.decode_npz(ok(generate(http, format="npz", **body)).content)
+
+
+def error(response: httpx.Response, status: int | tuple[int, ...]) -> dict:
+    statuses = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in statuses, response.text[:500]
+    assert response.headers["content-type"].startswith("application/json")
+    assert "Traceback" not in response.text and 'File "' not in response.text
+    body = response.json()
+    assert isinstance(body.get("error"), str) and body["error"]
+    return body
+
+
+def named_fields(body: dict) -> set[str]:
+    return {str(item["loc"][0]) for item in body.get("detail", []) if item.get("loc")}
+
+
+# --- formats ------------------------------------------------------------------------------------------------
+
+def test_npz_holds_uint8_nhwc_images_labels_class_names_and_seed(http):
+    response = ok(generate(http, n=10, seed=0, **MNIST))
+    assert response.headers["content-type"] == "application/x-npz"
+    assert response.headers["x-seed"] == "0" and response.headers["x-model"] == "cdcgan"
+    batch = encoders.decode_npz(response.content)
+    assert batch.images.shape == (10, 28, 28, 1) and batch.images.dtype == np.uint8
+    assert batch.labels.dtype == np.int64 and batch.labels.tolist() == list(range(10))
+    assert batch.class_names == [str(i) for i in range(10)]
+    assert batch.meta == {"dataset": "mnist", "model": "cdcgan", "seed": 0}
+
+
+@pytest.mark.parametrize("fmt", ["png_grid", "zip", "json"])
+def test_every_format_carries_the_same_images_as_npz(http, fmt):
+    request = {"dataset": "pneumoniamnist", "n": 7, "seed": 3}
+    reference = npz(http, **request)
+    response = ok(generate(http, format=fmt, **request))
+    assert response.headers["content-type"].startswith(encoders.MEDIA_TYPES[fmt])
+    if fmt == "png_grid":
+        images = encoders.split_png_grid(response.content, 7, 28, 28)
+        assert np.array_equal(images, reference.images)
+        return
+    decoded = encoders.decode_zip(response.content) if fmt == "zip" else encoders.decode_json(response.content)
+    assert np.array_equal(decoded.images, reference.images)
+    assert decoded.labels.tolist() == reference.labels.tolist() == [0, 1, 0, 1, 0, 1, 0]
+    assert decoded.class_names == ["normal", "pneumonia"] and decoded.meta["seed"] == 3
+
+
+def test_zip_has_one_png_per_image_and_a_labels_csv(http):
+    import io
+    import zipfile
+
+    body = ok(generate(http, format="zip", n=3, seed=0, labels=[2, 0, 9], **MNIST)).content
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        names = archive.namelist()
+        table = archive.read("labels.csv").decode()
+    assert names[:3] == [f"images/{i:06d}.png" for i in range(3)] and "labels.csv" in names
+    assert table.splitlines() == ["filename,label,class_name", "images/000000.png,2,2", "images/000001.png,0,0",
+                                  "images/000002.png,9,9"]
+
+
+def test_rgb_64px_model_gives_n_64_64_3(http):
+    batch = npz(http, dataset="bloodmnist_64", n=3, seed=1)
+    assert batch.images.shape == (3, 64, 64, 3) and len(batch.class_names) == 8
+
+
+def test_unconditional_model_labels_every_image_minus_one(http):
+    batch = npz(http, dataset="mnist", model="mlp_vae", n=4, seed=0)
+    assert batch.labels.tolist() == [-1, -1, -1, -1]
+
+
+# --- reproducibility ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", encoders.FORMATS)
+def test_same_seed_gives_same_bytes(http, fmt):
+    request = {"n": 12, "seed": 42, "format": fmt, **MNIST}
+    assert ok(generate(http, **request)).content == ok(generate(http, **request)).content
+
+
+def test_different_seeds_give_different_images(http):
+    assert not np.array_equal(npz(http, n=4, seed=1, **MNIST).images, npz(http, n=4, seed=2, **MNIST).images)
+
+
+def test_missing_seed_is_drawn_returned_and_reproducible(http):
+    first = ok(generate(http, n=3, **MNIST))
+    seed = int(first.headers["x-seed"])
+    assert encoders.decode_npz(first.content).meta["seed"] == seed
+    assert ok(generate(http, n=3, seed=seed, **MNIST)).content == first.content
+
+
+def test_larger_n_with_the_same_seed_starts_with_the_same_images(http):
+    small, large = npz(http, n=5, seed=9, **MNIST), npz(http, n=23, seed=9, **MNIST)
+    assert np.array_equal(large.images[:5], small.images)
+
+
+def test_concurrent_requests_share_model_calls_and_stay_byte_identical(http, server):
+    requests = [{"n": 1 + i % 3, "seed": i, "labels": i % 10, **MNIST} for i in range(32)]
+    alone = [ok(generate(http, **r)).content for r in requests]
+    calls_before = model_calls(http)
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        with httpx.Client(base_url=server.url, timeout=60) as client:
+            together = list(pool.map(lambda r: ok(generate(client, **r)).content, requests))
+    assert together == alone
+    assert model_calls(http) - calls_before < len(requests)  # some requests were merged
+
+
+def model_calls(http) -> float:
+    text = ok(http.get("/metrics")).text
+    match = re.search(r'^synthgen_model_calls_total\{[^}]*dataset="mnist"[^}]*model="cdcgan"[^}]*\} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+# --- labels -------------------------------------------------------------------------------------------------
+
+def test_balanced_is_the_default_for_conditional_models(http):
+    assert npz(http, n=12, seed=0, **MNIST).labels.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_class_by_name_equals_class_by_id(http):
+    request = {"dataset": "pneumoniamnist", "n": 4, "seed": 5}
+    by_name = ok(generate(http, labels="pneumonia", **request)).content
+    assert by_name == ok(generate(http, labels=1, **request)).content
+    assert by_name == ok(generate(http, labels=["pneumonia", 1, "pneumonia", 1], **request)).content
+    assert encoders.decode_npz(by_name).labels.tolist() == [1, 1, 1, 1]
+
+
+def test_labels_for_an_unconditional_model_give_400_saying_so(http):
+    body = error(generate(http, dataset="mnist", model="mlp_vae", n=2, labels=3), 400)
+    assert "unconditional" in body["error"] and named_fields(body) == {"labels"}
+
+
+# --- catalog ------------------------------------------------------------------------------------------------
+
+def test_catalog_lists_every_dataset_model_and_default(http):
+    catalog = ok(http.post("/models", json={})).json()
+    assert ok(http.get("/models")).json() == catalog
+    assert set(catalog["datasets"]) == {"mnist", "bloodmnist_64", "pneumoniamnist"}
+    assert catalog["datasets"]["mnist"]["default_model"] == "cdcgan"
+    assert catalog["datasets"]["mnist"]["models"] == ["cdcgan", "mlp_vae"]
+    assert catalog["failed"] == [] and catalog["backend"] == "onnxruntime" and catalog["max_n"] == 10_000
+    models = {(m["dataset"], m["model"]): m for m in catalog["models"]}
+    cvae = models[("pneumoniamnist", "cvae")]
+    assert cvae["conditional"] and cvae["classes"] == ["normal", "pneumonia"] and cvae["image_shape"] == [1, 28, 28]
+    assert not models[("mnist", "mlp_vae")]["conditional"] and models[("bloodmnist_64", "dcgan")]["image_shape"] == [3, 64, 64]
+    assert all(isinstance(m["metrics"], dict) and m["latent_dim"] > 0 for m in models.values())
+
+
+def test_default_model_is_used_when_none_is_named(http):
+    assert ok(generate(http, dataset="mnist", n=1, seed=0)).headers["x-model"] == "cdcgan"
+
+
+# --- interpolation ------------------------------------------------------------------------------------------
+
+def test_interpolation_starts_and_ends_at_the_seed_images(http):
+    path = encoders.decode_npz(ok(http.post("/interpolate", json={
+        **MNIST, "seed_start": 4, "seed_end": 11, "steps": 6, "label": "7", "format": "npz"})).content)
+    assert path.images.shape == (6, 28, 28, 1) and path.labels.tolist() == [7] * 6
+    assert np.array_equal(path.images[0], npz(http, n=1, seed=4, labels=7, **MNIST).images[0])
+    assert np.array_equal(path.images[-1], npz(http, n=1, seed=11, labels=7, **MNIST).images[0])
+
+
+def test_interpolation_png_grid_is_one_row(http):
+    response = ok(http.post("/interpolate", json={"dataset": "bloodmnist_64", "steps": 5}))
+    assert response.headers["content-type"] == "image/png"
+    grid = encoders.decode_png(response.content)
+    assert grid.shape == (64 + 2 * encoders.GRID_PAD, 5 * 64 + 6 * encoders.GRID_PAD, 3)
+
+
+def test_interpolation_label_on_an_unconditional_model_gives_400(http):
+    body = error(http.post("/interpolate", json={"dataset": "mnist", "model": "mlp_vae", "label": 1}), 400)
+    assert named_fields(body) == {"label"}
+
+
+# --- errors -------------------------------------------------------------------------------------------------
+
+def test_unknown_dataset_gives_404_listing_datasets(http):
+    body = error(generate(http, dataset="cifar10", n=1), 404)
+    assert named_fields(body) == {"dataset"}
+    assert body["datasets"] == {"bloodmnist_64": ["dcgan"], "mnist": ["cdcgan", "mlp_vae"], "pneumoniamnist": ["cvae"]}
+
+
+def test_unknown_model_gives_404_listing_the_dataset_models(http):
+    body = error(generate(http, dataset="mnist", model="stylegan", n=1), 404)
+    assert named_fields(body) == {"model"} and body["detail"][0]["allowed"] == ["cdcgan", "mlp_vae"]
+
+
+def test_path_like_names_are_just_unknown(http):
+    for name in ("../mnist", "mnist/cdcgan", "/etc/passwd", "mnist\x00"):
+        error(generate(http, dataset=name, n=1), 404)
+        error(generate(http, dataset="mnist", model="../" + name, n=1), 404)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"n": 0}, "n"), ({"n": 10_001}, "n"), ({"n": "64"}, "n"), ({"n": 2.5}, "n"),
+    ({"seed": -1}, "seed"), ({"seed": "abc"}, "seed"), ({"format": "gif"}, "format"),
+    ({"labels": 10}, "labels"), ({"labels": "eleven"}, "labels"), ({"labels": [1, 2]}, "labels"),
+    ({"labels": 1.5}, "labels"), ({"labels": -1}, "labels"), ({"label": 3}, "label"), ({"dataset": None}, "dataset"),
+])
+def test_invalid_fields_give_400_naming_the_field(http, change, field):
+    body = error(generate(http, **{**MNIST, "n": 3, **change}), 400)
+    assert field in named_fields(body)
+
+
+def test_bad_class_name_lists_the_allowed_names(http):
+    body = error(generate(http, dataset="pneumoniamnist", n=1, labels="covid"), 400)
+    assert body["detail"][0]["allowed"] == ["normal", "pneumonia"]
+
+
+def test_format_error_names_the_allowed_formats(http):
+    body = error(generate(http, format="tiff", **MNIST), 400)
+    assert all(fmt in json.dumps(body) for fmt in encoders.FORMATS)
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[]", b'"mnist"', b"null", b"", b"\xff\xfe"])
+def test_malformed_bodies_give_400(http, content):
+    error(http.post("/generate", content=content, headers={"Content-Type": "application/json"}), 400)
+
+
+def test_deeply_nested_json_gives_400_fast(http):
+    deep = b'{"dataset": "mnist", "labels": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
+    error(http.post("/generate", content=deep, headers={"Content-Type": "application/json"}), 400)
+
+
+def test_huge_labels_list_gives_4xx_without_generating(http):
+    error(generate(http, dataset="mnist", n=2, labels=[0] * 200_000), (400, 413))
+
+
+def test_oversized_body_gives_413(http):
+    body = json.dumps({"dataset": "mnist", "model": "x" * (2 << 20)}).encode()
+    error(http.post("/generate", content=body, headers={"Content-Type": "application/json"}), 413)
+
+
+def test_non_json_content_type_gives_415(http):
+    error(http.post("/generate", content=b"dataset=mnist", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
+    error(http.post("/generate", content=b"x", headers={"Content-Type": "application/vnd.bentoml+pickle"}), 415)
+
+
+# --- BentoML's own routes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics", "/docs.json"])
+def test_health_metrics_and_docs_routes_work(http, path):
+    ok(http.get(path))
+
+
+def test_openapi_documents_every_endpoint_and_the_labels_shapes(http):
+    spec = ok(http.get("/docs.json")).json()
+    assert {"/generate", "/interpolate", "/models"} <= set(spec["paths"])
+    labels = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["labels"]
+    assert {s["type"] for s in labels["oneOf"]} == {"integer", "string", "array"}
+
+
+def test_the_documented_examples_work(http):
+    ok(generate(http, **schemas.EXAMPLE_GENERATE))
+    ok(generate(http, **schemas.EXAMPLE_GENERATE_BY_NAME))
+    ok(http.post("/interpolate", json=schemas.EXAMPLE_INTERPOLATE))
+
+
+def test_served_process_never_loads_torch(server, http):
+    ok(generate(http, n=1, **MNIST))
+    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    mapped = {m.path for p in processes for m in p.memory_maps()}
+    assert any("onnxruntime" in path for path in mapped)
+    assert not [path for path in mapped if "libtorch" in path or "/torch/" in path]

@@ -7,8 +7,10 @@
     train = ConcatDataset([real_train, synthetic])
 
 The n images are fetched once, in one request (npz), when the dataset is created; items are
-(float tensor C x H x W in [0, 1], int label), like torchvision's ToTensor() output. Labels follow the
-service's rules ("balanced" by default; -1 for unconditional models). Same arguments + same seed = same data.
+(float tensor C x H x W in [0, 1], int64 0-d tensor label), the item layout of the TensorDataset that
+`training.data.ImageData.loader()` builds over real data, so the two concatenate and collate together.
+Labels follow the service's rules ("balanced" by default; -1 for unconditional models). The same arguments
+with the same seed give the same data.
 """
 
 from __future__ import annotations
@@ -39,4 +41,4 @@ class SyntheticDataset(Dataset):
         image = self.images[index]
         if self.transform is not None:
             image = self.transform(image)
-        return image, int(self.labels[index])
+        return image, self.labels[index]

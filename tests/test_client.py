@@ -1,0 +1,87 @@
+"""service.client.SynthClient and training.synthetic.SyntheticDataset against the real server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
+
+from service.client import SynthClient, SynthError
+from service_harness import REPO, main_server
+from training.synthetic import SyntheticDataset
+
+
+@pytest.fixture(scope="module")
+def url(exported_dir, tmp_path_factory):
+    return main_server(exported_dir, tmp_path_factory).url
+
+
+@pytest.fixture(scope="module")
+def client(url):
+    with SynthClient(url) as client:
+        yield client
+
+
+def test_generate_returns_uint8_nhwc_images_labels_and_class_names(client):
+    images, labels, names = client.generate("pneumoniamnist", n=6, seed=0)
+    assert images.shape == (6, 28, 28, 1) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 0, 1, 0, 1] and names == ["normal", "pneumonia"]
+    assert client.last_seed == 0
+
+
+def test_generate_without_seed_reports_the_seed_it_got(client):
+    images, _, _ = client.generate("mnist", n=2)
+    again, _, _ = client.generate("mnist", n=2, seed=client.last_seed)
+    assert np.array_equal(images, again)
+
+
+def test_labels_by_name_and_model_choice(client):
+    _, labels, _ = client.generate("mnist", n=3, model="cdcgan", labels=["3", 4, "5"], seed=1)
+    assert labels.tolist() == [3, 4, 5]
+    _, labels, _ = client.generate("mnist", n=2, model="mlp_vae", seed=1)
+    assert labels.tolist() == [-1, -1]
+
+
+def test_models_and_interpolate(client):
+    assert client.models()["datasets"]["mnist"]["default_model"] == "cdcgan"
+    path = client.interpolate("bloodmnist_64", seed_start=0, seed_end=5, steps=4)
+    assert path.shape == (4, 64, 64, 3) and path.dtype == np.uint8
+
+
+def test_generate_bytes_gives_any_format(client):
+    assert client.generate_bytes("mnist", "png_grid", n=4, seed=0).startswith(b"\x89PNG")
+
+
+def test_errors_are_synth_errors_with_the_json_body(client):
+    with pytest.raises(SynthError) as info:
+        client.generate("cifar10", n=1)
+    assert info.value.status == 404 and "mnist" in info.value.body["datasets"]
+
+
+def test_client_module_does_not_import_torch():
+    code = "import sys, service.client; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, timeout=60)
+
+
+def test_synthetic_dataset_mixes_with_real_data(url):
+    synthetic = SyntheticDataset(url, "bloodmnist_64", n=10, seed=0)
+    image, label = synthetic[3]
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32 and 0.0 <= image.min() <= image.max() <= 1.0
+    assert label.dtype == torch.int64 and label.item() == -1  # bloodmnist_64 in the tiny zoo is unconditional
+    assert len(synthetic) == 10
+
+    real = TensorDataset(torch.zeros(5, 3, 64, 64), torch.zeros(5, dtype=torch.long))  # as ImageData.loader()
+    mixed = ConcatDataset([real, synthetic])
+    images, labels = next(iter(DataLoader(mixed, batch_size=15)))
+    assert images.shape == (15, 3, 64, 64) and len(labels) == 15
+
+
+def test_synthetic_dataset_is_reproducible_and_follows_labels(url):
+    a = SyntheticDataset(url, "mnist", n=12, seed=7, transform=lambda x: x * 2)
+    b = SyntheticDataset(url, "mnist", n=12, seed=7)
+    assert torch.equal(a.images, b.images) and torch.equal(a[5][0], b[5][0] * 2)
+    assert [b[i][1].item() for i in range(12)] == [i % 10 for i in range(12)] and b.classes[3] == "3"

@@ -1,0 +1,177 @@
+"""Faults, limits and auth, through a real server on a deliberately damaged copy of the tiny zoo.
+
+The damaged zoo: mnist/mlp_vae's ONNX file truncated, pneumoniamnist/cvae's with one byte flipped, and a
+manifest entry whose card points outside the folder. The server runs with a bearer token, SYNTHGEN_MAX_N=100
+and a 4 KiB body limit. The healthy models must keep working; a manifest that cannot be used must stop
+`bentoml serve` with one clear error instead of a server that never becomes ready.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import time
+
+import httpx
+import pytest
+
+from service import encoders
+from service_harness import run_serve_expecting_failure, start
+
+TOKEN = "test-token-3f9c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def damage(root) -> None:
+    onnx = root / "mnist" / "mlp_vae" / "generator.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:1000])
+    onnx = root / "pneumoniamnist" / "cvae" / "generator.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["models"].append({"dataset": "evil", "model": "escape", "dir": "..",
+                               "files": {"card": {"path": "../../etc/passwd", "sha256": "0" * 64}}})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.fixture(scope="module")
+def damaged_zoo(exported_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("damaged") / "exported"
+    shutil.copytree(exported_dir, root)
+    damage(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(damaged_zoo, tmp_path_factory):
+    server = start(tmp_path_factory.mktemp("serve-faults"), SYNTHGEN_EXPORTED_DIR=str(damaged_zoo),
+                   SYNTHGEN_API_TOKEN=TOKEN, SYNTHGEN_MAX_N="100", SYNTHGEN_MAX_BODY_BYTES="4096")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60, headers=AUTH) as client:
+        yield client
+
+
+# --- damaged files ------------------------------------------------------------------------------------------
+
+def test_damaged_models_are_listed_as_failed_with_the_reason(http, server):
+    catalog = http.get("/models").json()
+    failed = {(f["dataset"], f["model"]): f["reason"] for f in catalog["failed"]}
+    assert "sha256" in failed[("mnist", "mlp_vae")] and "mnist/mlp_vae/generator.onnx" in failed[("mnist", "mlp_vae")]
+    assert "sha256" in failed[("pneumoniamnist", "cvae")]
+    assert "leaves the exported folder" in failed[("evil", "escape")]
+    assert set(catalog["datasets"]) == {"mnist", "bloodmnist_64"}
+    assert "mnist/mlp_vae/generator.onnx" in server.log_tail(200_000)  # the log names the file too
+
+
+def test_healthy_models_keep_working_beside_damaged_ones(http):
+    response = http.post("/generate", json={"dataset": "mnist", "model": "cdcgan", "n": 4, "seed": 0})
+    assert response.status_code == 200 and encoders.decode_npz(response.content).images.shape == (4, 28, 28, 1)
+    assert http.get("/readyz").status_code == 200
+
+
+def test_a_damaged_model_gives_503_saying_why(http):
+    response = http.post("/generate", json={"dataset": "mnist", "model": "mlp_vae", "n": 1})
+    assert response.status_code == 503 and "sha256" in response.json()["error"]
+
+
+def test_a_dataset_whose_only_model_is_damaged_is_unknown(http):
+    body = http.post("/generate", json={"dataset": "pneumoniamnist", "n": 1}).json()
+    assert "unknown dataset" in body["error"] and "pneumoniamnist" not in body["datasets"]
+
+
+# --- limits -------------------------------------------------------------------------------------------------
+
+def test_n_above_the_configured_max_gives_400_naming_n(http):
+    response = http.post("/generate", json={"dataset": "mnist", "n": 101})
+    assert response.status_code == 400 and response.json()["detail"][0]["loc"] == ["n"]
+    assert "100" in response.json()["detail"][0]["msg"]
+
+
+def test_a_body_over_the_configured_limit_gives_413_before_parsing(http):
+    started = time.perf_counter()
+    response = http.post("/generate", json={"dataset": "mnist", "n": 2, "labels": ["0"] * 2000})
+    assert response.status_code == 413 and "4096" in response.json()["error"]
+    assert time.perf_counter() - started < 2
+
+
+def test_a_chunked_body_over_the_limit_gives_413(http):
+    def chunks():
+        yield b'{"dataset": "mnist", "model": "'
+        for _ in range(10):
+            yield b"x" * 1000
+        yield b'"}'
+
+    response = http.post("/generate", content=chunks(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_a_small_chunked_body_is_served(http):
+    response = http.post("/generate", content=iter([b'{"dataset": "mnist",', b' "n": 2}']),
+                         headers={"Content-Type": "application/json"})
+    assert response.status_code == 200
+
+
+# --- auth ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                                     {"Authorization": f"Basic {TOKEN}"}])
+def test_missing_or_wrong_token_gives_401(server, headers):
+    for method, path in (("POST", "/generate"), ("POST", "/models"), ("GET", "/models"), ("POST", "/interpolate")):
+        response = httpx.request(method, server.url + path, json={"dataset": "mnist"}, headers=headers)
+        assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
+        assert "token" in response.json()["error"] and TOKEN not in response.text
+
+
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics", "/docs.json"])
+def test_health_metrics_and_docs_need_no_token(server, path):
+    assert httpx.get(server.url + path).status_code == 200
+
+
+# --- disconnects --------------------------------------------------------------------------------------------
+
+def test_client_disconnecting_mid_response_leaves_the_service_healthy(server, http):
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"dataset": "bloodmnist_64", "n": 100, "format": "npz"}).encode()
+    head = (f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    for read_bytes in (0, 4096):
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(head + body)
+            if read_bytes:
+                s.recv(read_bytes)
+    time.sleep(0.5)
+    assert http.get("/readyz").status_code == 200
+    response = http.post("/generate", json={"dataset": "bloodmnist_64", "n": 100, "seed": 1})
+    assert response.status_code == 200 and len(encoders.decode_npz(response.content).images) == 100
+
+
+# --- start-up refusal ---------------------------------------------------------------------------------------
+
+def test_a_malformed_manifest_stops_serve_with_one_clear_error(tmp_path):
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "manifest.json").write_text('{"format": "synthgen-manifest/1", "models": 3}')
+    code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(tmp_path / "exported"))
+    assert code not in (None, 0)
+    assert "ManifestError" in output and "'models' must be a list" in output
+
+
+def test_a_zoo_with_nothing_loadable_stops_serve(exported_dir, tmp_path):
+    root = tmp_path / "exported"
+    shutil.copytree(exported_dir, root)
+    for onnx in root.glob("*/*/generator.onnx"):
+        onnx.write_bytes(b"")
+    code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(root))
+    assert code not in (None, 0) and "can be served" in output and "sha256" in output
+
+
+def test_a_bad_setting_stops_serve_naming_the_variable(exported_dir, tmp_path):
+    code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir),
+                                               SYNTHGEN_MAX_N="lots")
+    assert code not in (None, 0) and "SYNTHGEN_MAX_N" in output

@@ -32,6 +32,9 @@ class OnnxRuntimeRunner:
         # Without the arena, a large batch's activations go back to the OS after the call instead of
         # staying reserved for the life of the process (what keeps RSS flat under mixed request sizes).
         options.enable_cpu_mem_arena = False
+        # Idle intra-op threads sleep instead of spinning: spinning halves the CPU left to the event loop
+        # between calls (measured: ~1.4 vs ~2.8 ms of server CPU per n=1 request on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.card = card
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

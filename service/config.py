@@ -7,7 +7,8 @@
     SYNTHGEN_MAX_STEPS        largest steps of one /interpolate       default: 256
     SYNTHGEN_MAX_BODY_BYTES   largest request body                    default: 1048576 (1 MiB)
     SYNTHGEN_BATCH_ROWS       rows per model call (merge/split unit)  default: 1024
-    SYNTHGEN_ORT_THREADS      ONNX Runtime intra-op threads           default: CPUs this process may use
+    SYNTHGEN_WORKERS          server processes (each loads every model) default: 1
+    SYNTHGEN_ORT_THREADS      ONNX Runtime intra-op threads per worker default: usable CPUs / workers
                                                                       (affinity, capped by a cgroup quota)
     SYNTHGEN_MEMORY_BUDGET_MB image memory of requests in flight      default: 1024 (more requests wait)
     SYNTHGEN_API_TOKEN        bearer token; unset or empty = no auth  default: unset
@@ -68,6 +69,7 @@ class Settings:
     max_steps: int = 256
     max_body_bytes: int = 1 << 20
     batch_rows: int = 1024
+    workers: int = 1
     ort_threads: int = 1
     memory_budget_bytes: int = 1 << 30
     api_token: str | None = None
@@ -79,6 +81,7 @@ class Settings:
         if backend not in BACKENDS:
             raise ConfigError(f"SYNTHGEN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
         exported = env.get("SYNTHGEN_EXPORTED_DIR", "").strip()
+        workers = _int(env, "SYNTHGEN_WORKERS", 1, 1, 64)
         return cls(
             exported_dir=Path(exported).expanduser().resolve() if exported else DEFAULT_EXPORTED_DIR,
             backend=backend,
@@ -87,7 +90,8 @@ class Settings:
             max_steps=_int(env, "SYNTHGEN_MAX_STEPS", 256, 2, 10_000),
             max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
             batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
-            ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", _cpu_count(), 1, 1024),
+            workers=workers,
+            ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", max(1, _cpu_count() // workers), 1, 1024),
             memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", 1024, 64, 1 << 20) << 20,
             api_token=env.get("SYNTHGEN_API_TOKEN") or None,
         )

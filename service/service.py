@@ -94,7 +94,7 @@ catalog_app = Starlette(routes=[Route("/models", _get_models, methods=["GET"])])
 @bentoml.asgi_app(catalog_app, path="/", name="catalog")
 @bentoml.service(
     name="synthgen",
-    workers=1,
+    workers=SETTINGS.workers,
     traffic={"timeout": 300},
     resources={"cpu": "2", "memory": "2Gi"},  # what one worker is sized for (deploy/ sets the same limits)
 )

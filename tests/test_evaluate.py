@@ -1,0 +1,190 @@
+"""training.evaluate: metric functions on features with known answers, and the CLI on the tiny exported zoo."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from training import evaluate as ev
+from training.manifest import MANIFEST, sha256_of
+
+
+def gaussian(n: int, dim: int = 16, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+# -- FID ------------------------------------------------------------------------------------------------------------
+
+def test_fid_of_identical_sets_is_zero():
+    x = gaussian(500)
+    assert ev.frechet_distance(x, x) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_matches_closed_form_for_a_mean_shift():
+    # Same covariance, means apart by `shift` in each of d dims: FID = d * shift^2 (+ sampling noise).
+    a, b = gaussian(4000, 8, seed=0), gaussian(4000, 8, seed=1)
+    base = ev.frechet_distance(a, b)
+    assert base < 0.1  # two samples of one distribution
+    values = [ev.frechet_distance(a, b + s) for s in (0.5, 1.0, 2.0)]
+    assert values == sorted(values)
+    assert values[-1] == pytest.approx(8 * 2.0**2, rel=0.05)
+
+
+def test_fid_of_diagonal_gaussians_matches_formula():
+    # Population values: N(0, I) vs N(0, 4I) in d dims: Tr(I + 4I - 2*2I) = d.
+    a = gaussian(20000, 4, seed=2)
+    b = gaussian(20000, 4, seed=3) * 2
+    assert ev.frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+
+
+# -- precision / recall ---------------------------------------------------------------------------------------------
+
+def test_precision_recall_identical_sets_is_one():
+    x = gaussian(300)
+    assert ev.precision_recall(x, x, k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_disjoint_sets_is_zero():
+    real, fake = gaussian(300, seed=0), gaussian(300, seed=1, shift=50.0)
+    assert ev.precision_recall(real, fake) == (0.0, 0.0)
+
+
+def test_precision_recall_mode_collapse_keeps_precision_loses_recall():
+    real = gaussian(400, 4, seed=0)
+    fake = real[real[:, 0] > 0.5][:, :] + 0.01 * gaussian(int((real[:, 0] > 0.5).sum()), 4, seed=5)  # one region only
+    precision, recall = ev.precision_recall(real, fake)
+    assert precision > 0.9
+    assert recall < 0.6
+
+
+def test_knn_radii_excludes_self():
+    x = torch.tensor([[0.0], [1.0], [3.0], [6.0]])
+    assert ev.knn_radii(x, k=1).tolist() == [1.0, 1.0, 2.0, 3.0]
+    assert ev.knn_radii(x, k=2).tolist() == [3.0, 2.0, 3.0, 5.0]
+
+
+# -- labels and subsets ---------------------------------------------------------------------------------------------
+
+def test_prior_labels_follow_class_counts():
+    labels = ev.prior_labels(1000, torch.tensor([26, 74]), seed=0)
+    assert torch.bincount(labels).tolist() == [260, 740]
+    assert ev.prior_labels(7, torch.tensor([1, 1, 1]), seed=0).bincount().sum() == 7
+
+
+def test_stratified_subset_keeps_every_class():
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    idx = ev.stratified_subset(labels, 0.1, seed=0)
+    assert torch.bincount(labels[idx]).tolist() == [9, 1]
+    assert ev.stratified_subset(labels, 0.01, seed=0).numel() == 2  # at least one per class
+    assert torch.equal(ev.stratified_subset(labels, 0.1, seed=0), ev.stratified_subset(labels, 0.1, seed=0))
+    assert ev.stratified_subset(labels, 1.0, seed=3).tolist() == list(range(100))
+
+
+def test_classifier_steps():
+    assert ev.classifier_steps(60000, None) == 938
+    assert ev.classifier_steps(1080, None) == ev.MIN_STEPS
+    assert ev.classifier_steps(60000, 1) == 235
+
+
+def test_classifier_learns_and_is_reproducible(data_dir):
+    from training.data import load_dataset
+
+    train, test = load_dataset("mnist", "train", data_dir), load_dataset("mnist", "test", data_dir)
+    a = ev.train_classifier([(train.images, train.labels, 1.0)], train.info, steps=30, seed=0, batch_size=32)
+    b = ev.train_classifier([(train.images, train.labels, 1.0)], train.info, steps=30, seed=0, batch_size=32)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    logits, feats = ev.predict(a, test.images)
+    assert feats.shape == (len(test), 128) and logits.shape == (len(test), 10)
+    assert ev.accuracy_report(a, test)["accuracy"] > 0.5  # the fixture's class patterns are learnable
+
+
+def test_classifier_64px_rgb():
+    model = ev.Classifier(3, 64, 8)
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 8)
+
+
+# -- the CLI on the tiny exported zoo -------------------------------------------------------------------------------
+
+@pytest.fixture()
+def zoo(exported_dir, tmp_path):
+    """A private copy of the exported fixture (the session fixture is shared with other tests)."""
+    out = tmp_path / "exported"
+    shutil.copytree(exported_dir, out)
+    return out
+
+
+def _verify_manifest(root):
+    manifest = json.loads((root / MANIFEST).read_text())
+    for entry in manifest["models"]:
+        for f in entry["files"].values():
+            assert sha256_of(root / f["path"]) == f["sha256"], f["path"]
+    return manifest
+
+
+def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, capsys):
+    classifiers, reports = tmp_path / "classifiers", tmp_path / "eval"
+    results = ev.main(["--all", "--exported-dir", str(zoo), "--quick", "--data-dir", str(data_dir),
+                       "--classifier-dir", str(classifiers), "--report-dir", str(reports)])
+    assert len(results) == 4
+    table = capsys.readouterr().out
+    assert "mnist/cdcgan" in table and "FID" in table
+
+    cdcgan = json.loads((zoo / "mnist/cdcgan/card.json").read_text())["metrics"]
+    for key in ("fid", "fid_floor", "precision", "recall", "label_fidelity", "cas", "cas_real", "classifier_ceiling"):
+        assert isinstance(cdcgan[key], float), key
+    assert 0 <= cdcgan["label_fidelity"] <= 1 and cdcgan["fid"] >= 0
+    aug = cdcgan["augmentation"]
+    assert [row["fraction"] for row in aug["fractions"]] == list(ev.FRACTIONS_SMALL)  # the tiny set is under 20,000
+    assert aug["label_mix"] == "balanced" and aug["n_synthetic"] == 64
+    assert set(cdcgan["per_class"]["cas"]) == {str(d) for d in range(10)}
+    assert cdcgan["protocol"]["quick"] is True and "--quick" in cdcgan["protocol"]["command"]
+
+    cvae = json.loads((zoo / "pneumoniamnist/cvae/card.json").read_text())["metrics"]
+    assert "cas" in cvae and set(cvae["per_class"]["cas"]) == {"normal", "pneumonia"}
+
+    vae = json.loads((zoo / "mnist/mlp_vae/card.json").read_text())["metrics"]  # unconditional: FID/P/R only
+    assert "fid" in vae and "cas" not in vae and "label_fidelity" not in vae and "augmentation" not in vae
+    assert sum(vae["details"]["predicted_class_mix"].values()) == pytest.approx(1.0, abs=1e-3)
+    gan64 = json.loads((zoo / "bloodmnist_64/dcgan/card.json").read_text())["metrics"]
+    assert gan64["protocol"]["n_train"] == 48
+
+    _verify_manifest(zoo)
+    report = json.loads((reports / "mnist__cdcgan.json").read_text())
+    assert report["metrics"]["fid"] == cdcgan["fid"]
+    assert (classifiers / "mnist.pt").exists() and (classifiers / "mnist.baselines.json").exists()
+
+
+def test_evaluation_is_reproducible_and_uses_the_cache(zoo, data_dir, tmp_path):
+    settings = ev.Settings.quick_mode(augmentation=False)
+    kwargs = dict(data_dir=data_dir, classifier_dir=tmp_path / "classifiers", report_dir=None)
+    (_, first), = ev.run([zoo / "mnist/cdcgan"], settings, **kwargs)
+    assert first["protocol"]["classifier"]["cache"].endswith("mnist.pt")
+    card = json.loads((zoo / "mnist/cdcgan/card.json").read_text())
+    (_, second), = ev.run([zoo / "mnist/cdcgan"], settings, write_card=False, **kwargs)
+    for key in ("fid", "fid_floor", "precision", "recall", "label_fidelity", "cas", "cas_real"):
+        assert first[key] == second[key], key
+    assert json.loads((zoo / "mnist/cdcgan/card.json").read_text()) == card  # write_card=False leaves it alone
+    assert "augmentation" not in first
+    _verify_manifest(zoo)
+
+
+def test_onnx_generator_contract(zoo):
+    gen = ev.OnnxGenerator(zoo / "mnist/cdcgan")
+    labels = ev.balanced_labels(10, 10)
+    a = gen(10, labels, seed=0, batch_size=4)
+    assert a.dtype == torch.uint8 and a.shape == (10, 1, 28, 28)
+    assert torch.equal(a, gen(10, labels, seed=0, batch_size=4))
+    with pytest.raises(ValueError):
+        gen(10, None, seed=0)
+
+
+def test_fractions_parser():
+    assert ev._floats("1%,10%,100%") == (0.01, 0.1, 1.0)
+    assert ev._floats("0.25, 1") == (0.25, 1.0)
+    with pytest.raises(Exception):
+        ev._floats("0,2")

@@ -1,0 +1,741 @@
+"""Evaluate exported generators with one fixed protocol, run on the shipped ONNX file (what the service serves).
+
+    python -m training.evaluate exported/mnist/cdcgan --data-dir ../shared/data
+    python -m training.evaluate exported/pneumoniamnist/cdcgan exported/retinamnist/cdcgan --seeds 3
+    python -m training.evaluate --all                      # every model in exported/manifest.json
+    python -m training.evaluate exported/mnist/cdcgan --quick --no-card   # smoke run, card untouched
+
+Writes the metrics into each model's card.json under "metrics", refreshes exported/manifest.json (card
+sha256s change), writes a full report to runs/eval/<dataset>__<model>.json and prints a table.
+
+Protocol (protocol version 1; accuracies are fractions in [0, 1], gains are differences of them)
+---------------------------------------------------------------------------------------------------
+Images. Generated images come from `generator.onnx` through ONNX Runtime (CPU), z ~ N(0, I) from a fixed
+seed, and are quantised to uint8 (round(255 x)) like the PNGs the service returns; real images are the
+uint8 dataset files. Every classifier sees x / 255.
+
+Reference classifier. One small CNN per dataset (`Classifier`: conv5x5(16)-pool-conv5x5(32)-pool-fc128-fc K,
+first conv strided for 64x64 inputs), trained on the full real training split (seed 0) and cached in
+runs/classifiers/<dataset>.pt. Its real test accuracy is the ceiling. Its 128-d penultimate activations
+(after ReLU) are the feature space of FID and precision/recall.
+
+Classifier recipe (every classifier below, real, synthetic or mixed, is trained the same way): Adam with
+a one-cycle learning-rate schedule (peak 3e-3), batch 256 drawn with replacement, a fixed number of steps
+per dataset: max(300, ceil(E * N_train / 256)) with E = 4 epochs of the full real training split
+(--classifier-epochs E sets it to ceil(E * N_train / 256)). MNIST: 938 steps; PneumoniaMNIST: 300.
+
+FID (Heusel et al. 2017): Frechet distance between Gaussians fitted to the reference-classifier features
+of 10,000 generated images (--n-generated) and of the real test split. Conditional models are asked for
+labels in the real training split's class proportions (the distribution they were trained to match).
+The floor is the same metric for a random subset of the real training split of the same size
+(at most the whole split) against the real test split.
+
+Precision / recall (Kynkaenniemi et al. 2019, k = 3): k-NN manifolds in the same features; n =
+min(n_generated, N_test) generated images against the real test split; floor: n real training images.
+
+Label fidelity (conditional models): the reference classifier's accuracy on generated images against
+the requested labels, balanced labels (class i mod K), 10,000 images; per class too.
+
+CAS (classification accuracy score, Ravuri & Vinyals 2019; conditional models): a fresh classifier
+trained only on a synthetic pool, tested on the real test split, one run per seed (--seeds, default 3).
+The pool: max(n_generated, N_train) images, label mix --label-mix (default balanced, the service's
+default mix). cas_real: the same recipe on the real training split, same seeds. Per-class accuracy too.
+
+Augmentation (conditional models, --augmentation default on): classifiers trained on a stratified
+fraction of the real training split (1%, 10%, 100%; 10%, 25%, 100% for sets under 20,000 images), alone
+and with the synthetic pool added (each batch half real, half synthetic: --synthetic-share 0.5), each
+for every seed (the seed draws the subset, the initialisation and the batches; real and real+synthetic
+runs of a seed share all three), reporting real test accuracy mean and std and the paired gain. The
+shipped generators saw the full training split, so the low-data figures measure how much of that
+knowledge the synthetic images carry to a classifier, not a gain available to someone who only has the
+small subset.
+
+Unconditional models: FID, precision and recall only (no pseudo-labels); the reference classifier's
+predicted class histogram of their images is reported to show mode coverage.
+
+Real-only runs do not depend on the generator, so they are cached with the reference classifier
+(runs/classifiers/<dataset>.baselines.json, keyed by the recipe and a fingerprint of the data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DATA_DIR_ENV, DatasetInfo, ImageData, load_dataset
+from .manifest import CARD, MANIFEST, write_manifest
+
+PROTOCOL_VERSION = 1
+CLASSIFIER_ARCH = "lenet5-16-32-128/v1"
+BATCH_SIZE = 256
+PEAK_LR = 3e-3
+MIN_STEPS = 300
+DEFAULT_EPOCHS = 4.0
+LARGE_SET = 20_000  # training splits at least this big use the 1/10/100% fractions
+FRACTIONS_LARGE = (0.01, 0.1, 1.0)
+FRACTIONS_SMALL = (0.1, 0.25, 1.0)
+PR_K = 3
+GENERATION_SEED = 0  # z of the FID/label-fidelity set; the synthetic pool uses GENERATION_SEED + 1
+FLOOR_SEED = 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The classifier
+
+
+class Classifier(nn.Module):
+    """LeNet-5-style CNN: conv5x5(16)-ReLU-maxpool-conv5x5(32)-ReLU-maxpool-fc(128)-ReLU-fc(K).
+
+    `features` is the 128-d penultimate layer (after ReLU), the feature space of FID and precision/recall.
+    For inputs of 56 px and more the first conv has stride 2 (64x64 costs ~3x a 28x28 image, not ~5x).
+    Input: images in [0, 1], (N, C, H, W).
+    """
+
+    def __init__(self, channels: int, size: int, num_classes: int, feature_dim: int = 128):
+        super().__init__()
+        stride = 2 if size >= 56 else 1
+        self.conv = nn.Sequential(
+            nn.Conv2d(channels, 16, 5, stride=stride, padding=2 if stride == 2 else 0), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.Flatten(),
+        )
+        with torch.no_grad():
+            flat = self.conv(torch.zeros(1, channels, size, size)).shape[1]
+        self.fc = nn.Sequential(nn.Linear(flat, feature_dim), nn.ReLU(inplace=True))
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x * 2 - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    return images_u8.float().div_(255)
+
+
+def classifier_steps(n_train_full: int, epochs: float | None) -> int:
+    """Optimiser steps of every classifier of a dataset: E epochs of the full real training split (default
+    max(300, 4 epochs)); fixed whatever the training set, so real, synthetic and mixed runs get equal compute."""
+    if epochs is None:
+        return max(MIN_STEPS, math.ceil(DEFAULT_EPOCHS * n_train_full / BATCH_SIZE))
+    return max(1, math.ceil(epochs * n_train_full / BATCH_SIZE))
+
+
+def train_classifier(parts: list[tuple[torch.Tensor, torch.Tensor, float]], info: DatasetInfo, steps: int, seed: int,
+                     batch_size: int = BATCH_SIZE, lr: float = PEAK_LR) -> Classifier:
+    """Train a fresh `Classifier` for `steps` Adam steps (one-cycle schedule, peak `lr`).
+
+    parts: (uint8 images (N, C, H, W), labels (N,), share of each batch); a batch draws round(share * batch_size)
+    indices with replacement from each part. Seeded: same seed and data give the same weights.
+    """
+    torch.manual_seed(seed)
+    model = Classifier(info.channels, info.size, info.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    counts = [round(share * batch_size) for _, _, share in parts]
+    counts[-1] = batch_size - sum(counts[:-1])
+    model.train()
+    for _ in range(steps):
+        xs, ys = [], []
+        for (images, labels, _), count in zip(parts, counts):
+            if count > 0:
+                idx = torch.randint(0, len(images), (count,), generator=g)
+                xs.append(images[idx])
+                ys.append(labels[idx])
+        loss = F.cross_entropy(model(to_float(torch.cat(xs))), torch.cat(ys))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict(model: Classifier, images_u8: torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (N, K), features (N, 128)) of uint8 images, in eval mode, batched."""
+    model.eval()
+    logits, feats = [], []
+    for i in range(0, len(images_u8), batch_size):
+        f = model.features(to_float(images_u8[i:i + batch_size]))
+        feats.append(f)
+        logits.append(model.head(f))
+    return torch.cat(logits), torch.cat(feats)
+
+
+def per_class_accuracy(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float | None]:
+    """Recall of each class (accuracy on the images of that class); None for a class with no images."""
+    out = []
+    for c in range(num_classes):
+        mask = labels == c
+        out.append(float((pred[mask] == c).float().mean()) if mask.any() else None)
+    return out
+
+
+def accuracy_report(model: Classifier, test: ImageData) -> dict:
+    """{"accuracy", "per_class" (list by class id)} of a classifier on a real split."""
+    logits, _ = predict(model, test.images)
+    pred = logits.argmax(1)
+    return {"accuracy": float((pred == test.labels).float().mean()),
+            "per_class": per_class_accuracy(pred, test.labels, test.info.num_classes)}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Metrics on features
+
+
+def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (rows = samples): the FID of
+    Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium":
+
+        ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)).
+
+    Tr((S_a S_b)^(1/2)) is computed as the sum of square roots of the eigenvalues of the symmetric PSD
+    matrix S_a^(1/2) S_b S_a^(1/2) (same eigenvalues as S_a S_b), in float64: no complex parts to discard.
+    """
+    a = np.asarray(feats_a, dtype=np.float64)
+    b = np.asarray(feats_b, dtype=np.float64)
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    w, v = np.linalg.eigh(cov_a)
+    sqrt_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    m = sqrt_a @ cov_b @ sqrt_a
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    fid = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_sqrt)
+    return max(fid, 0.0)
+
+
+def _pairwise_min_count(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """For each query row: whether it lies within radii[j] of some ref row j (bool (N_query,))."""
+    inside = []
+    for i in range(0, len(query), chunk):
+        d = torch.cdist(query[i:i + chunk], ref)
+        inside.append((d <= radii[None, :]).any(1))
+    return torch.cat(inside)
+
+
+def knn_radii(feats: torch.Tensor, k: int = PR_K, chunk: int = 1024) -> torch.Tensor:
+    """Distance from each row to its k-th nearest other row (the radius of its k-NN hypersphere)."""
+    out = []
+    for i in range(0, len(feats), chunk):
+        d = torch.cdist(feats[i:i + chunk], feats)
+        out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # index 0 is the row itself (distance 0)
+    return torch.cat(out)
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> tuple[float, float]:
+    """Improved precision and recall of Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
+    Assessing Generative Models": each set's manifold is the union of balls around its samples with radius
+    the distance to the k-th nearest neighbour within the set.
+
+        precision = fraction of generated samples inside the real manifold   (fidelity)
+        recall    = fraction of real samples inside the generated manifold   (coverage)
+    """
+    real, fake = torch.as_tensor(real).double(), torch.as_tensor(fake).double()
+    precision = _pairwise_min_count(fake, real, knn_radii(real, k)).double().mean()
+    recall = _pairwise_min_count(real, fake, knn_radii(fake, k)).double().mean()
+    return float(precision), float(recall)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Generated images: the exported ONNX model
+
+
+class OnnxGenerator:
+    """The exported `generator.onnx` of a model folder, run with ONNX Runtime on CPU; returns uint8 images."""
+
+    def __init__(self, model_dir: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.dir = Path(model_dir)
+        self.card = json.loads((self.dir / CARD).read_text())
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        onnx_file = self.dir / self.card["files"]["onnx"]
+        self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+        self.conditional = bool(self.card["conditional"])
+        self.latent_dim = int(self.card["latent_dim"])
+        self.image_shape = tuple(self.card["image_shape"])
+
+    def __call__(self, n: int, labels: torch.Tensor | None, seed: int, batch_size: int = 500) -> torch.Tensor:
+        """n images as uint8 (n, C, H, W): z ~ N(0, I) from torch.Generator(seed), quantised like served PNGs."""
+        if self.conditional and (labels is None or len(labels) != n):
+            raise ValueError("a conditional model needs one label per image")
+        g = torch.Generator().manual_seed(seed)
+        out = torch.empty((n, *self.image_shape), dtype=torch.uint8)
+        for i in range(0, n, batch_size):
+            b = min(batch_size, n - i)
+            feeds = {"z": torch.randn(b, self.latent_dim, generator=g).numpy()}
+            if self.conditional:
+                feeds["labels"] = labels[i:i + b].to(torch.int64).numpy()
+            (images,) = self.session.run(None, feeds)
+            if not np.isfinite(images).all():
+                raise ValueError(f"{self.dir}: the ONNX model returned non-finite values")
+            out[i:i + b] = torch.from_numpy(np.clip(images, 0, 1) * 255).round_().to(torch.uint8)
+        return out
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0, 1, ..., K-1, 0, 1, ...: the service's default 'balanced' label mix."""
+    return torch.arange(n) % num_classes
+
+
+def prior_labels(n: int, class_counts: torch.Tensor, seed: int) -> torch.Tensor:
+    """n labels in the proportions of class_counts (largest-remainder rounding), shuffled with seed."""
+    p = class_counts.double() / class_counts.sum()
+    counts = torch.floor(p * n).long()
+    remainder = (p * n - counts).argsort(descending=True)
+    counts[remainder[: n - int(counts.sum())]] += 1
+    labels = torch.arange(len(counts)).repeat_interleave(counts)
+    return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Indices of a class-stratified random subset: max(1, round(fraction * n_c)) images of each class c."""
+    if fraction >= 1:
+        return torch.arange(len(labels))
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().squeeze(1)
+        take = max(1, round(fraction * len(idx)))
+        picks.append(idx[torch.randperm(len(idx), generator=g)[:take]])
+    return torch.cat(picks).sort().values
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings, dataset context, caches
+
+
+@dataclass
+class Settings:
+    seeds: int = 3
+    n_generated: int = 10_000
+    n_synthetic: int | None = None  # None: max(n_generated, N_train)
+    fractions: tuple[float, ...] | None = None  # None: by training-split size
+    classifier_epochs: float | None = None  # None: max(300 steps, 4 epochs)
+    label_mix: str = "balanced"  # of the synthetic pool (CAS, augmentation): balanced | prior
+    synthetic_share: float = 0.5
+    augmentation: bool | None = None  # None: on for conditional models
+    quick: bool = False
+    classifier_steps: int | None = None  # set by --quick only
+    batch_size: int = BATCH_SIZE  # --quick: 32
+
+    def steps(self, n_train: int) -> int:
+        return self.classifier_steps or classifier_steps(n_train, self.classifier_epochs)
+
+    def fractions_for(self, n_train: int) -> tuple[float, ...]:
+        if self.fractions:
+            return tuple(self.fractions)
+        return FRACTIONS_LARGE if n_train >= LARGE_SET else FRACTIONS_SMALL
+
+    @classmethod
+    def quick_mode(cls, **overrides) -> "Settings":
+        """Tiny everything, for tests and smoke runs: numbers are meaningless."""
+        base = dict(seeds=1, n_generated=64, n_synthetic=64, quick=True, classifier_steps=8, batch_size=32)
+        base.update(overrides)
+        return cls(**base)
+
+
+def fingerprint(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha1()
+    for t in tensors:
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _log(msg: str, t0: float | None = None) -> None:
+    stamp = f"[{time.time() - t0:7.1f}s] " if t0 is not None else ""
+    print(f"{stamp}{msg}", file=sys.stderr, flush=True)
+
+
+def _write_json_atomic(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class DatasetContext:
+    """Real splits of one dataset, its reference classifier and its cached real-only runs."""
+
+    def __init__(self, dataset: str, data_dir, classifier_dir: Path, settings: Settings):
+        self.dataset, self.settings, self.classifier_dir = dataset, settings, Path(classifier_dir)
+        self.train = load_dataset(dataset, "train", data_dir)
+        self.test = load_dataset(dataset, "test", data_dir)
+        self.info = self.train.info
+        self.steps = settings.steps(len(self.train))
+        self.recipe = {
+            "protocol": PROTOCOL_VERSION, "arch": CLASSIFIER_ARCH, "batch_size": settings.batch_size, "peak_lr": PEAK_LR,
+            "schedule": "adam+onecycle", "steps": self.steps,
+            "data": fingerprint(self.train.images, self.train.labels, self.test.images, self.test.labels),
+        }
+        self.key = hashlib.sha1(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()[:12]
+        self.baselines_path = self.classifier_dir / f"{dataset}.baselines.json"
+        self._baselines = self._read_baselines()
+        self.reference, self.reference_result = self._reference_classifier()
+        _, self.test_feats = predict(self.reference, self.test.images)
+        self._floors: dict[tuple[int, int], dict] = {}
+
+    # -- reference classifier -----------------------------------------------------------------------------------
+    def _reference_classifier(self) -> tuple[Classifier, dict]:
+        path = self.classifier_dir / f"{self.dataset}.pt"
+        model = Classifier(self.info.channels, self.info.size, self.info.num_classes)
+        if path.exists():
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == self.key:
+                model.load_state_dict(saved["state_dict"])
+                return model.eval(), {"accuracy": saved["accuracy"], "per_class": saved["per_class"], "path": str(path),
+                                      "trained_s": saved.get("wall_time_s"), "cached": True}
+            _log(f"{path}: trained with another recipe or data ({saved.get('key')} != {self.key}); retraining")
+        t0 = time.time()
+        _log(f"{self.dataset}: training the reference classifier ({self.steps} steps on {len(self.train)} real images)")
+        model = train_classifier([(self.train.images, self.train.labels, 1.0)], self.info, self.steps, seed=0,
+                                 batch_size=self.settings.batch_size)
+        result = accuracy_report(model, self.test)
+        wall = round(time.time() - t0, 1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"key": self.key, "recipe": self.recipe, "dataset": self.dataset, "state_dict": model.state_dict(),
+                    "accuracy": result["accuracy"], "per_class": result["per_class"], "wall_time_s": wall,
+                    "classes": list(self.info.classes)}, tmp)
+        tmp.replace(path)
+        self._store_run(1.0, 0, {**result, "n_real": len(self.train)})
+        _log(f"{self.dataset}: reference classifier test accuracy {result['accuracy']:.4f} ({wall}s) -> {path}")
+        return model, {**result, "path": str(path), "trained_s": wall, "cached": False}
+
+    # -- real-only runs (cached) ----------------------------------------------------------------------------------
+    def _read_baselines(self) -> dict:
+        if self.baselines_path.exists():
+            data = json.loads(self.baselines_path.read_text())
+            if data.get("key") == self.key:
+                return data
+        return {"format": "synthgen-classifier-baselines/1", "dataset": self.dataset, "key": self.key,
+                "recipe": self.recipe, "runs": {}}
+
+    def _store_run(self, fraction: float, seed: int, result: dict) -> None:
+        self._baselines["runs"][f"f={fraction:g},seed={seed}"] = result
+        _write_json_atomic(self.baselines_path, self._baselines)
+
+    def real_run(self, fraction: float, seed: int) -> dict:
+        """Real test accuracy of the recipe trained on a stratified `fraction` of the real training split (cached)."""
+        name = f"f={fraction:g},seed={seed}"
+        if name not in self._baselines["runs"]:
+            idx = stratified_subset(self.train.labels, fraction, seed)
+            model = train_classifier([(self.train.images[idx], self.train.labels[idx], 1.0)], self.info, self.steps, seed,
+                                     batch_size=self.settings.batch_size)
+            result = {**accuracy_report(model, self.test), "n_real": len(idx)}
+            self._store_run(fraction, seed, result)
+        return self._baselines["runs"][name]
+
+    # -- floors -------------------------------------------------------------------------------------------------
+    def floor(self, n_fid: int, n_pr: int) -> dict:
+        """FID and precision/recall of a random real-train subset vs the real test split (seeded)."""
+        if (n_fid, n_pr) not in self._floors:
+            g = torch.Generator().manual_seed(FLOOR_SEED)
+            idx = torch.randperm(len(self.train), generator=g)[: min(n_fid, len(self.train))]
+            _, feats = predict(self.reference, self.train.images[idx])
+            p, r = precision_recall(self.test_feats[: n_pr], feats[: n_pr])
+            self._floors[(n_fid, n_pr)] = {"fid": frechet_distance(feats, self.test_feats), "n_fid": len(idx),
+                                            "precision": p, "recall": r}
+        return self._floors[(n_fid, n_pr)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One model
+
+
+def _mean_std(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    return {"mean": float(arr.mean()), "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0, "runs": [float(v) for v in arr]}
+
+
+def _mean_per_class(results: list[dict], classes) -> dict:
+    out = {}
+    for c, name in enumerate(classes):
+        vals = [r["per_class"][c] for r in results if r["per_class"][c] is not None]
+        out[name] = float(np.mean(vals)) if vals else None
+    return out
+
+
+def _round(obj, digits: int = 4):
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:
+    """Run the protocol on one exported model folder; returns the metrics dict (flat keys + nested details)."""
+    t0 = time.time()
+    model_dir = Path(model_dir)
+    gen = OnnxGenerator(model_dir)
+    card, info = gen.card, ctx.info
+    if tuple(card["image_shape"]) != info.image_shape:
+        raise ValueError(f"{model_dir}: card image_shape {card['image_shape']} != {ctx.dataset} {info.image_shape}")
+    name = f"{card['dataset']}/{card['model']}"
+    k, classes = info.num_classes, list(info.classes)
+    conditional = gen.conditional
+    seeds = list(range(settings.seeds))
+    augmentation = conditional if settings.augmentation is None else (settings.augmentation and conditional)
+    n_train, n_test = len(ctx.train), len(ctx.test)
+    train_counts = torch.bincount(ctx.train.labels, minlength=k)
+
+    # FID set: labels in the training split's proportions (conditional), fixed seed.
+    n_gen = settings.n_generated
+    fid_labels = prior_labels(n_gen, train_counts, GENERATION_SEED) if conditional else None
+    fid_images = gen(n_gen, fid_labels, seed=GENERATION_SEED)
+    logits_fid, feats_fid = predict(ctx.reference, fid_images)
+    n_pr = min(n_gen, n_test)
+    floor = ctx.floor(n_gen, n_pr)
+    fid = frechet_distance(feats_fid, ctx.test_feats)
+    precision, recall = precision_recall(ctx.test_feats[:n_pr], feats_fid[:n_pr])
+    _log(f"{name}: FID {fid:.3f} (floor {floor['fid']:.3f}), precision {precision:.3f}, recall {recall:.3f}", t0)
+
+    metrics: dict = {
+        "fid": fid, "fid_floor": floor["fid"], "fid_ratio": fid / floor["fid"] if floor["fid"] > 0 else None,
+        "precision": precision, "recall": recall,
+        "precision_floor": floor["precision"], "recall_floor": floor["recall"],
+        "classifier_ceiling": ctx.reference_result["accuracy"],
+    }
+    per_class: dict = {"classifier_ceiling": dict(zip(classes, ctx.reference_result["per_class"]))}
+    hist = torch.bincount(logits_fid.argmax(1), minlength=k).double() / n_gen
+    details: dict = {"predicted_class_mix": dict(zip(classes, hist.tolist())),
+                     "requested_class_mix": dict(zip(classes, (train_counts.double() / n_train).tolist())) if conditional else None}
+
+    pool_images = pool_labels = None
+    if conditional:
+        n_pool = settings.n_synthetic or max(n_gen, n_train)
+        if settings.label_mix == "balanced":
+            pool_labels = balanced_labels(n_pool, k)
+        elif settings.label_mix == "prior":
+            pool_labels = prior_labels(n_pool, train_counts, GENERATION_SEED + 1)
+        else:
+            raise ValueError(f"unknown label mix {settings.label_mix!r}")
+        pool_images = gen(n_pool, pool_labels, seed=GENERATION_SEED + 1)
+        # Label fidelity on balanced requests (the first n_gen of a balanced pool; else a balanced set of its own).
+        if settings.label_mix == "balanced":
+            lf_images, lf_labels = pool_images[:n_gen], pool_labels[:n_gen]
+        else:
+            lf_labels = balanced_labels(n_gen, k)
+            lf_images = gen(n_gen, lf_labels, seed=GENERATION_SEED + 2)
+        lf_pred = predict(ctx.reference, lf_images)[0].argmax(1)
+        metrics["label_fidelity"] = float((lf_pred == lf_labels).float().mean())
+        per_class["label_fidelity"] = dict(zip(classes, per_class_accuracy(lf_pred, lf_labels, k)))
+        _log(f"{name}: label fidelity {metrics['label_fidelity']:.4f}; synthetic pool {n_pool} ({settings.label_mix})", t0)
+
+        # CAS: synthetic only vs real only, same recipe and seeds.
+        cas_runs = []
+        for seed in seeds:
+            model = train_classifier([(pool_images, pool_labels, 1.0)], info, ctx.steps, seed, batch_size=settings.batch_size)
+            cas_runs.append(accuracy_report(model, ctx.test))
+        real_runs = [ctx.real_run(1.0, seed) for seed in seeds]
+        cas, cas_real = _mean_std([r["accuracy"] for r in cas_runs]), _mean_std([r["accuracy"] for r in real_runs])
+        metrics.update({"cas": cas["mean"], "cas_std": cas["std"], "cas_real": cas_real["mean"], "cas_real_std": cas_real["std"],
+                        "cas_ratio": cas["mean"] / cas_real["mean"] if cas_real["mean"] > 0 else None})
+        details["cas"] = {"synthetic": cas, "real": cas_real, "n_synthetic": n_pool, "label_mix": settings.label_mix}
+        per_class["cas"] = _mean_per_class(cas_runs, classes)
+        per_class["cas_real"] = _mean_per_class(real_runs, classes)
+        _log(f"{name}: CAS {cas['mean']:.4f} +- {cas['std']:.4f} (real {cas_real['mean']:.4f} +- {cas_real['std']:.4f})", t0)
+
+    if augmentation:
+        rows = []
+        for fraction in settings.fractions_for(n_train):
+            real_res, mixed_res = [], []
+            for seed in seeds:
+                real_res.append(ctx.real_run(fraction, seed))
+                idx = stratified_subset(ctx.train.labels, fraction, seed)
+                model = train_classifier([(ctx.train.images[idx], ctx.train.labels[idx], 1 - settings.synthetic_share),
+                                          (pool_images, pool_labels, settings.synthetic_share)], info, ctx.steps, seed,
+                                         batch_size=settings.batch_size)
+                mixed_res.append(accuracy_report(model, ctx.test))
+            real_acc = [r["accuracy"] for r in real_res]
+            mixed_acc = [r["accuracy"] for r in mixed_res]
+            row = {"fraction": fraction, "n_real": real_res[0]["n_real"],
+                   "real": _mean_std(real_acc), "real+synthetic": _mean_std(mixed_acc),
+                   "gain": _mean_std([m - r for m, r in zip(mixed_acc, real_acc)]),
+                   "per_class": {"real": _mean_per_class(real_res, classes), "real+synthetic": _mean_per_class(mixed_res, classes)}}
+            rows.append(row)
+            metrics[f"aug_gain_{fraction * 100:g}pct"] = row["gain"]["mean"]
+            _log(f"{name}: {fraction:.0%} real ({row['n_real']}): {row['real']['mean']:.4f} -> "
+                 f"{row['real+synthetic']['mean']:.4f} (gain {row['gain']['mean']:+.4f} +- {row['gain']['std']:.4f})", t0)
+        metrics["augmentation"] = {
+            "label_mix": settings.label_mix, "n_synthetic": len(pool_images), "synthetic_share_of_batch": settings.synthetic_share,
+            "seeds": seeds, "fractions": rows,
+            "note": "the generator was trained on the full real training split, so low-data gains measure how much of "
+                    "that split's knowledge the synthetic images carry, not a gain for someone holding only the subset",
+        }
+
+    wall = time.time() - t0
+    metrics["per_class"] = per_class
+    metrics["details"] = details
+    metrics["protocol"] = {
+        "version": PROTOCOL_VERSION, "module": "training.evaluate", "quick": settings.quick,
+        "evaluated_file": card["files"]["onnx"], "onnx_sha256": card.get("sha256", {}).get("onnx"),
+        "runtime": "onnxruntime CPU, outputs quantised to uint8",
+        "classifier": {"arch": CLASSIFIER_ARCH, "steps": ctx.steps, "batch_size": settings.batch_size, "optimizer": "Adam, one-cycle",
+                       "peak_lr": PEAK_LR, "epochs_of_full_train": round(ctx.steps * settings.batch_size / n_train, 2),
+                       "ceiling_test_accuracy": ctx.reference_result["accuracy"], "cache": ctx.reference_result.get("path")},
+        "feature_space": "reference classifier penultimate layer (128-d, after ReLU)",
+        "n_generated": n_gen, "fid_real_reference": f"test split ({n_test})", "fid_floor": f"{floor['n_fid']} real train vs test",
+        "pr_k": PR_K, "pr_n": n_pr,
+        "fid_label_mix": "training-split class proportions" if conditional else "unconditional",
+        "seeds": seeds, "n_train": n_train, "n_test": n_test,
+        "unconditional": None if conditional else "FID/precision/recall only; no pseudo-labels",
+        "wall_time_s": round(wall, 1), "threads": torch.get_num_threads(),
+        "hardware": f"CPU {platform.machine()} x{os.cpu_count()}", "torch": torch.__version__,
+        "command": command, "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    _log(f"{name}: done in {wall:.1f}s", t0)
+    return _round(metrics)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cards, reports, CLI
+
+
+def write_card_metrics(model_dir: str | Path, metrics: dict) -> dict:
+    """Put metrics into the model's card.json and rewrite the manifest of its exported/ folder (new sha256)."""
+    model_dir = Path(model_dir)
+    card_path = model_dir / CARD
+    card = json.loads(card_path.read_text())
+    card["metrics"] = metrics
+    tmp = card_path.with_name(card_path.name + ".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(card_path)
+    return write_manifest(model_dir.parent.parent)
+
+
+def _fmt(value, pct: bool = False, signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    if pct:
+        return f"{value * 100:+.1f}" if signed else f"{value * 100:.1f}"
+    return f"{value:.2f}"
+
+
+def format_table(results: list[tuple[str, dict]]) -> str:
+    """One row per model; accuracies and gains in percent (points)."""
+    header = ["model", "FID", "floor", "P", "R", "label fid%", "CAS%", "real%", "aug gains (pts)", "time s"]
+    rows = [header]
+    for name, m in results:
+        gains = " ".join(f"{row['fraction'] * 100:g}%:{row['gain']['mean'] * 100:+.1f}±{row['gain']['std'] * 100:.1f}"
+                         for row in m.get("augmentation", {}).get("fractions", []))
+        cas = f"{_fmt(m.get('cas'), True)}±{m['cas_std'] * 100:.1f}" if "cas" in m else "-"
+        real = f"{_fmt(m.get('cas_real'), True)}±{m['cas_real_std'] * 100:.1f}" if "cas_real" in m else "-"
+        rows.append([name, _fmt(m["fid"]), _fmt(m["fid_floor"]), _fmt(m["precision"]), _fmt(m["recall"]),
+                     _fmt(m.get("label_fidelity"), True), cas, real, gains or "-", f"{m['protocol']['wall_time_s']:.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def models_in_manifest(exported_dir: str | Path) -> list[Path]:
+    root = Path(exported_dir)
+    manifest = json.loads((root / MANIFEST).read_text())
+    return [root / entry["dir"] for entry in manifest["models"]]
+
+
+def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classifier_dir="runs/classifiers",
+        report_dir: str | Path | None = "runs/eval", write_card: bool = True, command: str | None = None) -> list[tuple[str, dict]]:
+    """Evaluate several model folders (dataset contexts shared); write cards, manifests and reports."""
+    contexts: dict[str, DatasetContext] = {}
+    results = []
+    for model_dir in model_dirs:
+        model_dir = Path(model_dir)
+        card = json.loads((model_dir / CARD).read_text())
+        dataset = card["dataset"]
+        if dataset not in contexts:
+            contexts[dataset] = DatasetContext(dataset, data_dir, Path(classifier_dir), settings)
+        metrics = evaluate_model(model_dir, contexts[dataset], settings, command)
+        if write_card:
+            write_card_metrics(model_dir, metrics)
+        if report_dir is not None:
+            report = {"model_dir": str(model_dir), "dataset": dataset, "model": card["model"], "settings": asdict(settings),
+                      "metrics": metrics}
+            _write_json_atomic(Path(report_dir) / f"{dataset}__{card['model']}.json", report)
+        results.append((f"{dataset}/{card['model']}", metrics))
+    return results
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    values = tuple(_parse_fraction(v) for v in text.split(",") if v.strip())
+    if not values or any(not 0 < v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1]: {text!r}")
+    return values
+
+
+def _parse_fraction(text: str) -> float:
+    text = text.strip()
+    return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+
+
+def main(argv=None) -> list[tuple[str, dict]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_dirs", nargs="*", help="exported model folders (holding card.json and generator.onnx)")
+    parser.add_argument("--all", action="store_true", help="evaluate every model in <exported-dir>/manifest.json")
+    parser.add_argument("--exported-dir", default="exported", help="for --all (default: exported)")
+    parser.add_argument("--data-dir", default=None, help=f"real data folder (default: ${DATA_DIR_ENV}, then ./data)")
+    parser.add_argument("--classifier-dir", default="runs/classifiers", help="reference classifier cache (default: runs/classifiers)")
+    parser.add_argument("--report-dir", default="runs/eval", help="per-model JSON reports (default: runs/eval)")
+    parser.add_argument("--seeds", type=int, default=3, help="classifier seeds for CAS and augmentation (default: 3)")
+    parser.add_argument("--n-generated", type=int, default=10_000, help="generated images for FID, P/R, label fidelity (default: 10000)")
+    parser.add_argument("--n-synthetic", type=int, default=None, help="synthetic pool for CAS/augmentation (default: max(n-generated, N_train))")
+    parser.add_argument("--fractions", type=_floats, default=None,
+                        help="real-data fractions for augmentation, e.g. 0.01,0.1,1 or 1%%,10%%,100%% "
+                             f"(default: {','.join(f'{f:g}' for f in FRACTIONS_LARGE)} for training splits >= {LARGE_SET}, "
+                             f"else {','.join(f'{f:g}' for f in FRACTIONS_SMALL)})")
+    parser.add_argument("--classifier-epochs", type=float, default=None,
+                        help=f"classifier training length in epochs of the full real training split "
+                             f"(default: max({MIN_STEPS} steps, {DEFAULT_EPOCHS:g} epochs))")
+    parser.add_argument("--label-mix", choices=("balanced", "prior"), default="balanced",
+                        help="labels of the synthetic pool: balanced (class i mod K, the service default) or prior "
+                             "(the training split's class proportions) (default: balanced)")
+    parser.add_argument("--synthetic-share", type=float, default=0.5, help="share of each augmented batch that is synthetic (default: 0.5)")
+    parser.add_argument("--augmentation", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the augmentation study (default: on for conditional models)")
+    parser.add_argument("--quick", action="store_true", help="tiny settings for tests and smoke runs (numbers meaningless)")
+    parser.add_argument("--no-card", action="store_true", help="do not write card.json / manifest.json (report only)")
+    parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: torch's)")
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dirs = list(args.model_dirs) + (models_in_manifest(args.exported_dir) if args.all else [])
+    if not model_dirs:
+        parser.error("name model folders or pass --all")
+    common = dict(label_mix=args.label_mix, synthetic_share=args.synthetic_share, augmentation=args.augmentation,
+                  fractions=args.fractions, classifier_epochs=args.classifier_epochs)
+    if args.quick:
+        settings = Settings.quick_mode(**common)
+    else:
+        settings = Settings(seeds=args.seeds, n_generated=args.n_generated, n_synthetic=args.n_synthetic, **common)
+    command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command)
+    print(format_table(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()

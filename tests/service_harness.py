@@ -58,16 +58,18 @@ class Server:
             self.process.wait(timeout=15)
 
 
-def start(workdir: Path, wait_s: float = 90, target: str = TARGET, cwd: Path = REPO,
-          args: tuple[str, ...] = (), **synthgen: str) -> Server:
-    """`bentoml serve target` on a free loopback port; returns once /readyz answers 200."""
+def start(workdir: Path, wait_s: float = 90, target: str = TARGET, cwd: Path = REPO, home: Path | None = None,
+          **synthgen: str) -> Server:
+    """`bentoml serve target` on a free loopback port; returns once /readyz answers 200.
+
+    `target` is an import path (served from `cwd`) or a Bento tag (served from the store in `home`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = workdir / f"serve-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port), *args],
-            cwd=cwd, env=server_env(workdir / "bentoml-home", **synthgen), stdout=out, stderr=subprocess.STDOUT,
+            [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=cwd, env=server_env(home or workdir / "bentoml-home", **synthgen), stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     server = Server(url=f"http://127.0.0.1:{port}", process=process, log=log)

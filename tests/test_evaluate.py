@@ -13,6 +13,15 @@ from training import evaluate as ev
 from training.manifest import MANIFEST, sha256_of
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The evaluator's default (main() sets 1 thread); restored afterwards for the other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def gaussian(n: int, dim: int = 16, shift: float = 0.0, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)) + shift
 
@@ -188,3 +197,15 @@ def test_fractions_parser():
     assert ev._floats("0.25, 1") == (0.25, 1.0)
     with pytest.raises(Exception):
         ev._floats("0,2")
+
+
+def test_all_skips_models_whose_data_is_missing(zoo, data_dir, tmp_path, capsys):
+    only_mnist = tmp_path / "data"
+    shutil.copytree(data_dir / "MNIST", only_mnist / "MNIST")
+    with pytest.raises(SystemExit, match="2 model"):
+        ev.main(["--all", "--exported-dir", str(zoo), "--quick", "--no-augmentation", "--data-dir", str(only_mnist),
+                 "--classifier-dir", str(tmp_path / "classifiers"), "--report-dir", str(tmp_path / "eval")])
+    out = capsys.readouterr().out
+    assert "skipped" in out and "mnist/cdcgan" in out
+    assert "fid" in json.loads((zoo / "mnist/cdcgan/card.json").read_text())["metrics"]
+    _verify_manifest(zoo)

@@ -77,7 +77,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DATA_DIR_ENV, DatasetInfo, ImageData, load_dataset
+from .data import DATA_DIR_ENV, DataNotFoundError, DatasetInfo, ImageData, load_dataset
 from .manifest import CARD, MANIFEST, write_manifest
 
 PROTOCOL_VERSION = 1
@@ -641,6 +641,9 @@ def format_table(results: list[tuple[str, dict]]) -> str:
     header = ["model", "FID", "floor", "P", "R", "label fid%", "CAS%", "real%", "aug gains (pts)", "time s"]
     rows = [header]
     for name, m in results:
+        if m is None:
+            rows.append([name, "skipped: real data not found"] + [""] * (len(header) - 2))
+            continue
         gains = " ".join(f"{row['fraction'] * 100:g}%:{row['gain']['mean'] * 100:+.1f}±{row['gain']['std'] * 100:.1f}"
                          for row in m.get("augmentation", {}).get("fractions", []))
         cas = f"{_fmt(m.get('cas'), True)}±{m['cas_std'] * 100:.1f}" if "cas" in m else "-"
@@ -658,8 +661,10 @@ def models_in_manifest(exported_dir: str | Path) -> list[Path]:
 
 
 def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classifier_dir="runs/classifiers",
-        report_dir: str | Path | None = "runs/eval", write_card: bool = True, command: str | None = None) -> list[tuple[str, dict]]:
-    """Evaluate several model folders (dataset contexts shared); write cards, manifests and reports."""
+        report_dir: str | Path | None = "runs/eval", write_card: bool = True, command: str | None = None) -> list[tuple[str, dict | None]]:
+    """Evaluate several model folders (dataset contexts shared); write cards, manifests and reports.
+
+    Returns (dataset/model, metrics) per folder; metrics is None for a model whose real data files are missing."""
     contexts: dict[str, DatasetContext] = {}
     results = []
     for model_dir in model_dirs:
@@ -667,7 +672,14 @@ def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classif
         card = json.loads((model_dir / CARD).read_text())
         dataset = card["dataset"]
         if dataset not in contexts:
-            contexts[dataset] = DatasetContext(dataset, data_dir, Path(classifier_dir), settings)
+            try:
+                contexts[dataset] = DatasetContext(dataset, data_dir, Path(classifier_dir), settings)
+            except DataNotFoundError as err:  # e.g. --all over a zoo with sets whose files are not here
+                _log(f"{model_dir}: skipped, {err}")
+                contexts[dataset] = None
+        if contexts[dataset] is None:
+            results.append((f"{dataset}/{card['model']}", None))
+            continue
         metrics = evaluate_model(model_dir, contexts[dataset], settings, command)
         if write_card:
             write_card_metrics(model_dir, metrics)
@@ -717,11 +729,12 @@ def main(argv=None) -> list[tuple[str, dict]]:
                         help="run the augmentation study (default: on for conditional models)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests and smoke runs (numbers meaningless)")
     parser.add_argument("--no-card", action="store_true", help="do not write card.json / manifest.json (report only)")
-    parser.add_argument("--threads", type=int, default=None, help="torch / ONNX Runtime threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch / ONNX Runtime threads (default: 1; on a CPU shared with training jobs more threads "
+                             "oversubscribe it and run several times slower)")
     args = parser.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     model_dirs = list(args.model_dirs) + (models_in_manifest(args.exported_dir) if args.all else [])
     if not model_dirs:
         parser.error("name model folders or pass --all")
@@ -734,6 +747,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command)
     print(format_table(results))
+    if any(m is None for _, m in results):
+        sys.exit(f"{sum(m is None for _, m in results)} model(s) skipped: real data not found (see above)")
     return results
 
 

@@ -9,6 +9,7 @@
 #   2. `docker import` of that root filesystem;
 #   3. a small Dockerfile on top that copies this machine's CA bundle in, points pip/uv at it
 #      (SSL_CERT_FILE, PIP_CERT, UV_NATIVE_TLS=1) and pre-installs uv (BentoML's installer).
+#   bookworm-updates and bookworm-security are applied to the root filesystem before the import.
 # The image has Python 3.11 (Debian bookworm's), which is what BentoML's `base.j2` template needs
 # for a custom `docker.base_image`: it does not install Python itself.
 set -euo pipefail
@@ -43,18 +44,36 @@ debian_mirror() {
     echo "http://deb.debian.org/debian"
 }
 
+security_mirror() {
+    if [ -n "${SYNTHGEN_DEBIAN_SECURITY_MIRROR:-}" ]; then echo "$SYNTHGEN_DEBIAN_SECURITY_MIRROR"; return; fi
+    local f url
+    for f in /etc/apt/sources.list.d/*.sources; do
+        [ -f "$f" ] || continue
+        url="$(awk 'BEGIN{RS=""; FS="\n"} {u=""; s=0; for(i=1;i<=NF;i++){ if($i ~ /^URIs:/){sub(/^URIs:[ \t]*/,"",$i); split($i,a," "); u=a[1]} if($i ~ /^Suites:/ && $i ~ /bookworm-security/) s=1 } if(s && u!=""){print u; exit}}' "$f")"
+        if [ -n "$url" ]; then echo "$url"; return; fi
+    done
+    echo "http://deb.debian.org/debian-security"
+}
+
 command -v debootstrap >/dev/null || { say "debootstrap missing: scripts/docker-engine.sh install (apt-get install debootstrap)"; exit 1; }
 [ -f "$CA_BUNDLE" ] || { say "CA bundle $CA_BUNDLE not found (set SYNTHGEN_CA_BUNDLE)"; exit 1; }
 MIRROR="$(debian_mirror)"
+SECURITY_MIRROR="$(security_mirror)"
 UV_VERSION="${SYNTHGEN_UV_VERSION:-$( (uv --version 2>/dev/null || "$(dirname "$0")/../.venv/bin/uv" --version 2>/dev/null) | awk '{print $2}')}"
 
 WORK="$(mktemp -d /tmp/synthgen-base.XXXXXX)"
-trap 'rm -rf "$WORK"' EXIT
+trap 'umount "$WORK/rootfs/proc" 2>/dev/null || true; rm -rf --one-file-system "$WORK"' EXIT
 ROOTFS="$WORK/rootfs"
-say "debootstrap bookworm from $MIRROR (about a minute)"
+say "debootstrap bookworm from $MIRROR (1-2 minutes)"
 start=$(date +%s)
 debootstrap --variant=minbase --include=python3,python3-venv,python3-pip bookworm "$ROOTFS" "$MIRROR" >"$WORK/debootstrap.log" 2>&1 \
     || { tail -n 30 "$WORK/debootstrap.log" >&2; say "debootstrap failed"; exit 1; }
+# The same suites as this machine: point release, updates and security (upgraded in the build below).
+cat >"$ROOTFS/etc/apt/sources.list" <<SOURCES
+deb $MIRROR bookworm main
+deb $MIRROR bookworm-updates main
+deb $SECURITY_MIRROR bookworm-security main
+SOURCES
 # apt as in Docker's official Debian images: no .deb cache kept after installs, gzipped lists,
 # no translations (BentoML's generated Dockerfile runs apt-get install build-essential on top).
 cat >"$ROOTFS/etc/apt/apt.conf.d/docker-clean" <<'APTCONF'
@@ -66,6 +85,13 @@ APTCONF
 echo 'Acquire::GzipIndexes "true"; Acquire::CompressionTypes::Order:: "gz";' >"$ROOTFS/etc/apt/apt.conf.d/docker-gzip-indexes"
 echo 'Acquire::Languages "none";' >"$ROOTFS/etc/apt/apt.conf.d/docker-no-languages"
 echo 'APT::Install-Recommends "false"; APT::Install-Suggests "false";' >"$ROOTFS/etc/apt/apt.conf.d/docker-no-recommends"
+# Security and point updates applied here, in the root filesystem, so the image has no second copy of them.
+mount -t proc proc "$ROOTFS/proc"
+upgrade_ok=1
+chroot "$ROOTFS" env DEBIAN_FRONTEND=noninteractive sh -c 'apt-get update -q && apt-get upgrade -y -q' \
+    >>"$WORK/debootstrap.log" 2>&1 || upgrade_ok=0
+umount "$ROOTFS/proc"
+[ "$upgrade_ok" = 1 ] || { tail -n 30 "$WORK/debootstrap.log" >&2; say "apt-get upgrade in the new root filesystem failed"; exit 1; }
 # Leaner image: no apt lists/caches, docs or man pages.
 rm -rf "$ROOTFS"/var/cache/apt/archives/*.deb "$ROOTFS"/var/lib/apt/lists/* "$ROOTFS"/usr/share/doc/* \
        "$ROOTFS"/usr/share/man/* "$ROOTFS"/usr/share/info/* "$ROOTFS"/var/log/*.log
@@ -73,12 +99,15 @@ tar -C "$ROOTFS" -c . | docker import - "$IMAGE-rootfs" >/dev/null
 say "debootstrap + import took $(( $(date +%s) - start ))s"
 
 cp "$CA_BUNDLE" "$WORK/ca-certificates.crt"
+# The CA bundle goes outside /etc/ssl/certs (update-ca-certificates, run by apt when ca-certificates
+# changes, rewrites that folder), and over the default path for tools that use that one.
 cat >"$WORK/Dockerfile" <<DOCKERFILE
 FROM $IMAGE-rootfs
-COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
-ENV SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt PIP_CERT=/etc/ssl/certs/ca-certificates.crt UV_NATIVE_TLS=1 \\
+COPY ca-certificates.crt /etc/ssl/synthgen-ca-bundle.crt
+ENV SSL_CERT_FILE=/etc/ssl/synthgen-ca-bundle.crt PIP_CERT=/etc/ssl/synthgen-ca-bundle.crt UV_NATIVE_TLS=1 \\
     LANG=C.UTF-8 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-RUN python3 -m pip install --break-system-packages --no-cache-dir "uv${UV_VERSION:+==$UV_VERSION}" && uv --version
+RUN cp /etc/ssl/synthgen-ca-bundle.crt /etc/ssl/certs/ca-certificates.crt \\
+ && python3 -m pip install --break-system-packages --no-cache-dir "uv${UV_VERSION:+==$UV_VERSION}" && uv --version
 LABEL synthgen.base.recipe=$RECIPE
 CMD ["/bin/bash"]
 DOCKERFILE

@@ -16,6 +16,7 @@
 #                           A base other than the default is set in a temporary copy of bentofile.yaml;
 #                           the committed bentofile.yaml is never changed.
 #   SYNTHGEN_PROJECT_DIR    the project tree to build (default: this repository)
+#   SYNTHGEN_CONTAINERIZE_ARGS  extra `bentoml containerize` options, e.g. "--opt no-cache"
 #   PORT                    run: port on 127.0.0.1 (default 3000)
 #   SYNTHGEN_*              run: the service's settings (API key, limits, models...) are passed to the container,
 #                           except host paths (SYNTHGEN_EXPORTED_DIR, _DATA_DIR, _CACHE_DIR) and this script's own.
@@ -89,7 +90,8 @@ PYEOF
     [ -n "$tag" ] || { say "bentoml build printed no tag"; exit 1; }
     say "bento $tag built in $(( $(date +%s) - start ))s; containerizing as $image"
     # The classic builder (no buildx here); host network so pip/uv in the build reach the registry.
-    DOCKER_BUILDKIT=0 "$BENTOML" containerize "$tag" --opt network=host -t "$image"
+    # shellcheck disable=SC2086  # extra options are words on purpose, e.g. "--opt no-cache"
+    DOCKER_BUILDKIT=0 "$BENTOML" containerize "$tag" --opt network=host -t "$image" ${SYNTHGEN_CONTAINERIZE_ARGS:-}
     docker tag "$image" "${image%:*}:latest" >/dev/null
     say "built $image in $(( $(date +%s) - start ))s; size $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
     echo "$image"

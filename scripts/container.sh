@@ -89,9 +89,12 @@ PYEOF
     tag="${tag#__tag__:}"
     [ -n "$tag" ] || { say "bentoml build printed no tag"; exit 1; }
     say "bento $tag built in $(( $(date +%s) - start ))s; containerizing as $image"
-    # The classic builder (no buildx here); host network so pip/uv in the build reach the registry.
+    # BuildKit where the docker CLI has buildx, else the classic builder (DOCKER_BUILDKIT=0);
+    # host network so pip/uv in the build reach the package registry.
+    local buildkit=0
+    docker buildx version >/dev/null 2>&1 && buildkit=1
     # shellcheck disable=SC2086  # extra options are words on purpose, e.g. "--opt no-cache"
-    DOCKER_BUILDKIT=0 "$BENTOML" containerize "$tag" --opt network=host -t "$image" ${SYNTHGEN_CONTAINERIZE_ARGS:-}
+    DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-$buildkit}" "$BENTOML" containerize "$tag" --opt network=host -t "$image" ${SYNTHGEN_CONTAINERIZE_ARGS:-}
     docker tag "$image" "${image%:*}:latest" >/dev/null
     say "built $image in $(( $(date +%s) - start ))s; size $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
     echo "$image"

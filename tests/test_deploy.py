@@ -175,7 +175,8 @@ def test_env_values_are_accepted_by_the_service_settings(container):
     settings = Settings.from_env(env)
     assert settings.api_token == "token-from-secret", "the API token must come from a Secret"
     limit_cpu = _cpu(container["resources"]["limits"]["cpu"])
-    assert settings.ort_threads <= limit_cpu, "SYNTHGEN_ORT_THREADS above the CPU limit oversubscribes the pod"
+    assert settings.workers * settings.ort_threads <= limit_cpu, (
+        "SYNTHGEN_WORKERS x SYNTHGEN_ORT_THREADS above the CPU limit oversubscribes the pod")
     limit_mem = _bytes(container["resources"]["limits"]["memory"])
     assert settings.memory_budget_bytes < limit_mem, "request memory budget must fit under the memory limit"
 
@@ -205,6 +206,11 @@ def test_resources_and_shutdown(deployment, container):
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
     assert pre_stop[0] == "sleep" and int(pre_stop[1]) < grace
+    from service.service import SyntheticImages
+
+    timeout = SyntheticImages.config.get("traffic", {}).get("timeout")
+    assert timeout is None or grace >= timeout + int(pre_stop[1]), (
+        f"terminationGracePeriodSeconds {grace} would kill requests the service still allows ({timeout} s)")
 
 
 def test_service_and_hpa_target_the_deployment(deployment, container):

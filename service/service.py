@@ -21,7 +21,6 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated
 
-import anyio.to_thread
 import bentoml
 import numpy as np
 from bentoml.validators import ContentType
@@ -30,17 +29,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import schemas
+from . import patches, schemas
 from .backends import BackendLoadError, load_runner
 from .batching import MicroBatcher
 from .catalog import CatalogEntry, ManifestError, load_catalog
 from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
 from .errors import ApiError
+from .memory import pin_mmap_threshold
 from .middleware import GuardMiddleware
 from .sampling import class_id, interpolation_latents, latents, resolve_labels
 
 logger = logging.getLogger("bentoml.synthgen")
 SETTINGS = schemas.SETTINGS
+patches.install()
 # The body of /generate and /interpolate: the bytes of the requested format (npz, PNG, zip or JSON).
 Binary = Annotated[bytes, ContentType("application/octet-stream")]
 INLINE_ENCODE_BYTES = 1 << 20  # npz of up to this many pixel bytes is written on the event loop (no thread hop)
@@ -113,6 +114,7 @@ class SyntheticImages:
     def __init__(self) -> None:
         self.settings = SETTINGS
         self._ready = False
+        pin_mmap_threshold()
         self.catalog = load_catalog(self.settings.exported_dir, self.settings.backend)
         for entry in self.catalog.usable():
             try:
@@ -125,6 +127,9 @@ class SyntheticImages:
         if not usable:
             raise ManifestError(nothing_servable(self.catalog))
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthgen-infer")
+        # Encoding (PNG, zip) is CPU-bound: more threads than CPUs only adds memory arenas and contention.
+        self.encoders = ThreadPoolExecutor(max_workers=max(1, self.settings.ort_threads),
+                                           thread_name_prefix="synthgen-encode")
         self.batchers = {(e.dataset, e.model): MicroBatcher(e.runner, self.executor, self.settings.batch_rows,
                                                             e.card.image_shape, on_call=self._counter(e))
                          for e in usable}
@@ -149,8 +154,9 @@ class SyntheticImages:
         return self._ready
 
     @bentoml.on_shutdown
-    def _stop_inference_thread(self) -> None:
+    def _stop_threads(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.encoders.shutdown(wait=False, cancel_futures=True)
 
     def _catalog_info(self) -> schemas.Catalog:
         datasets, models = {}, []
@@ -201,7 +207,7 @@ class SyntheticImages:
             if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
                 body = encode(batch, fmt)
             else:
-                body = await anyio.to_thread.run_sync(encode, batch, fmt, columns)
+                body = await asyncio.get_running_loop().run_in_executor(self.encoders, encode, batch, fmt, columns)
             del images, batch
         headers = {"X-Dataset": entry.dataset, "X-Model": entry.model, "X-Count": str(len(z)),
                    "Content-Disposition": f'{"inline" if fmt == "png_grid" else "attachment"}; '

@@ -357,3 +357,49 @@ def test_torchscript_backend_matches_onnxruntime(catalog, runners):
         z = latents(0, 4, entry.card.latent_dim)
         labels = np.arange(4, dtype=np.int64) % entry.card.num_classes
         np.testing.assert_allclose(runner.run(z, labels), runners[key].run(z, labels), atol=1e-5)
+
+
+# --- the TimeoutMiddleware fix ------------------------------------------------------------------------------
+
+def _timeout_middleware(app, timeout: float):
+    from bentoml._internal.server.http.traffic import TimeoutMiddleware
+
+    from service import patches
+
+    patches.install()
+    return TimeoutMiddleware(app, timeout=timeout)
+
+
+async def _call(middleware) -> list[dict]:
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await middleware({"type": "http", "path": "/x", "method": "GET", "headers": []}, receive, send)
+    return sent
+
+
+def test_request_timers_are_cancelled_when_the_request_ends():
+    from starlette.responses import PlainTextResponse
+
+    async def scenario():
+        middleware = _timeout_middleware(PlainTextResponse("ok"), timeout=300)
+        for _ in range(3):
+            sent = await _call(middleware)
+        loop = asyncio.get_running_loop()
+        return sent, [h for h in loop._scheduled if not h.cancelled()]
+
+    sent, live_timers = asyncio.run(scenario())
+    assert sent[0]["status"] == 200 and live_timers == []
+
+
+def test_a_request_without_a_response_start_in_time_still_gets_504():
+    async def slow(scope, receive, send):
+        await asyncio.sleep(5)
+
+    sent = asyncio.run(_call(_timeout_middleware(slow, timeout=0.05)))
+    assert sent[0]["status"] == 504

@@ -56,7 +56,7 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
         return ConvVAE(latent_dim, image_shape, width, num_classes=k), None
     norm = "none" if family.objective == "wgan_gp" else "batch"
     generator = DCGANGenerator(latent_dim, image_shape, width, num_classes=k)
-    discriminator = DCGANDiscriminator(image_shape, width, num_classes=k, norm=norm)
+    discriminator = DCGANDiscriminator(image_shape, width, num_classes=k, norm=norm, minibatch_std=norm == "batch")
     generator.apply(init_dcgan_weights)
     discriminator.apply(init_dcgan_weights)
     return generator, discriminator

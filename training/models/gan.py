@@ -116,37 +116,67 @@ class DCGANGenerator(nn.Module):
         return (self(z, labels) + 1) / 2  # (N, C, H, W) in [0, 1]
 
 
+class MinibatchStd(nn.Module):
+    """Appends the batch's mean feature std as one channel (Karras et al. 2018, ProGAN).
+
+    It lets the discriminator see a batch's lack of variety, the signal that stops the generator from
+    collapsing to one image per class (without it our conditional DCGAN ignored z within a few hundred steps).
+    """
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = min(self.group, n)
+        if n % g:
+            g = 1
+        y = x.view(g, -1, c, h, w)  # (G, N/G, C, H, W)
+        std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,)
+        std = std.view(-1, 1, 1, 1).repeat(g, 1, h, w)  # (N, 1, H, W)
+        return torch.cat([x, std], 1)
+
+
 class DCGANDiscriminator(nn.Module):
     """HxW -> ... -> 4x4 (or 7x7) -> 1 logit with strided Conv2d + norm + LeakyReLU(0.2).
 
-    Conditional: the label is embedded to one HxW plane and stacked as an extra input channel.
-    norm: "batch" for GANs, "none" for the WGAN-GP critic.
+    Conditional: a projection discriminator (Miyato & Koyama 2018): logit = f(h) + <embed(y), sum_hw h>,
+    where h are the last features. (Stacking the label as an input plane let our conditional DCGAN
+    collapse to one image per class; the projection keeps the label in every gradient.)
+    norm: "batch" for GANs, "none" for the WGAN-GP critic. minibatch_std: a `MinibatchStd` channel before
+    the last layer (off for the WGAN-GP critic, whose gradient penalty is per sample).
     """
 
-    def __init__(self, image_shape=(1, 28, 28), ndf: int = 32, num_classes: int = 0, norm: str = "batch"):
+    def __init__(self, image_shape=(1, 28, 28), ndf: int = 32, num_classes: int = 0, norm: str = "batch",
+                 minibatch_std: bool = True):
         super().__init__()
         if norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', not {norm!r}")
         channels, size, _ = image_shape
-        self.size = size
-        self.label_embedding = LabelEmbedding(num_classes, size * size)
         steps = 2 if size == 28 else 4  # 28 -> 14 -> 7 ; 64 -> 32 -> 16 -> 8 -> 4
-        width, layers = ndf, [nn.Conv2d(channels + (1 if num_classes > 0 else 0), ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        width, layers = ndf, [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         for _ in range(steps - 1):
             layers.append(nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"))
             if norm == "batch":
                 layers.append(nn.BatchNorm2d(width * 2))
             layers.append(nn.LeakyReLU(0.2, True))
             width *= 2
+        if minibatch_std:
+            layers.append(MinibatchStd())
+            width += 1
+        self.features = nn.Sequential(*layers)
         final = size // 2**steps  # 7 for 28x28, 4 for 64x64
-        layers.append(nn.Conv2d(width, 1, final, 1, 0))
-        self.net = nn.Sequential(*layers)
+        self.head = nn.Conv2d(width, 1, final, 1, 0)
+        self.projection = LabelEmbedding(num_classes, width)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.label_embedding(labels)
+        h = self.features(x)  # (N, W, 7, 7) or (N, W, 4, 4)
+        logit = self.head(h).view(-1)  # (N,)
+        y = self.projection(labels)
         if y is not None:
-            x = torch.cat([x, y.view(-1, 1, self.size, self.size)], 1)
-        return self.net(x).view(-1)  # (N,)
+            logit = logit + (y * h.sum((2, 3))).sum(1) / h.shape[2] ** 2
+        return logit
 
 
 def init_dcgan_weights(module: nn.Module) -> None:

@@ -1,0 +1,86 @@
+"""Promises of training/data.py: every dataset loads from files of its real format, and a missing file says how to fix it."""
+
+import os
+
+import pytest
+import torch
+
+from training.data import DataNotFoundError, dataset_info, load_dataset
+
+CASES = {  # dataset id -> (channels, size, classes)
+    "mnist": (1, 28, 10),
+    "fashion_mnist": (1, 28, 10),
+    "pneumoniamnist": (1, 28, 2),
+    "retinamnist": (3, 28, 5),
+    "breastmnist": (1, 28, 2),
+    "bloodmnist": (3, 28, 8),
+    "pathmnist": (3, 28, 9),
+    "bloodmnist_64": (3, 64, 8),
+    "pathmnist_64": (3, 64, 9),
+    "breastmnist_64": (1, 64, 2),
+    "pathmnist_gray": (1, 28, 9),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*official file")
+@pytest.mark.parametrize("dataset", CASES)
+def test_every_dataset_loads_as_uint8_tensors_with_class_names(dataset, data_dir):
+    channels, size, classes = CASES[dataset]
+    for split in ("train", "test"):
+        data = load_dataset(dataset, split, data_dir)
+        assert data.images.dtype == torch.uint8 and data.labels.dtype == torch.int64
+        assert data.images.shape[1:] == (channels, size, size)
+        assert len(data.labels) == len(data.images) > 0
+        assert int(data.labels.min()) >= 0 and int(data.labels.max()) < classes
+        assert data.info.num_classes == classes == len(data.info.classes)
+        x, y = next(iter(data.loader(batch_size=4)))
+        assert x.shape == (4, channels, size, size) and 0 <= float(x.min()) and float(x.max()) <= 1
+
+
+def test_mnist_class_names_are_the_digits():
+    assert dataset_info("mnist").classes == tuple("0123456789")
+    assert dataset_info("pneumoniamnist").classes == ("normal", "pneumonia")
+
+
+def test_grayscale_is_an_option_of_the_same_loader(data_dir):
+    rgb = load_dataset("pathmnist", "train", data_dir)
+    gray = load_dataset("pathmnist_gray", "train", data_dir)
+    expected = (rgb.images.float() * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    assert torch.equal(gray.images, expected.round().clamp(0, 255).to(torch.uint8))
+    assert torch.equal(gray.labels, rgb.labels)
+
+
+def test_tiny_medmnist_file_is_read_but_flagged_as_not_official(data_dir):
+    with pytest.warns(UserWarning, match="the official file has 11959"):
+        load_dataset("bloodmnist", "train", data_dir)
+
+
+def test_missing_idx_file_names_file_folder_and_download(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("mnist", "train", tmp_path)
+    message = str(err.value)
+    assert "train-images-idx3-ubyte.gz" in message and str(tmp_path / "MNIST" / "raw") in message and "--download" in message
+
+
+def test_missing_medmnist_file_names_file_folder_and_download(tmp_path):
+    with pytest.raises(DataNotFoundError) as err:
+        load_dataset("bloodmnist_64", "train", tmp_path)
+    message = str(err.value)
+    assert "bloodmnist_64.npz" in message and str(tmp_path) in message and "--download" in message
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known: mnist, fashion_mnist, pathmnist"):
+        load_dataset("cifar10")
+
+
+def test_data_dir_comes_from_the_environment(data_dir, monkeypatch):
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(data_dir))
+    assert len(load_dataset("mnist", "test")) == 32
+
+
+def test_gzipped_files_are_read_without_writing_into_the_data_dir(data_dir):
+    before = sorted(p.name for p in (data_dir / "FashionMNIST" / "raw").iterdir())
+    load_dataset("fashion_mnist", "train", data_dir)
+    assert sorted(p.name for p in (data_dir / "FashionMNIST" / "raw").iterdir()) == before
+    assert any(os.scandir(os.environ["SYNTHGEN_CACHE_DIR"]))

@@ -1,0 +1,73 @@
+"""Promises of export: every family exports to TorchScript and single-file ONNX that match eager within 1e-5."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import train_tiny
+from training.export import PARITY_ATOL, export_run, inference_module
+from training.manifest import sha256_of
+from training.models import MODEL_FAMILIES
+from training.train import load_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*official file", "ignore::FutureWarning")
+DATASET_FOR = {"cdcgan": "bloodmnist_64", "conv_vae": "breastmnist_64", "cwgan_gp": "retinamnist"}
+
+
+@pytest.mark.parametrize("model_id", MODEL_FAMILIES)
+def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, data_dir, tmp_path):
+    dataset = DATASET_FOR.get(model_id, "mnist")
+    run = train_tiny(data_dir, tmp_path / "run", dataset, model_id, steps=2)
+    out = export_run(run, tmp_path / "exported")
+    card = json.loads((out / "card.json").read_text())
+    assert card["dataset"] == dataset and card["model"] == model_id
+    assert card["conditional"] == MODEL_FAMILIES[model_id].conditional
+    assert max(card["parity_max_abs_error"].values()) <= PARITY_ATOL
+
+    # A fresh batch size (the batch axis is dynamic), against eager, independently of export's own check.
+    model, _ = load_checkpoint(run)
+    module = inference_module(model)
+    z = torch.randn(5, model.latent_dim)
+    inputs = (z, torch.arange(5) % model.num_classes) if model.num_classes else (z,)
+    with torch.inference_mode():
+        eager = module(*inputs).numpy()
+    session = ort.InferenceSession(str(out / "generator.onnx"), providers=["CPUExecutionProvider"])
+    (images,) = session.run(None, {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
+    assert images.dtype == np.float32 and images.shape == (5, *card["image_shape"])
+    np.testing.assert_allclose(images, eager, atol=PARITY_ATOL, rtol=0)
+    assert 0 <= images.min() and images.max() <= 1
+    scripted = torch.jit.load(str(out / "generator.pt"))
+    np.testing.assert_allclose(scripted(*inputs).detach().numpy(), eager, atol=PARITY_ATOL, rtol=0)
+
+
+def test_onnx_is_one_file_with_the_documented_contract(exported_dir):
+    path = exported_dir / "mnist" / "cdcgan" / "generator.onnx"
+    assert not list(path.parent.glob("*.data"))
+    graph = onnx.load(str(path)).graph
+    inputs = {i.name: i.type.tensor_type for i in graph.input}
+    assert list(inputs) == ["z", "labels"]
+    assert inputs["z"].elem_type == onnx.TensorProto.FLOAT and inputs["labels"].elem_type == onnx.TensorProto.INT64
+    assert inputs["z"].shape.dim[0].dim_param  # dynamic batch axis
+    assert [o.name for o in graph.output] == ["images"]
+
+
+def test_manifest_lists_every_card_with_sha256_and_a_conditional_default(exported_dir):
+    manifest = json.loads((exported_dir / "manifest.json").read_text())
+    assert manifest["format"] == "synthgen-manifest/1"
+    assert {(e["dataset"], e["model"]) for e in manifest["models"]} >= {("mnist", "cdcgan"), ("mnist", "mlp_vae")}
+    assert manifest["defaults"]["mnist"] == "cdcgan"  # conditional first
+    for entry in manifest["models"]:
+        for kind, f in entry["files"].items():
+            assert sha256_of(exported_dir / f["path"]) == f["sha256"], kind
+
+
+def test_vae_export_ships_the_decoder_only(exported_dir):
+    card = json.loads((exported_dir / "pneumoniamnist" / "cvae" / "card.json").read_text())
+    model_params = card["parameters"]
+    scripted = torch.jit.load(str(exported_dir / "pneumoniamnist" / "cvae" / "generator.pt"))
+    assert sum(p.numel() for p in scripted.parameters()) == model_params
+    assert not any("encoder" in name for name, _ in scripted.named_parameters())

@@ -1,0 +1,98 @@
+"""Promises of the one trainer: each objective learns, a run leaves its artifacts, resume is exact, DDP runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import train_tiny
+from training.config import TrainConfig
+from training.data import load_dataset
+from training.models import build_model
+from training.objectives import build_objective
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*official file")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("model_id, key", [("cvae", "loss"), ("mlp_vae", "loss"), ("cdcgan", "loss_d"),
+                                           ("mlp_gan", "loss_d"), ("cwgan_gp", "loss_c")])
+def test_a_few_steps_of_each_objective_lower_its_loss(model_id, key, data_dir):
+    torch.manual_seed(0)
+    data = load_dataset("mnist", "train", data_dir)
+    cfg = TrainConfig(dataset="mnist", model=model_id, width=8).resolve()
+    generator, discriminator = build_model(model_id, data.info.image_shape, 10, cfg.latent_dim, cfg.width)
+    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, cfg.model.startswith("c"))
+    x, y = data.images[:32].float() / 255, data.labels[:32]
+    losses = [objective.step(x, y)[key] for _ in range(30)]
+    assert sum(losses[-5:]) / 5 < losses[0], losses  # adversarial losses move both ways; below the start they must be
+
+
+def test_a_run_leaves_config_checkpoint_logs_curve_and_samples(data_dir, tmp_path):
+    out = train_tiny(data_dir, tmp_path / "run", "pneumoniamnist", "cdcgan", steps=4)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "cdcgan" and config["lr"] == 2e-4 and config["beta1"] == 0.5
+    for name in ("checkpoint.pt", "metrics.csv", "metrics.jsonl", "loss_curve.png", "samples/epoch_001.png"):
+        assert (out / name).stat().st_size > 0, name
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["config"] == config and state["step"] == 3 and state["version"]
+    assert set(state["models"]) == {"generator", "discriminator"} and set(state["optimizers"]) == {"generator", "discriminator"}
+
+
+def test_checkpoint_alone_rebuilds_the_model(data_dir, tmp_path):
+    from training.train import load_checkpoint
+
+    out = train_tiny(data_dir, tmp_path / "run", "retinamnist", "cvae", steps=2)
+    model, state = load_checkpoint(out)
+    assert model.image_shape == (3, 28, 28) and model.num_classes == 5 and state["dataset_info"]["id"] == "retinamnist"
+
+
+def _weights(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=False)["models"]
+
+
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(data_dir, tmp_path):
+    from training.train import main
+
+    def cfg(out, epochs):
+        return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8,
+                           data_dir=str(data_dir), out_dir=str(out)).resolve()
+
+    main(cfg(tmp_path / "straight", 2))
+    main(cfg(tmp_path / "resumed", 1))
+    resumed = cfg(tmp_path / "resumed", 2)
+    resumed.resume = True
+    main(resumed)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    for net in a:
+        for name in a[net]:
+            assert torch.equal(a[net][name], b[net][name]), f"{net}.{name}"
+
+
+def test_resume_without_checkpoint_says_where_it_looked(data_dir, tmp_path):
+    from training.train import main
+
+    cfg = TrainConfig(dataset="mnist", model="mlp_vae", data_dir=str(data_dir), out_dir=str(tmp_path)).resolve()
+    cfg.resume = True
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        main(cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_id", ["dcgan", "cwgan_gp"])
+def test_torchrun_with_two_cpu_processes_trains_in_sync(model_id, data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "training.train",
+           "--dataset", "mnist", "--model", model_id, "--epochs", "2", "--batch-size", "8", "--width", "8",
+           "--data-dir", str(data_dir), "--out-dir", str(out)]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[-1]["step"] == 2 * (64 // 2 // 8)  # each process takes half of each epoch
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2

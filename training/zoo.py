@@ -1,0 +1,136 @@
+"""The model zoo: every shipped model as a list of overrides of `TrainConfig`, and the commands that build it.
+
+    python -m training.zoo list                                   # what is shipped / trainable
+    python -m training.zoo train --runs runs [--only mnist/cdcgan]   # train (resumes unfinished runs)
+    python -m training.zoo export --runs runs [--only ...]        # export finished runs to exported/
+
+Every other dataset id (bloodmnist, bloodmnist_64, pathmnist, dermamnist, ...) trains the same way with
+`python -m training.train --dataset ID --model MODEL`; TRAINABLE_NOT_SHIPPED lists the suggested runs for the
+MedMNIST files we could not obtain. Epochs are sized for a 2-core CPU; more epochs on a GPU only help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class ZooRun:
+    dataset: str
+    model: str
+    overrides: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset}/{self.model}"
+
+    def config(self, runs: Path, data_dir: str | None) -> TrainConfig:
+        return TrainConfig(dataset=self.dataset, model=self.model, data_dir=data_dir,
+                           out_dir=str(runs / self.dataset / self.model), **self.overrides).resolve()
+
+
+SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
+
+# In training order: the models the service is most often asked for first.
+SHIPPED = [
+    ZooRun("mnist", "cdcgan", dict(epochs=20, sample_every=2)),
+    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=100, sample_every=10, **SMALL)),
+    ZooRun("fashion_mnist", "cdcgan", dict(epochs=20, sample_every=2)),
+    ZooRun("retinamnist", "cdcgan", dict(epochs=300, sample_every=30, **SMALL)),
+    ZooRun("breastmnist", "cdcgan", dict(epochs=400, sample_every=50, **SMALL)),
+    ZooRun("mnist", "cvae", dict(epochs=15, sample_every=3)),
+    ZooRun("fashion_mnist", "cvae", dict(epochs=15, sample_every=3)),
+    ZooRun("pneumoniamnist", "cvae", dict(epochs=100, sample_every=10, **SMALL)),
+    ZooRun("retinamnist", "cvae", dict(epochs=300, sample_every=30, **SMALL)),
+    ZooRun("mnist", "dcgan", dict(epochs=10, sample_every=2)),
+    ZooRun("mnist", "mlp_gan", dict(epochs=20, sample_every=4)),
+    ZooRun("mnist", "mlp_vae", dict(epochs=20, sample_every=4)),
+    ZooRun("mnist", "conv_vae", dict(epochs=15, sample_every=3)),
+    ZooRun("mnist", "wgan_gp", dict(epochs=8, sample_every=2)),
+    ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=200, sample_every=20, **SMALL)),
+    ZooRun("retinamnist", "dcgan", dict(epochs=300, sample_every=30, **SMALL)),
+    ZooRun("retinamnist", "conv_vae", dict(epochs=300, sample_every=30, **SMALL)),
+    ZooRun("breastmnist_64", "dcgan", dict(epochs=300, sample_every=50, **SMALL)),
+    ZooRun("breastmnist_64", "conv_vae", dict(epochs=300, sample_every=50, **SMALL)),
+]
+
+# Supported and tested on files of the official layout, not shipped: we have no real files for them.
+# A user with the files (or internet and --download) runs the same commands.
+TRAINABLE_NOT_SHIPPED = [
+    ZooRun("bloodmnist", "cdcgan", dict(epochs=30)),
+    ZooRun("bloodmnist_64", "cdcgan", dict(epochs=30)),
+    ZooRun("bloodmnist_64", "dcgan", dict(epochs=30)),
+    ZooRun("bloodmnist_64", "conv_vae", dict(epochs=30)),
+    ZooRun("pathmnist", "cdcgan", dict(epochs=10)),
+    ZooRun("pathmnist_gray", "mlp_gan", dict(epochs=20)),
+    ZooRun("dermamnist", "cdcgan", dict(epochs=50)),
+    ZooRun("organamnist", "cdcgan", dict(epochs=20)),
+]
+
+
+def command(run: ZooRun) -> str:
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in run.overrides.items())
+    return f"python -m training.train --dataset {run.dataset} --model {run.model} {flags}".strip()
+
+
+def finished_epoch(out_dir: Path) -> int:
+    path = out_dir / "checkpoint.pt"
+    if not path.exists():
+        return 0
+    return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["list", "train", "export"])
+    parser.add_argument("--runs", default="runs", help="runs folder (default: runs)")
+    parser.add_argument("--data-dir", default=None, help="data folder (default: $SYNTHGEN_DATA_DIR, then ./data)")
+    parser.add_argument("--out", default="exported", help="export root (default: exported)")
+    parser.add_argument("--only", nargs="*", default=None, help="dataset/model keys, e.g. mnist/cdcgan")
+    args = parser.parse_args()
+    runs = Path(args.runs)
+    selected = [r for r in SHIPPED if args.only is None or r.key in args.only]
+
+    if args.action == "list":
+        print("shipped:")
+        for run in SHIPPED:
+            print(f"  {run.key:28s} {command(run)}")
+        print("trainable, not shipped (no real files here):")
+        for run in TRAINABLE_NOT_SHIPPED:
+            print(f"  {run.key:28s} {command(run)}")
+        return
+    if args.action == "train":
+        from .train import main as train
+
+        for run in selected:
+            cfg = run.config(runs, args.data_dir)
+            done = finished_epoch(Path(cfg.out_dir))
+            if done >= cfg.epochs:
+                print(f"{run.key}: done ({done} epochs)", flush=True)
+                continue
+            print(f"{run.key}: training epochs {done + 1}..{cfg.epochs}", flush=True)
+            cfg.resume = done > 0
+            train(cfg)
+        return
+    from .export import export_run
+
+    for run in selected:
+        out_dir = runs / run.dataset / run.model
+        target = run.overrides.get("epochs", TrainConfig.epochs)
+        if finished_epoch(out_dir) < target:
+            print(f"{run.key}: not finished, skipped")
+            continue
+        out = export_run(out_dir, args.out)
+        card = json.loads((out / "card.json").read_text())
+        print(f"{run.key}: exported, parity {card['parity_max_abs_error']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -60,12 +60,12 @@ choose_base() {
 
 cmd_build() {
     need_engine
-    local image base bentofile tag start work
+    local image base bentofile tag start
     image="$(image_tag)"
     base="$(choose_base)"
     start=$(date +%s)
-    work="$(mktemp -d /tmp/synthgen-container.XXXXXX)"
-    trap 'rm -rf "$work"' RETURN
+    work="$(mktemp -d /tmp/synthgen-container.XXXXXX)"   # global: the EXIT trap removes it
+    trap 'rm -rf "$work"' EXIT
     bentofile="$PROJECT/bentofile.yaml"
     [ -f "$bentofile" ] || { say "no bentofile.yaml in $PROJECT"; exit 1; }
     if [ "$base" != default ]; then
@@ -84,6 +84,7 @@ PYEOF
     else
         say "base image: BentoML's default ($DEFAULT_BASE)"
     fi
+    local previous; previous="$(docker image inspect -f '{{.Id}}' "$image" 2>/dev/null || true)"
     say "bentoml build $PROJECT"
     tag="$(cd "$PROJECT" && "$BENTOML" build -f "$bentofile" -o tag "$PROJECT" | tail -n 1)"
     tag="${tag#__tag__:}"
@@ -95,7 +96,13 @@ PYEOF
     docker buildx version >/dev/null 2>&1 && buildkit=1
     # shellcheck disable=SC2086  # extra options are words on purpose, e.g. "--opt no-cache"
     DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-$buildkit}" "$BENTOML" containerize "$tag" --opt network=host -t "$image" ${SYNTHGEN_CONTAINERIZE_ARGS:-}
-    docker tag "$image" "${image%:*}:latest" >/dev/null
+    # The default tag (pyproject version) also becomes :latest; a tag given in SYNTHGEN_IMAGE stays alone.
+    if [ -z "${SYNTHGEN_IMAGE:-}" ]; then docker tag "$image" "${image%:*}:latest" >/dev/null; fi
+    # The image this tag named before, now untagged, goes (its layers shared with the new one stay).
+    if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ] \
+       && [ "$(docker image inspect -f '{{len .RepoTags}}' "$previous" 2>/dev/null)" = 0 ]; then
+        docker image rm "$previous" >/dev/null 2>&1 || true
+    fi
     say "built $image in $(( $(date +%s) - start ))s; size $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
     echo "$image"
 }

@@ -78,6 +78,18 @@ class TorchScriptRunner:
             return self.module(*args).float().cpu().numpy()
 
 
+def rows_are_independent(runner, card: ModelCard, n: int = 96) -> bool:
+    """Whether row i of a call depends only on input row i, bit for bit, on this host: slices of one batch
+    against separate calls of several sizes. Only then may concurrent requests share a model call without
+    changing anyone's bytes. ONNX Runtime on CPU passes for every exported family; PyTorch CPU kernels do
+    not (they pick different GEMM paths per batch size), so TorchScript requests run one by one."""
+    z = np.random.Generator(np.random.PCG64(20240)).standard_normal((n, card.latent_dim), dtype=np.float32)
+    labels = np.arange(n, dtype=np.int64) % card.num_classes
+    whole = runner.run(z, labels)
+    return all(np.array_equal(runner.run(z[a:b], labels[a:b]), whole[a:b])
+               for a, b in ((0, 1), (5, 6), (2, 9), (17, 50), (40, n)))
+
+
 def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None):
     """Load one verified model and check it on one sample: output shape and range must match its card."""
     card = entry.card
@@ -95,4 +107,5 @@ def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | N
         raise BackendLoadError(f"output {out.dtype}{list(out.shape)} != float32{[1, *card.image_shape]} from the card")
     if not (np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0):
         raise BackendLoadError("output on a smoke input is not within [0, 1]")
+    runner.row_independent = rows_are_independent(runner, card)
     return runner

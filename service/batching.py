@@ -7,9 +7,11 @@ concatenates them into one model call, and writes each job's slice of the result
 All models share ONE inference thread, so calls never compete for the CPU and the event loop stays free.
 
 No waiting window: a lone request runs at once (lowest latency), and requests that arrive while a call is
-running are merged into the next call (throughput under load). Merging is invisible in the output because
-the generators are row-independent (row i of a call depends only on z[i] and labels[i]); the tests check
-that batched and unbatched results are byte-identical.
+running are merged into the next call (throughput under load). Merging is invisible in the output only
+when the model is row-independent (row i of a call depends only on z[i] and labels[i], bit for bit), which
+`backends.rows_are_independent` checks at start-up; a model that fails it (`merge=False`) runs one request
+at a time, in chunks of `batch_rows` counted from the request's first row, so its bytes still depend on
+the request alone. The tests check that batched and unbatched results are byte-identical.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class MicroBatcher:
     executor: Executor
     batch_rows: int
     image_shape: tuple[int, int, int]  # C, H, W
+    merge: bool = True  # may one call serve several requests (see the module docstring)
     on_call: Callable[[int], None] | None = None  # told the rows of every finished call (metrics)
     calls: int = 0
     rows: int = 0
@@ -88,6 +91,8 @@ class MicroBatcher:
             rows += take
             if job.cursor == job.n:
                 self._pending.popleft()
+            if not self.merge:
+                break
         return pieces
 
     def _call(self, pieces: list[tuple[Job, int, int]]) -> None:

@@ -123,8 +123,8 @@ def encode_zip(batch: Batch) -> bytes:
     n = len(batch.images)
     width = _name_width(n)
     names = [f"images/{i:0{width}d}.png" for i in range(n)]
-    table = io.StringIO()
-    writer = csv.writer(table, lineterminator="\n")
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)  # RFC 4180: CRLF rows, fields with commas, quotes or line breaks quoted
     writer.writerow(["filename", "label", "class_name"])
     for name, label in zip(names, batch.labels.tolist()):
         writer.writerow([name, label, batch.class_names[label] if label >= 0 else ""])
@@ -140,7 +140,7 @@ def encode_zip(batch: Batch) -> bytes:
 
 def decode_zip(data: bytes) -> Batch:
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode("utf-8"))))
+        rows = list(csv.DictReader(io.StringIO(archive.read("labels.csv").decode("utf-8"), newline="")))
         info = json.loads(archive.read("info.json"))
         images = [decode_png(archive.read(row["filename"])) for row in rows]
     class_names = info.pop("class_names")

@@ -131,8 +131,13 @@ class SyntheticImages:
         self.encoders = ThreadPoolExecutor(max_workers=max(1, self.settings.ort_threads),
                                            thread_name_prefix="synthgen-encode")
         self.batchers = {(e.dataset, e.model): MicroBatcher(e.runner, self.executor, self.settings.batch_rows,
-                                                            e.card.image_shape, on_call=self._counter(e))
+                                                            e.card.image_shape, merge=e.runner.row_independent,
+                                                            on_call=self._counter(e))
                          for e in usable}
+        for e in usable:
+            if not e.runner.row_independent:
+                logger.warning("%s/%s: outputs depend on the batch size on this host; its requests are not "
+                               "merged (reproducible, less throughput under load)", e.dataset, e.model)
         self.budget = MemoryBudget(self.settings.memory_budget_bytes)
         self.catalog_info = self._catalog_info()
         self._ready = True
@@ -166,13 +171,15 @@ class SyntheticImages:
             datasets[dataset] = schemas.DatasetInfo(default_model=default, models=names, classes=list(card.classes),
                                                     image_shape=list(card.image_shape))
             for name in names:
-                card = self.catalog.entries[(dataset, name)].card
+                entry = self.catalog.entries[(dataset, name)]
+                card = entry.card
                 training = card.raw.get("training") or {}
                 models.append(schemas.ModelInfo(
                     dataset=dataset, model=name, description=card.description, default=name == default,
                     conditional=card.conditional, classes=list(card.classes), num_classes=card.num_classes,
                     image_shape=list(card.image_shape), latent_dim=card.latent_dim, metrics=card.metrics,
                     parameters=card.raw.get("parameters") if isinstance(card.raw.get("parameters"), int) else None,
+                    merges_requests=entry.runner.row_independent,
                     training={k: training[k] for k in ("epochs", "steps", "wall_time_s", "hardware") if k in training},
                 ))
         failed = [schemas.FailedModel(dataset=e.dataset, model=e.model, reason=e.error) for e in self.catalog.failed()]

@@ -200,6 +200,26 @@ def test_batched_requests_are_byte_identical_to_unbatched(catalog, runners, key)
         assert a.tobytes() == b.tobytes()
 
 
+def test_onnxruntime_models_pass_the_row_independence_check(runners):
+    assert all(runner.row_independent for runner in runners.values())
+
+
+def test_unmerged_batcher_runs_each_request_alone_in_fixed_chunks(catalog):
+    """The TorchScript path: PyTorch CPU kernels are not row-independent, so nothing is merged and a
+    request's chunks start at its own row 0 - its bytes depend on the request alone."""
+    entry = load_catalog(catalog.root, "torchscript").entries[("mnist", "cdcgan")]
+    runner, card = load_runner(entry, "torchscript", threads=1, device="cpu"), entry.card
+    sizes = [3, 20, 1, 9]
+    jobs = [(latents(seed, n, card.latent_dim), np.arange(n, dtype=np.int64) % 10) for seed, n in enumerate(sizes)]
+    with ThreadPoolExecutor(1) as pool:
+        alone = [asyncio.run(_generate_all(MicroBatcher(runner, pool, 8, card.image_shape, merge=False), [job]))[0]
+                 for job in jobs]
+        batcher = MicroBatcher(runner, pool, 8, card.image_shape, merge=False)
+        together = asyncio.run(_generate_all(batcher, jobs))
+    assert batcher.calls == sum(-(-n // 8) for n in sizes)
+    assert [a.tobytes() for a in alone] == [b.tobytes() for b in together]
+
+
 def test_a_failing_model_call_fails_its_requests_not_the_batcher(catalog, runners):
     card = catalog.entries[("mnist", "mlp_vae")].card
 

@@ -1,17 +1,18 @@
 """Run-time settings of the service, all read from environment variables once at start-up.
 
-    SYNTHGEN_EXPORTED_DIR     folder holding manifest.json            default: <repo>/exported (next to service/)
-    SYNTHGEN_BACKEND          onnxruntime | torchscript               default: onnxruntime
-    SYNTHGEN_DEVICE           torchscript device, e.g. cuda, cuda:1   default: cuda when available, else cpu
-    SYNTHGEN_MAX_N            largest n of one request                default: 10000
-    SYNTHGEN_MAX_STEPS        largest steps of one /interpolate       default: 256
-    SYNTHGEN_MAX_BODY_BYTES   largest request body                    default: 1048576 (1 MiB)
-    SYNTHGEN_BATCH_ROWS       rows per model call (merge/split unit)  default: 1024
-    SYNTHGEN_WORKERS          server processes (each loads every model) default: 1
-    SYNTHGEN_ORT_THREADS      ONNX Runtime intra-op threads per worker default: usable CPUs / workers
-                                                                      (affinity, capped by a cgroup quota)
-    SYNTHGEN_MEMORY_BUDGET_MB image memory of requests in flight      default: 1024 (more requests wait)
-    SYNTHGEN_API_TOKEN        bearer token; unset or empty = no auth  default: unset
+    variable                   meaning                                     default
+    SYNTHGEN_EXPORTED_DIR      folder holding manifest.json                exported/ next to service/
+    SYNTHGEN_BACKEND           onnxruntime | torchscript                   onnxruntime
+    SYNTHGEN_DEVICE            torchscript device, e.g. cuda, cuda:1       cuda when available, else cpu
+    SYNTHGEN_MAX_N             largest n of one /generate                  10000
+    SYNTHGEN_MAX_STEPS         largest steps of one /interpolate           256
+    SYNTHGEN_MAX_BODY_BYTES    largest request body (413 above)            1048576 (1 MiB)
+    SYNTHGEN_BATCH_ROWS        rows per model call (merge/split unit)      1024
+    SYNTHGEN_WORKERS           server processes, each loads every model    1
+    SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs / workers (affinity,
+                                                                           capped by a cgroup v2 CPU quota)
+    SYNTHGEN_MEMORY_BUDGET_MB  image memory of requests in flight          1024 (further requests wait)
+    SYNTHGEN_API_TOKEN         bearer token for the API routes             unset: no auth
 
 A malformed value fails start-up with a message naming the variable (never a silent fallback).
 """

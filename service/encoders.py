@@ -3,8 +3,8 @@
     npz       application/x-npz   uncompressed .npz (np.load): images uint8 N x H x W x C, labels int64 N,
                                   class_names str K, plus 0-d arrays for the metadata (dataset, model, seed...)
     png_grid  image/png           one preview PNG, images in row-major order, 2 px black gaps
-    zip       application/zip     images/000000.png ... (one PNG per image), labels.csv
-                                  (filename,label,class_name) and info.json (metadata, class_names)
+    zip       application/zip     images/000000.png ... (one PNG per image), labels.csv (RFC 4180:
+                                  filename,label,class_name) and info.json (metadata, class_names)
     json      application/json    {"images": [base64 PNG, ...], "labels": [...], "class_names": [...],
                                    "image_shape": [H, W, C], ...metadata}; for small requests
 

@@ -1,7 +1,9 @@
 """The guard in front of the API routes: bearer-token auth, JSON-only bodies, and a request-size limit.
 
 It runs before BentoML reads the body, so an oversized or unauthorised request is refused without parsing
-anything or allocating images. Health, metrics and docs routes stay open (probes and scrapers carry no token):
+anything or allocating images: 401 (missing or wrong token, when SYNTHGEN_API_TOKEN is set), 415 (a body
+that is not JSON), 413 (a body over SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads,
+while reading). Health, metrics and docs routes stay open: probes and scrapers carry no token.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
     npz       application/x-npz   uncompressed .npz (np.load): images uint8 N x H x W x C, labels int64 N,
                                   class_names str K, plus 0-d arrays for the metadata (dataset, model, seed...)
-    png_grid  image/png           one preview PNG, images in row-major order, 2 px black gaps
+    png_grid  image/png           one preview PNG, images in row-major order, 2 px black gaps; a "synthgen"
+                                  text chunk holds the metadata, n, labels and class_names as JSON
     zip       application/zip     images/000000.png ... (one PNG per image), labels.csv (RFC 4180:
                                   filename,label,class_name) and info.json (metadata, class_names)
     json      application/json    {"images": [base64 PNG, ...], "labels": [...], "class_names": [...],
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 FORMATS = ("npz", "png_grid", "zip", "json")
 MEDIA_TYPES = {"npz": "application/x-npz", "png_grid": "image/png", "zip": "application/zip",
@@ -50,11 +52,16 @@ def _zip_entry(name: str) -> zipfile.ZipInfo:
     return info
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    """One H x W x C uint8 image (C = 1 or 3) as PNG (8-bit grayscale or RGB)."""
+def png_bytes(image: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """One H x W x C uint8 image (C = 1 or 3) as PNG (8-bit grayscale or RGB), with optional text chunks."""
     pil = Image.fromarray(image[..., 0], "L") if image.shape[-1] == 1 else Image.fromarray(image, "RGB")
+    info = None
+    if text:
+        info = PngInfo()
+        for key, value in text.items():
+            info.add_itxt(key, value)
     buf = io.BytesIO()
-    pil.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    pil.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL, pnginfo=info)
     return buf.getvalue()
 
 
@@ -100,7 +107,14 @@ def encode_png_grid(batch: Batch, columns: int | None = None) -> bytes:
         r, k = divmod(i, cols)
         y, x = GRID_PAD + r * (h + GRID_PAD), GRID_PAD + k * (w + GRID_PAD)
         canvas[y:y + h, x:x + w] = images[i]
-    return png_bytes(canvas)
+    about = {**batch.meta, "n": n, "columns": cols, "labels": batch.labels.tolist(), "class_names": batch.class_names}
+    return png_bytes(canvas, {"synthgen": json.dumps(about, separators=(",", ":"))})
+
+
+def png_grid_metadata(data: bytes) -> dict:
+    """The "synthgen" text chunk of a png_grid: metadata (dataset, model, seed...), n, columns, labels, class_names."""
+    with Image.open(io.BytesIO(data)) as pil:
+        return json.loads(pil.text["synthgen"])
 
 
 def split_png_grid(data: bytes, n: int, height: int, width: int, columns: int | None = None) -> np.ndarray:

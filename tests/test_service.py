@@ -82,6 +82,8 @@ def test_every_format_carries_the_same_images_as_npz(http, fmt):
     if fmt == "png_grid":
         images = encoders.split_png_grid(response.content, 7, 28, 28)
         assert np.array_equal(images, reference.images)
+        about = encoders.png_grid_metadata(response.content)
+        assert about["labels"] == reference.labels.tolist() and about["seed"] == 3
         return
     decoded = encoders.decode_zip(response.content) if fmt == "zip" else encoders.decode_json(response.content)
     assert np.array_equal(decoded.images, reference.images)

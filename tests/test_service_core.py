@@ -281,6 +281,9 @@ def test_png_grid_holds_every_image(batch, columns):
     n, h, w, _ = batch.images.shape
     grid = encoders.encode_png_grid(batch, columns)
     assert np.array_equal(encoders.split_png_grid(grid, n, h, w, columns), batch.images)
+    about = encoders.png_grid_metadata(grid)
+    assert about["labels"] == batch.labels.tolist() and about["class_names"] == batch.class_names
+    assert about["seed"] == batch.meta["seed"] and about["n"] == n
 
 
 @settings(max_examples=10, deadline=None)

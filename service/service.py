@@ -80,8 +80,10 @@ def nothing_servable(catalog) -> str:
 
 
 def request_bytes(n: int, card) -> int:
-    """Peak memory of one request: uint8 images, their encoding (about the same size) and the latents."""
-    return 2 * n * card.image_bytes + n * card.latent_dim * 4
+    """A bound on one request's memory: 4 x its uint8 pixels (the images, the encoded body and the encoder's
+    working copies; measured at most 3.7 x, png_grid) plus the latents. One model call's own working memory
+    comes on top, once per worker (a single inference thread), bounded by SYNTHGEN_BATCH_ROWS."""
+    return 4 * n * card.image_bytes + n * card.latent_dim * 4
 
 
 async def _get_models(_: Request) -> Response:

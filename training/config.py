@@ -33,6 +33,7 @@ class TrainConfig:
     n_critic: int = 5  # WGAN-GP critic steps per generator step
     gp_weight: float = 10.0  # WGAN-GP gradient-penalty weight
     label_smoothing: float = 0.0  # GAN: real targets become 1 - label_smoothing
+    mode_seeking: float | None = None  # GAN mode-seeking weight (MSGAN); conditional GANs 0.25, others 0
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
     download: bool = False
@@ -52,6 +53,8 @@ class TrainConfig:
         for key, value in OPTIMIZER_DEFAULTS[family.objective].items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
+        if self.mode_seeking is None:
+            self.mode_seeking = 0.25 if family.conditional and family.objective != "vae" else 0.0
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

@@ -32,6 +32,18 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+def mode_seeking_term(generator: nn.Module, fake: torch.Tensor, z: torch.Tensor, labels) -> torch.Tensor:
+    """MSGAN (Mao et al. 2019): 1 / (|G(z1, y) - G(z2, y)| / |z1 - z2|), to be minimised by the generator.
+
+    Class-conditional GANs tend to ignore z and draw one image per class (ours did within one epoch);
+    rewarding distance between images of the same label drawn from different z keeps z in use.
+    """
+    z2 = torch.randn_like(z)
+    fake2 = generator(z2, labels)
+    ratio = (fake - fake2).abs().mean() / (z - z2).abs().mean()
+    return 1 / (ratio + 1e-5)
+
+
 def _adam(module: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
@@ -96,7 +108,10 @@ class GANObjective(Objective):
 
         with self.autocast():
             d_gen = self.D(fake, y).float()
+            diversity = mode_seeking_term(self.G, fake, z, y).float() if self.cfg.mode_seeking else None
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        if diversity is not None:
+            loss_g = loss_g + self.cfg.mode_seeking * diversity
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()

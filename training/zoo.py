@@ -6,7 +6,7 @@
 
 Every other dataset id (bloodmnist, bloodmnist_64, pathmnist, dermamnist, ...) trains the same way with
 `python -m training.train --dataset ID --model MODEL`; TRAINABLE_NOT_SHIPPED lists the suggested runs for the
-MedMNIST files we could not obtain. Epochs are sized for a 2-core CPU; more epochs on a GPU only help.
+MedMNIST files we could not obtain. Epochs are sized for the shared 2-core CPU these were trained on; more epochs on a GPU only help.
 """
 
 from __future__ import annotations
@@ -40,25 +40,25 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 
 # In training order: the models the service is most often asked for first.
 SHIPPED = [
-    ZooRun("mnist", "cdcgan", dict(epochs=20, sample_every=2)),
-    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=100, sample_every=10, **SMALL)),
-    ZooRun("fashion_mnist", "cdcgan", dict(epochs=20, sample_every=2)),
-    ZooRun("retinamnist", "cdcgan", dict(epochs=300, sample_every=30, **SMALL)),
-    ZooRun("breastmnist", "cdcgan", dict(epochs=400, sample_every=50, **SMALL)),
-    ZooRun("mnist", "cvae", dict(epochs=15, sample_every=3)),
-    ZooRun("fashion_mnist", "cvae", dict(epochs=15, sample_every=3)),
-    ZooRun("pneumoniamnist", "cvae", dict(epochs=100, sample_every=10, **SMALL)),
-    ZooRun("retinamnist", "cvae", dict(epochs=300, sample_every=30, **SMALL)),
-    ZooRun("mnist", "dcgan", dict(epochs=10, sample_every=2)),
-    ZooRun("mnist", "mlp_gan", dict(epochs=20, sample_every=4)),
-    ZooRun("mnist", "mlp_vae", dict(epochs=20, sample_every=4)),
-    ZooRun("mnist", "conv_vae", dict(epochs=15, sample_every=3)),
-    ZooRun("mnist", "wgan_gp", dict(epochs=8, sample_every=2)),
-    ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=200, sample_every=20, **SMALL)),
-    ZooRun("retinamnist", "dcgan", dict(epochs=300, sample_every=30, **SMALL)),
-    ZooRun("retinamnist", "conv_vae", dict(epochs=300, sample_every=30, **SMALL)),
-    ZooRun("breastmnist_64", "dcgan", dict(epochs=300, sample_every=50, **SMALL)),
-    ZooRun("breastmnist_64", "conv_vae", dict(epochs=300, sample_every=50, **SMALL)),
+    ZooRun("mnist", "cdcgan", dict(epochs=15, sample_every=1)),
+    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=60, sample_every=10, **SMALL)),
+    ZooRun("retinamnist", "cdcgan", dict(epochs=150, sample_every=25, **SMALL)),
+    ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),
+    ZooRun("mnist", "mlp_vae", dict(epochs=10, sample_every=2)),
+    ZooRun("mnist", "cvae", dict(epochs=8, sample_every=2)),
+    ZooRun("pneumoniamnist", "cvae", dict(epochs=60, sample_every=10, **SMALL)),
+    ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),
+    ZooRun("fashion_mnist", "cvae", dict(epochs=8, sample_every=2)),
+    ZooRun("fashion_mnist", "cdcgan", dict(epochs=10, sample_every=1)),
+    ZooRun("mnist", "conv_vae", dict(epochs=8, sample_every=2)),
+    ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
+    ZooRun("mnist", "mlp_gan", dict(epochs=10, sample_every=2)),
+    ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, sample_every=20, **SMALL)),
+    ZooRun("mnist", "dcgan", dict(epochs=5, sample_every=1)),
+    ZooRun("retinamnist", "dcgan", dict(epochs=150, sample_every=25, **SMALL)),
+    ZooRun("retinamnist", "conv_vae", dict(epochs=150, sample_every=25, **SMALL)),
+    ZooRun("breastmnist_64", "dcgan", dict(epochs=200, sample_every=25, **SMALL)),
+    ZooRun("mnist", "wgan_gp", dict(epochs=5, sample_every=1)),
 ]
 
 # Supported and tested on files of the official layout, not shipped: we have no real files for them.

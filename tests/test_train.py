@@ -64,9 +64,7 @@ def test_resume_gives_the_same_weights_as_one_uninterrupted_run(data_dir, tmp_pa
 
     main(cfg(tmp_path / "straight", 2))
     main(cfg(tmp_path / "resumed", 1))
-    resumed = cfg(tmp_path / "resumed", 2)
-    resumed.resume = True
-    main(resumed)
+    main(cfg(tmp_path / "resumed", 2), resume=True)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     for net in a:
         for name in a[net]:
@@ -77,9 +75,8 @@ def test_resume_without_checkpoint_says_where_it_looked(data_dir, tmp_path):
     from training.train import main
 
     cfg = TrainConfig(dataset="mnist", model="mlp_vae", data_dir=str(data_dir), out_dir=str(tmp_path)).resolve()
-    cfg.resume = True
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
-        main(cfg)
+        main(cfg, resume=True)
 
 
 @pytest.mark.slow

@@ -57,7 +57,8 @@ def hardware_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+    """(config, resume) from the command line: one flag per TrainConfig field, plus --resume."""
     defaults = TrainConfig()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for field in dataclasses.fields(TrainConfig):
@@ -73,10 +74,8 @@ def parse_args(argv=None) -> TrainConfig:
         parser.add_argument(flag, type=kind, default=default, help=help_text)
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
     args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")
-    cfg = TrainConfig(**args).resolve()
-    cfg.resume = resume  # not a config field: the same run resumed has the same config
-    return cfg
+    resume = args.pop("resume")  # not a config field: the same run resumed has the same config
+    return TrainConfig(**args).resolve(), resume
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
@@ -93,7 +92,8 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     return torch.device(cfg.device if cfg.device != "auto" else ("cuda" if want_cuda else "cpu")), 0, 1
 
 
-def main(cfg: TrainConfig) -> Path:
+def main(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train one run into cfg.out_dir (continuing its checkpoint when resume) and return that folder."""
     device, rank, world = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out_dir)
@@ -111,7 +111,7 @@ def main(cfg: TrainConfig) -> Path:
     start_epoch, step, wall_time = 1, 0, 0.0
     checkpoint_path = out / CHECKPOINT
     state = None
-    if getattr(cfg, "resume", False):
+    if resume:
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
@@ -266,4 +266,4 @@ def load_checkpoint(run_dir: str | Path, device="cpu"):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(*parse_args())

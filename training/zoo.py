@@ -116,8 +116,7 @@ def main() -> None:
                 print(f"{run.key}: done ({done} epochs)", flush=True)
                 continue
             print(f"{run.key}: training epochs {done + 1}..{cfg.epochs}", flush=True)
-            cfg.resume = done > 0
-            train(cfg)
+            train(cfg, resume=done > 0)
         return
     from .export import export_run
 

@@ -1,0 +1,18 @@
+"""The zoo list is the record of how every shipped model was trained: each entry must be a valid run."""
+
+from pathlib import Path
+
+from training.data import dataset_info
+from training.zoo import SHIPPED, TRAINABLE_NOT_SHIPPED, command
+
+
+def test_every_zoo_entry_is_a_valid_config_with_a_train_command():
+    for run in SHIPPED + TRAINABLE_NOT_SHIPPED:
+        cfg = run.config(Path("runs"), None)
+        assert dataset_info(cfg.dataset).id == run.dataset
+        assert command(run).startswith(f"python -m training.train --dataset {run.dataset} --model {run.model}")
+
+
+def test_nothing_trained_on_missing_real_files_is_shipped():
+    shipped = {run.dataset for run in SHIPPED}
+    assert shipped <= {"mnist", "fashion_mnist", "pneumoniamnist", "retinamnist", "breastmnist", "breastmnist_64"}

@@ -79,7 +79,9 @@ def encode_npz(batch: Batch) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for key, value in arrays.items():
-            with archive.open(_zip_entry(f"{key}.npy"), "w", force_zip64=True) as f:
+            # zip64 only where needed: forcing it made Python < 3.11.4 write other header bytes (gh-103861)
+            zip64 = value.nbytes + (1 << 20) > zipfile.ZIP64_LIMIT
+            with archive.open(_zip_entry(f"{key}.npy"), "w", force_zip64=zip64) as f:
                 np.lib.format.write_array(f, value, allow_pickle=False)
     return buf.getvalue()
 

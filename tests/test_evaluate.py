@@ -209,3 +209,10 @@ def test_all_skips_models_whose_data_is_missing(zoo, data_dir, tmp_path, capsys)
     assert "skipped" in out and "mnist/cdcgan" in out
     assert "fid" in json.loads((zoo / "mnist/cdcgan/card.json").read_text())["metrics"]
     _verify_manifest(zoo)
+
+
+def test_prior_label_mix(zoo, data_dir, tmp_path):
+    settings = ev.Settings.quick_mode(label_mix="prior", augmentation=False)
+    (_, m), = ev.run([zoo / "pneumoniamnist/cvae"], settings, data_dir=data_dir, classifier_dir=tmp_path / "c",
+                     report_dir=None, write_card=False)
+    assert m["details"]["cas"]["label_mix"] == "prior" and 0 <= m["label_fidelity"] <= 1

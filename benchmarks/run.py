@@ -1,0 +1,232 @@
+"""Run the serving and training benchmarks; print Markdown tables and write JSON.
+
+    python -m benchmarks.run                          # full run (a few minutes), JSON to bench-results/bench.json
+    python -m benchmarks.run --quick                  # smoke run: tiny models and sizes, numbers not meaningful
+    python -m benchmarks.run --parts serving --out bench-results/serving.json
+
+Tables go to stdout (paste them into the README), progress to stderr. Everything is measured in this one run
+on this machine: the benchmark trains its own zoo (1 step on random data, the shipped sizes) in a temp dir,
+starts its own `bentoml serve` on 127.0.0.1, and reads MNIST from --data-dir for the training benchmark
+(random data of the same shape when it is not there; BloodMNIST-64 is always random data of its shape).
+Absolute numbers on a shared machine drift: compare the ratios, which come from interleaved measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import serving, training_bench
+from .common import fmt, machine, machine_line, table
+from .zoo import SERVING_MODELS, build_zoo
+
+REPO = Path(__file__).resolve().parent.parent
+PARTS = ("serving", "training")
+
+# Targets of the issue.
+HTTP_VS_ORT = 0.9
+HTTP_VS_TORCH = 1.5
+P50_N1_MS = 5.0
+CONCURRENCY_GAIN = 3.0
+TRAINING_GAIN = 3.0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_data_dir() -> str | None:
+    for candidate in (os.environ.get("SYNTHGEN_DATA_DIR"), REPO / "data", REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "MNIST" / "raw").is_dir():
+            return str(candidate)
+    return None
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return dict(ns=(1, 64), clients=(1, 2), formats=serving.FORMATS, http_s=0.2, in_process_s=0.05,
+                    paired_n=64, paired_rounds=3, paired_s=0.1, train_steps=1, train_width=8, n_random=256)
+    return dict(ns=serving.NS, clients=serving.CLIENTS, formats=serving.FORMATS, http_s=1.5, in_process_s=1.0,
+                paired_n=1024, paired_rounds=5, paired_s=4.0, train_steps=6, train_width=None, n_random=4096)
+
+
+def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_models=SERVING_MODELS,
+        training_models=training_bench.TRAINING_MODELS, workdir: Path | None = None) -> dict:
+    """All benchmarks of `parts`; returns the results (what --out holds)."""
+    cfg = settings(quick)
+    t_start = time.perf_counter()
+    result: dict = {"format": "synthgen-bench/1", "quick": quick, "machine": machine(), "settings": cfg,
+                    "wall_s": {}}
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="synthgen-bench-")))
+        if "serving" in parts:
+            result["serving"] = bench_serving(workdir, cfg, quick, serving_models, result["wall_s"])
+        if "training" in parts:
+            t = time.perf_counter()
+            result["training"] = training_bench.bench_training(
+                training_models, steps=cfg["train_steps"], data_dir=None if quick else data_dir,
+                n_random=cfg["n_random"], width=cfg["train_width"], log=log)
+            result["wall_s"]["training"] = time.perf_counter() - t
+    result["targets"] = targets(result)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["wall_s"]["total"] = time.perf_counter() - t_start
+    return result
+
+
+def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> dict:
+    from service.config import Settings
+
+    t = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its epoch rows
+        exported = build_zoo(workdir, quick=quick, models=models, log=log)
+    wall["zoo"] = time.perf_counter() - t
+
+    threads = Settings.from_env({}).ort_threads  # the service's default: usable CPUs / workers
+    t = time.perf_counter()
+    baselines = serving.load_baselines(exported, workdir / "runs", threads)
+    in_process = serving.bench_in_process(baselines, cfg["ns"], min_s=cfg["in_process_s"], log=log)
+    wall["in_process"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    server = serving.start_server(workdir / "serve", exported)
+    wall["server_start"] = time.perf_counter() - t
+    log(f"server ready at {server.url} after {wall['server_start']:.1f} s")
+    try:
+        t = time.perf_counter()
+        floor = serving.bench_http_floor(server.url, cfg["clients"], duration_s=cfg["http_s"])
+        http = serving.bench_http(server.url, [(m.dataset, m.model) for m in baselines], cfg["ns"], cfg["formats"],
+                                  cfg["clients"], duration_s=cfg["http_s"], log=log)
+        wall["http"] = time.perf_counter() - t
+        t = time.perf_counter()
+        paired = serving.bench_paired(server.url, baselines, n=cfg["paired_n"], min_rounds=cfg["paired_rounds"],
+                                      min_s=cfg["paired_s"], log=log)
+        wall["paired"] = time.perf_counter() - t
+    except BaseException:
+        log(server.log_tail())
+        raise
+    finally:
+        server.stop()
+    return {"threads": threads, "in_process": in_process, "http_floor": floor, "http": http, "paired": paired}
+
+
+def targets(result: dict) -> list[dict]:
+    rows = []
+
+    def add(name, subject, value, threshold, higher_is_better=True):
+        met = value >= threshold if higher_is_better else value <= threshold
+        rows.append({"target": name, "subject": subject, "value": value, "threshold": threshold, "met": bool(met)})
+
+    s = result.get("serving")
+    if s:
+        for p in s["paired"]:
+            subject = f"{p['dataset']}/{p['model']}"
+            add(f"HTTP npz n={p['n']} vs in-process ORT", subject, p["http_vs_onnxruntime"], HTTP_VS_ORT)
+            add(f"HTTP npz n={p['n']} vs in-process torch eager", subject, p["http_vs_torch_eager"], HTTP_VS_TORCH)
+        many = max(r["clients"] for r in s["http"])
+        for r in s["http"]:
+            if r["n"] == 1 and r["format"] == "npz" and r["clients"] == 1:
+                subject = f"{r['dataset']}/{r['model']}"
+                add("n=1 npz p50 ms, 1 client", subject, r["p50_ms"], P50_N1_MS, higher_is_better=False)
+                crowd = next(x for x in s["http"] if x["dataset"] == r["dataset"] and x["model"] == r["model"]
+                             and x["n"] == 1 and x["format"] == "npz" and x["clients"] == many)
+                add(f"n=1 npz req/s, {many} clients vs 1", subject, crowd["requests_per_s"] / r["requests_per_s"],
+                    CONCURRENCY_GAIN)
+    for r in result.get("training", []):
+        add("training images/s vs reference loop", f"{r['dataset']}/{r['model']}", r["ratio"], TRAINING_GAIN)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    out = [f"Machine: {machine_line(result['machine'])}; load average at end "
+           f"{'/'.join(f'{x:.1f}' for x in result['machine'].get('loadavg_at_end', []))}."
+           + (" QUICK RUN: tiny models and sizes, numbers not meaningful." if result["quick"] else "")]
+    s = result.get("serving")
+    if s:
+        out.append(f"\n### In-process generator calls ({s['threads']} threads each)\n")
+        by = {}
+        for r in s["in_process"]:
+            by.setdefault((r["dataset"], r["model"], r["n"]), {})[r["backend"]] = r
+        rows = []
+        for (dataset, model, n), b in by.items():
+            te, ort = b["torch_eager"], b["onnxruntime"]
+            rows.append([f"{dataset}/{model}", n, fmt(te["images_per_s"]), fmt(te["median_ms"]),
+                         fmt(ort["images_per_s"]), fmt(ort["median_ms"]),
+                         f"{ort['images_per_s'] / te['images_per_s']:.2f}x"])
+        out.append(table(["model", "n", "torch eager img/s", "torch ms", "ORT img/s", "ORT ms", "ORT / torch"], rows))
+
+        out.append("\n### HTTP `POST /generate` over loopback (httpx asyncio clients on the same machine)\n")
+        rows = [[f"{r['dataset']}/{r['model']}", r["format"], r["n"], r["clients"], fmt(r["requests_per_s"]),
+                 fmt(r["images_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]), r["requests"], r["errors"]]
+                for r in s["http"]]
+        out.append(table(["model", "format", "n", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "requests",
+                          "errors"], rows))
+        rows = [[r["route"], r["clients"], fmt(r["requests_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
+                 r["requests"]] for r in s["http_floor"]]
+        out.append("\nThe HTTP stack alone, same client loop (no model, no body):\n")
+        out.append(table(["route", "clients", "req/s", "p50 ms", "p99 ms", "requests"], rows))
+
+        out.append("\n### HTTP vs in-process at the same n, measured in turn (paired)\n")
+        rows = [[f"{p['dataset']}/{p['model']}", p["n"], p["format"], fmt(p["http_images_per_s"]),
+                 fmt(p["onnxruntime_images_per_s"]), fmt(p["torch_eager_images_per_s"]),
+                 f"{p['http_vs_onnxruntime']:.2f}x", f"{p['http_vs_torch_eager']:.2f}x", p["rounds"]]
+                for p in s["paired"]]
+        out.append(table(["model", "n", "format", "HTTP img/s", "ORT img/s", "torch img/s", "HTTP / ORT",
+                          "HTTP / torch", "rounds"], rows))
+    if result.get("training"):
+        out.append("\n### Training throughput (CPU)\n")
+        rows = []
+        for r in result["training"]:
+            for name, label in (("ours", "ours: uint8 tensor + index slices, GANObjective.step"),
+                                ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
+                                ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
+                if name not in r:
+                    continue
+                x = r[name]
+                rows.append([f"{r['dataset']}/{r['model']}", label, x["batch"], x["steps"], fmt(x["images_per_s"]),
+                             fmt(x["median_step_s"] * 1e3), f"{x['data_share'] * 100:.1f}%",
+                             f"{x['images_per_s'] / r['reference']['images_per_s']:.2f}x"])
+        out.append(table(["model", "loop", "batch", "steps", "img/s", "ms/step", "data share", "vs reference"], rows))
+        out.append("\nData: " + "; ".join(f"{r['dataset']}: {r['data']}" for r in result["training"]) + ".")
+    if result.get("targets"):
+        out.append("\n### Targets\n")
+        rows = [[t["target"], t["subject"], fmt(t["value"]), ("<= " if "p50" in t["target"] else ">= ")
+                 + fmt(t["threshold"]), "met" if t["met"] else "MISSED"] for t in result["targets"]]
+        out.append(table(["target", "model", "value", "threshold", "result"], rows))
+    wall = ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())
+    out.append(f"\nWall time: {wall}.")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: tiny models and sizes (seconds, not meaningful)")
+    parser.add_argument("--out", default="bench-results/bench.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated subset of: " + ", ".join(PARTS))
+    parser.add_argument("--data-dir", default=None,
+                        help="folder holding MNIST/raw for the training benchmark (default: $SYNTHGEN_DATA_DIR, "
+                             "./data, ../shared/data; random data of MNIST's shape when none has it)")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; known: {', '.join(PARTS)}")
+    result = run(quick=args.quick, parts=parts, data_dir=args.data_dir or default_data_dir())
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    log(f"results: {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Serving benchmarks: in-process baselines (torch eager, ONNX Runtime) and the running service over HTTP.
+
+In-process: the generator as exported (`training.export.inference_module`: generate + clamp) in torch eager
+under inference_mode, and the ONNX Runtime session with the service's own options (`OnnxRuntimeRunner`:
+the service's thread count, no spinning, no arena); both get the same thread count (the service default:
+usable CPUs / workers). Calls of the two alternate, so drift hits both alike. images/s = n / median call.
+
+HTTP: `bentoml serve` on 127.0.0.1 with the benchmark zoo and default settings, driven by an asyncio loop of
+httpx clients on the same machine (client CPU competes with the server: that is the loopback setup the issue
+asks for). Each cell: a warm-up (one n=1 request per client, then one at the cell's n), then every client
+sends its next request as soon as its last one is answered until the cell's time is up, and at least one
+request per client (so a cell of 16 clients at n=1024 is at least 16 x 1024 images). Answers are read in full
+and checked (200, X-Count == n). req/s and images/s = completed requests / wall time of the cell; p50/p99
+are nearest-rank percentiles of per-request latencies (send to last byte read).
+
+The n=1024 npz targets use a separate paired run: one HTTP request (sync httpx client), one in-process ORT
+call, one in-process torch call, in turn, several rounds, so the ratios come from the same minutes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from .common import interleaved, median, percentile
+
+REPO = Path(__file__).resolve().parent.parent
+NS = (1, 64, 1024)
+FORMATS = ("npz", "png_grid")
+CLIENTS = (1, 16)
+
+
+@dataclass
+class Baselines:
+    """In-process callables of one model: torch eager and the ORT session, each taking (z, labels)."""
+
+    dataset: str
+    model: str
+    latent_dim: int
+    num_classes: int
+    conditional: bool
+    torch_fn: object
+    ort_fn: object
+
+    def inputs(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        from service.sampling import latents
+
+        return latents(seed, n, self.latent_dim), np.arange(n, dtype=np.int64) % self.num_classes
+
+
+def load_baselines(exported: Path, runs: Path, threads: int) -> list[Baselines]:
+    """One `Baselines` per served model of the zoo; torch uses `threads` intra-op threads, as ORT does."""
+    import torch
+
+    from service.backends import OnnxRuntimeRunner
+    from service.catalog import load_catalog
+    from training.export import inference_module
+    from training.train import load_checkpoint
+
+    torch.set_num_threads(threads)
+    out = []
+    for entry in load_catalog(exported, "onnxruntime").usable():
+        card = entry.card
+        runner = OnnxRuntimeRunner(entry.model_path, card, threads)
+        model, _ = load_checkpoint(runs / entry.dataset / entry.model)
+        module = inference_module(model)
+
+        def torch_fn(z, labels, module=module, conditional=card.conditional):
+            with torch.inference_mode():
+                args = (torch.from_numpy(z), torch.from_numpy(labels)) if conditional else (torch.from_numpy(z),)
+                return module(*args).numpy()
+
+        out.append(Baselines(entry.dataset, entry.model, card.latent_dim, card.num_classes, card.conditional,
+                             torch_fn, runner.run))
+    return out
+
+
+def bench_in_process(models: list[Baselines], ns=NS, min_s: float = 1.0, max_s: float = 20.0,
+                     log=print) -> list[dict]:
+    rows = []
+    for m in models:
+        for n in ns:
+            z, labels = m.inputs(n)
+            times = interleaved({"torch_eager": lambda: m.torch_fn(z, labels),
+                                 "onnxruntime": lambda: m.ort_fn(z, labels)}, min_rounds=3, min_s=min_s, max_s=max_s)
+            for backend, t in times.items():
+                rows.append({"dataset": m.dataset, "model": m.model, "backend": backend, "n": n, "calls": len(t),
+                             "median_ms": median(t) * 1e3, "images_per_s": n / median(t)})
+            log(f"in-process {m.dataset}/{m.model} n={n}: torch {n / median(times['torch_eager']):,.0f} img/s, "
+                f"ORT {n / median(times['onnxruntime']):,.0f} img/s")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def start_server(workdir: Path, exported: Path, **settings: str):
+    """`bentoml serve` on a free loopback port with this zoo (the test harness's way); returns its Server."""
+    sys.path.insert(0, str(REPO / "tests"))
+    try:
+        from service_harness import start
+    finally:
+        sys.path.remove(str(REPO / "tests"))
+    return start(workdir, wait_s=120, SYNTHGEN_EXPORTED_DIR=str(exported), **settings)
+
+
+def _check(response: httpx.Response, n: int | None) -> bool:
+    if response.status_code != 200:
+        return False
+    return n is None or response.headers.get("x-count") == str(n)
+
+
+async def _load(url: str, method: str, path: str, body: dict | None, n: int | None, clients: int,
+                duration_s: float, max_requests: int) -> dict:
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        async def one(seed: int) -> tuple[float, bool]:
+            payload = None if body is None else {**body, "seed": seed}
+            t = time.perf_counter()
+            response = await client.request(method, path, json=payload)
+            await response.aread()
+            return time.perf_counter() - t, _check(response, n)
+
+        # Warm-up: every connection opened with a cheap request (n=1 for /generate), then one at this size.
+        warm = {"n": 1} if body is not None else {}
+        async def cheap(seed: int) -> None:
+            payload = None if body is None else {**body, **warm, "seed": seed}
+            (await client.request(method, path, json=payload)).raise_for_status()
+
+        await asyncio.gather(*(cheap(i) for i in range(clients)))
+        await one(0)
+        latencies: list[float] = []
+        errors = 0
+        issued = 0
+        start = time.perf_counter()
+        deadline = start + duration_s
+
+        async def worker() -> None:
+            nonlocal issued, errors
+            while issued < max_requests and (time.perf_counter() < deadline or issued < clients):
+                issued += 1
+                latency, ok = await one(issued)
+                latencies.append(latency)
+                errors += not ok
+
+        await asyncio.gather(*(worker() for _ in range(clients)))
+        wall = time.perf_counter() - start
+    done = len(latencies)
+    return {"requests": done, "errors": errors, "wall_s": wall, "requests_per_s": done / wall,
+            "images_per_s": done * (n or 0) / wall, "p50_ms": percentile(latencies, 50) * 1e3,
+            "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": sum(latencies) / done * 1e3}
+
+
+def load(url: str, body: dict | None, n: int | None, clients: int, duration_s: float, max_requests: int = 5000,
+         method: str = "POST", path: str = "/generate") -> dict:
+    return asyncio.run(_load(url, method, path, body, n, clients, duration_s, max_requests))
+
+
+def bench_http(url: str, models: list[tuple[str, str]], ns=NS, formats=FORMATS, clients=CLIENTS,
+               duration_s: float = 1.5, log=print) -> list[dict]:
+    rows = []
+    for dataset, model in models:
+        for n in ns:
+            for fmt in formats:
+                for c in clients:
+                    body = {"dataset": dataset, "model": model, "n": n, "format": fmt}
+                    result = load(url, body, n, c, duration_s)
+                    rows.append({"dataset": dataset, "model": model, "n": n, "format": fmt, "clients": c, **result})
+                    log(f"http {dataset}/{model} n={n} {fmt} x{c}: {result['requests_per_s']:,.1f} req/s, "
+                        f"{result['images_per_s']:,.0f} img/s, p50 {result['p50_ms']:.1f} ms, "
+                        f"p99 {result['p99_ms']:.1f} ms ({result['requests']} requests, {result['errors']} errors)")
+    return rows
+
+
+def bench_http_floor(url: str, clients=CLIENTS, duration_s: float = 1.0) -> list[dict]:
+    """The HTTP stack alone: GET /livez (no model, no body) from the same client loop."""
+    return [{"route": "GET /livez", "clients": c, **load(url, None, None, c, duration_s, method="GET", path="/livez")}
+            for c in clients]
+
+
+def bench_paired(url: str, models: list[Baselines], n: int = 1024, fmt: str = "npz", min_rounds: int = 5,
+                 min_s: float = 4.0, max_s: float = 40.0, log=print) -> list[dict]:
+    """HTTP generate, in-process ORT and in-process torch eager at the same n, called in turn."""
+    rows = []
+    with httpx.Client(base_url=url, timeout=600) as client:
+        for m in models:
+            z, labels = m.inputs(n)
+            body = {"dataset": m.dataset, "model": m.model, "n": n, "format": fmt, "seed": 0}
+            bad = []
+
+            def http_call():
+                response = client.post("/generate", json=body)
+                if not _check(response, n):
+                    bad.append(response.status_code)
+
+            times = interleaved({"http": http_call, "onnxruntime": lambda: m.ort_fn(z, labels),
+                                 "torch_eager": lambda: m.torch_fn(z, labels)}, min_rounds=min_rounds, min_s=min_s,
+                                max_s=max_s)
+            med = {k: median(v) for k, v in times.items()}
+            row = {"dataset": m.dataset, "model": m.model, "n": n, "format": fmt, "rounds": len(times["http"]),
+                   "errors": len(bad), **{f"{k}_median_ms": v * 1e3 for k, v in med.items()},
+                   **{f"{k}_images_per_s": n / v for k, v in med.items()},
+                   "http_vs_onnxruntime": med["onnxruntime"] / med["http"],
+                   "http_vs_torch_eager": med["torch_eager"] / med["http"]}
+            rows.append(row)
+            log(f"paired {m.dataset}/{m.model} n={n} {fmt}: HTTP {row['http_images_per_s']:,.0f} img/s = "
+                f"{row['http_vs_onnxruntime']:.2f}x ORT, {row['http_vs_torch_eager']:.2f}x torch eager")
+    return rows

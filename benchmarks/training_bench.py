@@ -1,0 +1,186 @@
+"""Training throughput: our trainer's step against a plain reference loop, same model, same machine, same run.
+
+ours       what training/train.py does: the split held as one uint8 tensor, each batch an index slice of a
+           random permutation, `.float().div_(255)`, then `GANObjective.step` (training/objectives.py) with the
+           resolved default config (batch 128; conditional models add the mode-seeking term, weight 0.25).
+reference  the style of the reference projects: a torchvision-style Dataset whose __getitem__ turns one
+           uint8 image into a PIL image and applies ToTensor + Normalize(0.5, 0.5), a torch DataLoader
+           (batch 64, shuffle, num_workers=0), and the textbook DCGAN step (D on real, D on fake.detach(),
+           Adam step; G through D, Adam step; BCE on logits; .item() of the losses every step).
+
+Both train the same architecture (same `build_model`, same seed, same Adam settings) for a fixed number of
+steps; they run interleaved (1 of ours, 2 of the reference: the same number of images) so drift on a
+shared machine hits both alike. images/s = batch / median seconds per batch, where a batch's time includes
+getting its data (the slice, or the DataLoader's next()); the data share of that time is reported too.
+"""
+
+from __future__ import annotations
+
+import time
+import torch
+import torch.nn.functional as F
+
+from .common import median
+
+# (dataset, model, width) of the training benchmark.
+TRAINING_MODELS = (("mnist", "cdcgan", 32), ("bloodmnist_64", "dcgan", 32))
+SHAPES = {"mnist": ((1, 28, 28), 10), "bloodmnist_64": ((3, 64, 64), 8)}
+
+
+class ReferenceDataset(torch.utils.data.Dataset):
+    """torchvision.datasets.MNIST-style: per-sample PIL image -> transform (ToTensor + Normalize), int label."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        from torchvision import transforms
+
+        array = images.permute(0, 2, 3, 1).numpy()  # N x H x W x C, as the raw datasets hold them
+        self.data = array[..., 0] if array.shape[-1] == 1 else array
+        self.targets = labels.tolist()
+        channels = images.shape[1]
+        self.transform = transforms.Compose([transforms.ToTensor(),
+                                             transforms.Normalize((0.5,) * channels, (0.5,) * channels)])
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+
+        img = Image.fromarray(self.data[index], mode="L" if self.data.ndim == 3 else "RGB")
+        return self.transform(img), self.targets[index]
+
+
+def load_images(dataset: str, data_dir: str | None, n_random: int,
+                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(uint8 N x C x H x W, int64 N, description): the real MNIST train split when data_dir has it, else random."""
+    shape, classes = SHAPES[dataset]
+    if dataset == "mnist" and data_dir:
+        from training.data import DataNotFoundError, load_dataset
+
+        try:
+            data = load_dataset("mnist", "train", data_dir)
+            return data.images, data.labels, f"MNIST train ({len(data):,} real images)"
+        except (DataNotFoundError, OSError):
+            pass
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n_random, *shape), dtype=torch.uint8, generator=g)
+    labels = torch.arange(n_random) % classes
+    c, h, w = shape
+    return images, labels, f"random uint8 {c}x{h}x{w}, {classes} classes ({n_random:,} images)"
+
+
+def _models(dataset: str, model: str, width: int, seed: int = 0):
+    from training.config import TrainConfig
+    from training.models import MODEL_FAMILIES, build_model
+
+    shape, classes = SHAPES[dataset]
+    cfg = TrainConfig(dataset=dataset, model=model, width=width).resolve()
+    torch.manual_seed(seed)
+    generator, discriminator = build_model(model, shape, classes, cfg.latent_dim, width)
+    return cfg, generator, discriminator, MODEL_FAMILIES[model].conditional
+
+
+class Ours:
+    """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
+
+    def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None):
+        from training.objectives import build_objective
+
+        self.cfg, generator, discriminator, conditional = _models(dataset, model, width)
+        if mode_seeking is not None:
+            self.cfg.mode_seeking = mode_seeking
+        self.batch = self.cfg.batch_size
+        self.objective = build_objective(self.cfg, torch.device("cpu"), generator, discriminator, conditional)
+        self.images, self.labels = images, labels
+        self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+        self.i = 0
+
+    def step(self) -> float:
+        """One batch; returns the seconds spent getting its data."""
+        t = time.perf_counter()
+        if (self.i + 1) * self.batch > len(self.order):
+            self.i = 0
+        idx = self.order[self.i * self.batch:(self.i + 1) * self.batch]
+        self.i += 1
+        x = self.images[idx].float().div_(255)
+        y = self.labels[idx]
+        data_s = time.perf_counter() - t
+        self.objective.step(x, y)
+        return data_s
+
+
+class Reference:
+    """The reference projects' loop: DataLoader over per-sample transforms, the textbook DCGAN step."""
+
+    batch = 64
+
+    def __init__(self, dataset, model, width, images, labels):
+        cfg, self.G, self.D, self.conditional = _models(dataset, model, width)
+        self.latent_dim = cfg.latent_dim
+        self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+        self.loader = torch.utils.data.DataLoader(ReferenceDataset(images, labels), batch_size=self.batch,
+                                                  shuffle=True, num_workers=0, drop_last=True)
+        self.it = iter(self.loader)
+
+    def step(self) -> float:
+        t = time.perf_counter()
+        try:
+            real, y = next(self.it)
+        except StopIteration:
+            self.it = iter(self.loader)
+            real, y = next(self.it)
+        data_s = time.perf_counter() - t
+        y = y if self.conditional else None
+        b = real.shape[0]
+        ones, zeros = torch.ones(b), torch.zeros(b)
+        self.D.zero_grad()
+        err_real = F.binary_cross_entropy_with_logits(self.D(real, y), ones)
+        err_real.backward()
+        fake = self.G(torch.randn(b, self.latent_dim), y)
+        err_fake = F.binary_cross_entropy_with_logits(self.D(fake.detach(), y), zeros)
+        err_fake.backward()
+        self.opt_d.step()
+        self.G.zero_grad()
+        err_g = F.binary_cross_entropy_with_logits(self.D(fake, y), ones)
+        err_g.backward()
+        self.opt_g.step()
+        _ = (err_real + err_fake).item(), err_g.item()  # the reference loops log every step
+        return data_s
+
+
+def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None = None, n_random: int = 4096,
+                   width: int | None = None, log=print) -> list[dict]:
+    """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after 1 warm-up each."""
+    rows = []
+    for dataset, model, model_width in models:
+        w = width or model_width
+        images, labels, data_what = load_images(dataset, data_dir, n_random)
+        ours, ref = Ours(dataset, model, w, images, labels), Reference(dataset, model, w, images, labels)
+        loops = {"ours": ours, "reference": ref}
+        if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
+            loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0)
+        per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
+        times = {k: [] for k in loops}
+        data = {k: [] for k in loops}
+        for loop in loops.values():  # warm-up: first-call allocations, oneDNN primitive caches
+            loop.step()
+        for _ in range(steps):
+            for name, loop in loops.items():
+                for _ in range(per[name]):
+                    t = time.perf_counter()
+                    data[name].append(loop.step())
+                    times[name].append(time.perf_counter() - t)
+        row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "threads": torch.get_num_threads()}
+        for name, loop in loops.items():
+            med = median(times[name])
+            row[name] = {"batch": loop.batch, "steps": len(times[name]), "median_step_s": med,
+                         "images_per_s": loop.batch / med, "total_s": sum(times[name]),
+                         "data_share": sum(data[name]) / sum(times[name])}
+        row["ours"]["mode_seeking"] = ours.cfg.mode_seeking
+        row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
+        rows.append(row)
+        log(f"training {dataset}/{model}: ours {row['ours']['images_per_s']:,.0f} img/s, reference "
+            f"{row['reference']['images_per_s']:,.0f} img/s, {row['ratio']:.2f}x")
+    return rows
+

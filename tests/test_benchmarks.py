@@ -1,0 +1,62 @@
+"""Smoke test of benchmarks/ (python -m benchmarks.run): every part runs in --quick mode on tiny sizes and the
+JSON has the keys the README tables and the targets are read from. No timing assertions: numbers from a
+smoke run on a shared machine mean nothing."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import run as bench
+
+SERVING = (("mnist", "mlp_gan", 32),)  # one model keeps the test well under 30 s (zoo export + server start)
+TRAINING = (("mnist", "cdcgan", 32),)
+
+
+def test_quick_benchmark_writes_the_expected_json(tmp_path):
+    result = bench.run(quick=True, serving_models=SERVING, training_models=TRAINING, workdir=tmp_path)
+    result = json.loads(json.dumps(result))  # what --out writes: plain JSON
+
+    assert result["format"] == "synthgen-bench/1" and result["quick"] is True
+    machine = set(result["machine"])
+    assert {"cpu", "usable_cpus", "torch", "onnxruntime", "loadavg_at_start", "loadavg_at_end"} <= machine
+    assert {"zoo", "in_process", "server_start", "http", "paired", "training", "total"} <= set(result["wall_s"])
+    cfg = result["settings"]
+
+    serving = result["serving"]
+    assert {(r["backend"], r["n"]) for r in serving["in_process"]} == \
+        {(b, n) for b in ("torch_eager", "onnxruntime") for n in cfg["ns"]}
+    for r in serving["in_process"]:
+        assert (r["dataset"], r["model"]) == ("mnist", "mlp_gan")
+        assert r["calls"] >= 3 and r["images_per_s"] > 0 and r["median_ms"] > 0
+
+    cells = {(r["n"], r["format"], r["clients"]) for r in serving["http"]}
+    assert cells == {(n, f, c) for n in cfg["ns"] for f in cfg["formats"] for c in cfg["clients"]}
+    for r in serving["http"]:
+        assert r["errors"] == 0, r
+        assert r["requests"] >= r["clients"]
+        assert {"requests_per_s", "images_per_s", "p50_ms", "p99_ms", "wall_s"} <= set(r)
+        assert 0 < r["p50_ms"] <= r["p99_ms"]
+    assert [r["clients"] for r in serving["http_floor"]] == list(cfg["clients"])
+
+    (paired,) = serving["paired"]
+    assert paired["n"] == cfg["paired_n"] and paired["errors"] == 0 and paired["rounds"] >= 3
+    assert {"http_images_per_s", "onnxruntime_images_per_s", "torch_eager_images_per_s", "http_vs_onnxruntime",
+            "http_vs_torch_eager"} <= set(paired)
+
+    (train,) = result["training"]
+    assert (train["dataset"], train["model"]) == ("mnist", "cdcgan")
+    for loop in ("ours", "ours_no_mode_seeking", "reference"):  # cdcgan is conditional: mode-seeking is on
+        assert {"batch", "steps", "median_step_s", "images_per_s", "data_share"} <= set(train[loop])
+    assert train["ours"]["batch"] == 128 and train["reference"]["batch"] == 64
+    assert train["reference"]["steps"] == 2 * train["ours"]["steps"]  # the same number of images
+    assert train["ratio"] > 0
+
+    names = {t["target"] for t in result["targets"]}
+    assert any(n.startswith("HTTP npz") and "ORT" in n for n in names)
+    assert any("torch eager" in n for n in names)
+    assert "n=1 npz p50 ms, 1 client" in names and "training images/s vs reference loop" in names
+    assert all(isinstance(t["met"], bool) for t in result["targets"])
+
+    text = bench.markdown(result)
+    for heading in ("In-process", "HTTP `POST /generate`", "paired", "Training throughput", "Targets"):
+        assert heading in text

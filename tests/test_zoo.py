@@ -16,3 +16,11 @@ def test_every_zoo_entry_is_a_valid_config_with_a_train_command():
 def test_nothing_trained_on_missing_real_files_is_shipped():
     shipped = {run.dataset for run in SHIPPED}
     assert shipped <= {"mnist", "fashion_mnist", "pneumoniamnist", "retinamnist", "breastmnist", "breastmnist_64"}
+
+
+def test_model_table_has_a_row_per_exported_card(exported_dir):
+    from training.zoo import model_table
+
+    table = model_table(exported_dir).splitlines()
+    assert len(table) == 2 + len(list(exported_dir.glob("*/*/card.json")))
+    assert any(row.startswith("| mnist / cdcgan | 1 |") and "not evaluated" in row for row in table)

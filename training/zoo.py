@@ -3,6 +3,7 @@
     python -m training.zoo list                                   # what is shipped / trainable
     python -m training.zoo train --runs runs [--only mnist/cdcgan]   # train (resumes unfinished runs)
     python -m training.zoo export --runs runs [--only ...]        # export finished runs to exported/
+    python -m training.zoo table                                  # the README's model table, from the cards
 
 Every other dataset id (bloodmnist, bloodmnist_64, pathmnist, dermamnist, ...) trains the same way with
 `python -m training.train --dataset ID --model MODEL`; TRAINABLE_NOT_SHIPPED lists the suggested runs for the
@@ -87,9 +88,37 @@ def finished_epoch(out_dir: Path) -> int:
     return torch.load(path, map_location="cpu", weights_only=False)["epoch"]
 
 
+def _pct(metrics: dict, key: str) -> str:
+    value = metrics.get(key)
+    if value is None:
+        return "–"
+    std = metrics.get(f"{key}_std")
+    return f"{100 * value:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def _gains(metrics: dict) -> str:
+    gains = sorted((k for k in metrics if k.startswith("aug_gain_")), key=lambda k: float(k[9:-3]))
+    return ", ".join(f"{k[9:-3]}%: {100 * metrics[k]:+.1f}" for k in gains) or "–"
+
+
+def model_table(exported: Path) -> str:
+    """A Markdown table of every exported model: training and the metrics on its card (percent)."""
+    rows = ["| dataset / model | epochs | train time | FID (floor) | precision / recall | label fidelity | CAS (real) | augmentation gain (points) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for card_path in sorted(exported.glob("*/*/card.json")):
+        card = json.loads(card_path.read_text())
+        m, t = card.get("metrics", {}), card["training"]
+        fid = f"{m['fid']:.2f} ({m['fid_floor']:.2f})" if "fid" in m else "not evaluated"
+        pr = f"{m['precision']:.2f} / {m['recall']:.2f}" if "precision" in m else "–"
+        cas = f"{_pct(m, 'cas')} ({_pct(m, 'cas_real')})" if "cas" in m else "–"
+        rows.append(f"| {card['dataset']} / {card['model']} | {t['epochs']} | {t['wall_time_s'] / 60:.0f} min | {fid} | {pr} "
+                    f"| {_pct(m, 'label_fidelity')} | {cas} | {_gains(m)} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["list", "train", "export"])
+    parser.add_argument("action", choices=["list", "train", "export", "table"])
     parser.add_argument("--runs", default="runs", help="runs folder (default: runs)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: $SYNTHGEN_DATA_DIR, then ./data)")
     parser.add_argument("--out", default="exported", help="export root (default: exported)")
@@ -105,6 +134,9 @@ def main() -> None:
         print("trainable, not shipped (no real files here):")
         for run in TRAINABLE_NOT_SHIPPED:
             print(f"  {run.key:28s} {command(run)}")
+        return
+    if args.action == "table":
+        print(model_table(Path(args.out)))
         return
     if args.action == "train":
         from .train import main as train

@@ -146,7 +146,7 @@ def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, ca
     cdcgan = json.loads((zoo / "mnist/cdcgan/card.json").read_text())["metrics"]
     for key in ("fid", "fid_floor", "precision", "recall", "label_fidelity", "cas", "cas_real", "classifier_ceiling"):
         assert isinstance(cdcgan[key], float), key
-    assert 0 <= cdcgan["label_fidelity"] <= 1 and cdcgan["fid"] >= 0
+    assert 0 <= cdcgan["label_fidelity"] <= 1 and cdcgan["fid"] >= 0 and 0 <= cdcgan["label_fidelity_real"] <= 1
     aug = cdcgan["augmentation"]
     assert [row["fraction"] for row in aug["fractions"]] == list(ev.FRACTIONS_SMALL)  # the tiny set is under 20,000
     assert aug["label_mix"] == "balanced" and aug["n_synthetic"] == 64

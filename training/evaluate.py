@@ -35,9 +35,9 @@ min(n_generated, N_test) generated images against the real test split; floor: n 
 
 Label fidelity (conditional models): the reference classifier's accuracy on generated images against
 the requested labels, balanced labels (class i mod K), 10,000 images; per class too. label_fidelity_real:
-the same measure on real test images (the reference's mean per-class test accuracy), i.e. what a perfect
-generator would score with this judge: on hard or imbalanced sets (PneumoniaMNIST, RetinaMNIST) it is far
-below 1, and label fidelity should be read against it.
+the same measure on real held-out images of the training distribution (the reference's mean per-class
+accuracy on the val split where the dataset has one, else on test), i.e. what a perfect generator would
+score with this judge: on hard sets (RetinaMNIST) it is far below 1; read label fidelity against it.
 
 CAS (classification accuracy score, Ravuri & Vinyals 2019; conditional models): a fresh classifier
 trained only on a synthetic pool, tested on the real test split, one run per seed (--seeds, default 3).
@@ -383,6 +383,7 @@ class DatasetContext:
 
     def __init__(self, dataset: str, data_dir, classifier_dir: Path, settings: Settings):
         self.dataset, self.settings, self.classifier_dir = dataset, settings, Path(classifier_dir)
+        self.data_dir = data_dir
         self.train = load_dataset(dataset, "train", data_dir)
         self.test = load_dataset(dataset, "test", data_dir)
         self.info = self.train.info
@@ -449,6 +450,17 @@ class DatasetContext:
             result = {**accuracy_report(model, self.test), "n_real": len(idx)}
             self._store_run(fraction, seed, result)
         return self._baselines["runs"][name]
+
+    def heldout_per_class(self) -> tuple[str, list[float | None]]:
+        """Reference per-class accuracy on real held-out images of the training distribution: the val split where
+        the dataset has one (MedMNIST; its test split can differ, e.g. PneumoniaMNIST), else the test split."""
+        if not hasattr(self, "_heldout"):
+            try:
+                val = load_dataset(self.dataset, "val", self.data_dir)
+                self._heldout = ("val", accuracy_report(self.reference, val)["per_class"])
+            except ValueError:  # no val split (MNIST, Fashion-MNIST)
+                self._heldout = ("test", self.reference_result["per_class"])
+        return self._heldout
 
     # -- floors -------------------------------------------------------------------------------------------------
     def floor(self, n_fid: int, n_pr: int) -> dict:
@@ -546,9 +558,11 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
             lf_images = gen(n_gen, lf_labels, seed=GENERATION_SEED + 2)
         lf_pred = predict(ctx.reference, lf_images)[0].argmax(1)
         metrics["label_fidelity"] = float((lf_pred == lf_labels).float().mean())
-        # What real images score on the same measure (balanced labels = mean per-class accuracy on the real test
-        # split): the label fidelity of a perfect generator, as judged by this classifier.
-        metrics["label_fidelity_real"] = float(np.mean([a for a in ctx.reference_result["per_class"] if a is not None]))
+        # What real images of the training distribution score on the same measure (balanced labels = mean per-class
+        # accuracy; val split where there is one, else test): the label fidelity of a perfect generator.
+        heldout_split, heldout = ctx.heldout_per_class()
+        metrics["label_fidelity_real"] = float(np.mean([a for a in heldout if a is not None]))
+        per_class["label_fidelity_real"] = dict(zip(classes, heldout))
         per_class["label_fidelity"] = dict(zip(classes, per_class_accuracy(lf_pred, lf_labels, k)))
         _log(f"{name}: label fidelity {metrics['label_fidelity']:.4f}; synthetic pool {n_pool} ({settings.label_mix})", t0)
 
@@ -606,7 +620,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
                        "ceiling_test_accuracy": ctx.reference_result["accuracy"], "cache": ctx.reference_result.get("path")},
         "feature_space": "reference classifier penultimate layer (128-d, after ReLU)",
         "n_generated": n_gen, "fid_real_reference": f"test split ({n_test})", "fid_floor": f"{floor['n_fid']} real train vs test",
-        "pr_k": PR_K, "pr_n": n_pr,
+        "pr_k": PR_K, "pr_n": n_pr, "label_fidelity_real_split": ctx.heldout_per_class()[0] if conditional else None,
         "fid_label_mix": "training-split class proportions" if conditional else "unconditional",
         "seeds": seeds, "n_train": n_train, "n_test": n_test,
         "unconditional": None if conditional else "FID/precision/recall only; no pseudo-labels",

@@ -93,3 +93,14 @@ def test_torchrun_with_two_cpu_processes_trains_in_sync(model_id, data_dir, tmp_
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["step"] == 2 * (64 // 2 // 8)  # each process takes half of each epoch
     assert torch.load(out / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+
+def test_cli_rejects_unknown_ids_with_the_known_ones(capsys):
+    from training.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--dataset", "cifar10"])
+    assert "unknown dataset 'cifar10'; known: mnist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "gpt"])
+    assert "unknown model 'gpt'; known: mlp_gan" in capsys.readouterr().err

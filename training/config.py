@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .data import parse_dataset_id
 from .models import MODEL_FAMILIES
 
 # Per-objective optimiser defaults: the reference projects' Adam settings (WGAN-GP: the paper's).
@@ -47,6 +48,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the networks (CUDA)
 
     def resolve(self) -> "TrainConfig":
+        parse_dataset_id(self.dataset)  # raises with the list of known ids
         if self.model not in MODEL_FAMILIES:
             raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODEL_FAMILIES)}")
         family = MODEL_FAMILIES[self.model]

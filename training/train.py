@@ -31,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
-from .data import DATA_DIR_ENV, dataset_info, load_dataset
+from .data import DATA_DIR_ENV, DataNotFoundError, dataset_info, load_dataset
 from .models import MODEL_FAMILIES, build_model
 from .objectives import build_objective
 from .sampling import class_rows, sample, save_grid, unwrap
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        if field.type in ("bool",):
+        if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
@@ -75,7 +75,10 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")  # not a config field: the same run resumed has the same config
-    return TrainConfig(**args).resolve(), resume
+    try:
+        return TrainConfig(**args).resolve(), resume
+    except ValueError as err:  # unknown dataset or model id: the message lists the known ones
+        parser.error(str(err))
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
@@ -266,4 +269,7 @@ def load_checkpoint(run_dir: str | Path, device="cpu"):
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    try:
+        main(*parse_args())
+    except DataNotFoundError as err:  # the message names the file, the folder and how to get it
+        raise SystemExit(f"error: {err}") from None

@@ -3,11 +3,11 @@
 from pathlib import Path
 
 from training.data import dataset_info
-from training.zoo import SHIPPED, TRAINABLE_NOT_SHIPPED, command
+from training.zoo import PLANNED, SHIPPED, TRAINABLE_NOT_SHIPPED, command
 
 
 def test_every_zoo_entry_is_a_valid_config_with_a_train_command():
-    for run in SHIPPED + TRAINABLE_NOT_SHIPPED:
+    for run in SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED:
         cfg = run.config(Path("runs"), None)
         assert dataset_info(cfg.dataset).id == run.dataset
         assert command(run).startswith(f"python -m training.train --dataset {run.dataset} --model {run.model}")
@@ -24,3 +24,8 @@ def test_model_table_has_a_row_per_exported_card(exported_dir):
     table = model_table(exported_dir).splitlines()
     assert len(table) == 2 + len(list(exported_dir.glob("*/*/card.json")))
     assert any(row.startswith("| mnist / cdcgan | 1 |") and "not evaluated" in row for row in table)
+
+
+def test_the_shipped_list_is_what_exported_holds():
+    exported = Path(__file__).resolve().parents[1] / "exported"
+    assert {p.parent.relative_to(exported).as_posix() for p in exported.glob("*/*/card.json")} == {r.key for r in SHIPPED}

@@ -56,10 +56,15 @@ SHIPPED = [
     ZooRun("mnist", "mlp_gan", dict(epochs=10, sample_every=2)),
     ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, sample_every=20, **SMALL)),
     ZooRun("mnist", "dcgan", dict(epochs=5, sample_every=1)),
+]
+
+# On the zoo's plan for the real datasets we have, not shipped yet: not trained within the CPU budget of the
+# session that built the zoo (a WGAN-GP needs far more than the 5 epochs tried: its samples were still blobs).
+PLANNED = [
+    ZooRun("mnist", "wgan_gp", dict(epochs=40, sample_every=5)),
     ZooRun("retinamnist", "dcgan", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("retinamnist", "conv_vae", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("breastmnist_64", "dcgan", dict(epochs=200, sample_every=25, **SMALL)),
-    ZooRun("mnist", "wgan_gp", dict(epochs=5, sample_every=1)),
 ]
 
 # Supported and tested on files of the official layout, not shipped: we have no real files for them.
@@ -125,11 +130,14 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="dataset/model keys, e.g. mnist/cdcgan")
     args = parser.parse_args()
     runs = Path(args.runs)
-    selected = [r for r in SHIPPED if args.only is None or r.key in args.only]
+    selected = [r for r in SHIPPED + PLANNED if args.only is None or r.key in args.only]
 
     if args.action == "list":
         print("shipped:")
         for run in SHIPPED:
+            print(f"  {run.key:28s} {command(run)}")
+        print("planned, not trained yet:")
+        for run in PLANNED:
             print(f"  {run.key:28s} {command(run)}")
         print("trainable, not shipped (no real files here):")
         for run in TRAINABLE_NOT_SHIPPED:

@@ -26,15 +26,21 @@ if [ -z "${SYNTHGEN_BASE_REBUILD:-}" ] \
     exit 0
 fi
 
-debian_mirror() {
-    if [ -n "${SYNTHGEN_DEBIAN_MIRROR:-}" ]; then echo "$SYNTHGEN_DEBIAN_MIRROR"; return; fi
+# The first URI of a deb822 stanza (bookworm's default sources format) whose Suites line matches the regex $1.
+deb822_uri() {
     local f url
-    # deb822 sources (bookworm's default): the URIs of a stanza whose Suites has "bookworm".
     for f in /etc/apt/sources.list.d/*.sources; do
         [ -f "$f" ] || continue
-        url="$(awk 'BEGIN{RS=""; FS="\n"} {u=""; s=0; for(i=1;i<=NF;i++){ if($i ~ /^URIs:/){sub(/^URIs:[ \t]*/,"",$i); split($i,a," "); u=a[1]} if($i ~ /^Suites:/ && $i ~ /[ \t]bookworm([ \t]|$)/) s=1 } if(s && u!=""){print u; exit}}' "$f")"
-        if [ -n "$url" ]; then echo "$url"; return; fi
+        url="$(awk -v suite="$1" 'BEGIN{RS=""; FS="\n"} {u=""; s=0; for(i=1;i<=NF;i++){ if($i ~ /^URIs:/){sub(/^URIs:[ \t]*/,"",$i); split($i,a," "); u=a[1]} if($i ~ /^Suites:/ && $i ~ suite) s=1 } if(s && u!=""){print u; exit}}' "$f")"
+        if [ -n "$url" ]; then echo "$url"; return 0; fi
     done
+    return 1
+}
+
+debian_mirror() {
+    if [ -n "${SYNTHGEN_DEBIAN_MIRROR:-}" ]; then echo "$SYNTHGEN_DEBIAN_MIRROR"; return; fi
+    deb822_uri '[ \t]bookworm([ \t]|$)' && return
+    local f url
     # one-line sources: "deb [opts] URL bookworm main"
     for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [ -f "$f" ] || continue
@@ -46,17 +52,13 @@ debian_mirror() {
 
 security_mirror() {
     if [ -n "${SYNTHGEN_DEBIAN_SECURITY_MIRROR:-}" ]; then echo "$SYNTHGEN_DEBIAN_SECURITY_MIRROR"; return; fi
-    local f url
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        url="$(awk 'BEGIN{RS=""; FS="\n"} {u=""; s=0; for(i=1;i<=NF;i++){ if($i ~ /^URIs:/){sub(/^URIs:[ \t]*/,"",$i); split($i,a," "); u=a[1]} if($i ~ /^Suites:/ && $i ~ /bookworm-security/) s=1 } if(s && u!=""){print u; exit}}' "$f")"
-        if [ -n "$url" ]; then echo "$url"; return; fi
-    done
+    deb822_uri 'bookworm-security' && return
     echo "http://deb.debian.org/debian-security"
 }
 
 command -v debootstrap >/dev/null || { say "debootstrap missing: scripts/docker-engine.sh install (apt-get install debootstrap)"; exit 1; }
 [ -f "$CA_BUNDLE" ] || { say "CA bundle $CA_BUNDLE not found (set SYNTHGEN_CA_BUNDLE)"; exit 1; }
+
 MIRROR="$(debian_mirror)"
 SECURITY_MIRROR="$(security_mirror)"
 UV_VERSION="${SYNTHGEN_UV_VERSION:-$( (uv --version 2>/dev/null || "$(dirname "$0")/../.venv/bin/uv" --version 2>/dev/null) | awk '{print $2}')}"

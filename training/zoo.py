@@ -161,9 +161,9 @@ def main() -> None:
     from .export import export_run
 
     for run in selected:
-        out_dir = runs / run.dataset / run.model
-        target = run.overrides.get("epochs", TrainConfig.epochs)
-        if finished_epoch(out_dir) < target:
+        cfg = run.config(runs, args.data_dir)
+        out_dir = Path(cfg.out_dir)
+        if finished_epoch(out_dir) < cfg.epochs:
             print(f"{run.key}: not finished, skipped")
             continue
         out = export_run(out_dir, args.out)

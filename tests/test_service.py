@@ -306,3 +306,11 @@ def test_served_process_never_loads_torch(server, http):
     mapped = {m.path for p in processes for m in p.memory_maps()}
     assert any("onnxruntime" in path for path in mapped)
     assert not [path for path in mapped if "libtorch" in path or "/torch/" in path]
+
+
+def test_served_process_runs_on_uvloop_and_httptools(server, http):
+    ok(generate(http, n=1, **MNIST))
+    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    mapped = {m.path for p in processes for m in p.memory_maps()}
+    assert any("/uvloop/" in path for path in mapped), "uvicorn fell back to the pure-Python asyncio loop"
+    assert any("/httptools/" in path for path in mapped), "uvicorn fell back to the pure-Python h11 parser"

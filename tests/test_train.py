@@ -52,7 +52,23 @@ def test_checkpoint_alone_rebuilds_the_model(data_dir, tmp_path):
 
 
 def _weights(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", weights_only=False)["models"]
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    return {**state["models"], "generator_ema": state["generator_ema"]["model"]}
+
+
+def test_a_gan_run_exports_its_generator_ema_and_a_vae_run_its_weights(data_dir, tmp_path):
+    from training.train import load_checkpoint
+
+    gan_run = train_tiny(data_dir, tmp_path / "gan", "mnist", "cdcgan", steps=3)
+    model, state = load_checkpoint(gan_run)
+    ema, live = state["generator_ema"]["model"], state["models"]["generator"]
+    assert state["config"]["ema_decay"] == 0.999 and state["generator_ema"]["updates"] == 3
+    assert all(torch.equal(model.state_dict()[k].cpu(), ema[k]) for k in ema)
+    assert any(not torch.equal(ema[k], live[k]) for k in ema if ema[k].is_floating_point())
+
+    vae_run = train_tiny(data_dir, tmp_path / "vae", "mnist", "cvae", steps=2)
+    model, state = load_checkpoint(vae_run)
+    assert "generator_ema" not in state and state["config"]["ema_decay"] == 0.0
 
 
 def test_resume_gives_the_same_weights_as_one_uninterrupted_run(data_dir, tmp_path):

@@ -194,7 +194,7 @@ def _decompressed_copy(raw: Path, cls_name: str) -> Path:
         out = target / source.name.removesuffix(".gz")
         if out.exists():
             continue
-        tmp = out.with_suffix(".tmp")
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")  # per process: two runs may fill the cache at once
         with (gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")) as fin, open(tmp, "wb") as fout:
             shutil.copyfileobj(fin, fout)
         tmp.replace(out)

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=2 -m training.train --dataset mnist --model dcgan --epochs 5   # DDP (gloo on CPU, nccl on GPU)
 
 A run directory (default runs/<dataset>/<model>) gets: config.json (the resolved config), checkpoint.pt
-(self-describing: weights, optimisers, epoch, step, config, code version), metrics.csv and metrics.jsonl
+(self-describing: weights, the generator's EMA copy, optimisers, epoch, step, config, code version), metrics.csv and metrics.jsonl
 (per-epoch mean losses), loss_curve.png, samples/epoch_NNN.png (fixed-seed grid, one row per class for
 conditional models) and, with --tensorboard, TensorBoard events. Run again with --resume to continue.
 
@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import TrainConfig
 from .data import DATA_DIR_ENV, DataNotFoundError, dataset_info, load_dataset
+from .ema import GeneratorEMA
 from .models import MODEL_FAMILIES, build_model
 from .objectives import build_objective
 from .sampling import class_rows, sample, save_grid, unwrap
@@ -122,6 +123,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if discriminator is not None:
             discriminator.load_state_dict(state["models"]["discriminator"])
         start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
+    ema = GeneratorEMA(generator, cfg.ema_decay) if cfg.ema_decay else None
+    if ema is not None and state is not None and "generator_ema" in state:
+        ema.load_state_dict(state["generator_ema"])
 
     if world > 1:
         # broadcast_buffers=False: GAN steps run D several times per backward; per-rank BN stats are fine.
@@ -170,6 +174,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             idx = shard[i * batch:(i + 1) * batch]
             x = images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
             losses = objective.step(x, labels[idx])
+            if ema is not None:
+                ema.update(unwrap(generator))
             step += 1
             count += 1
             for key, value in losses.items():
@@ -193,11 +199,11 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         print(json.dumps(row), flush=True)
         last = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
         if epoch % cfg.sample_every == 0 or last:
-            grid = sample(generator, preview_n, preview_labels, torch.Generator().manual_seed(1234))
+            grid = sample(ema.model if ema is not None else generator, preview_n, preview_labels, torch.Generator().manual_seed(1234))
             save_grid(grid, out / "samples" / f"epoch_{epoch:03d}.png", nrow=PREVIEW_PER_CLASS if family.conditional else 8)
             _plot_losses(out)
         if epoch % cfg.checkpoint_every == 0 or last:
-            _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, objective, epoch, step, wall_time, device)
+            _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device)
     if log is not None:
         log.close()
     if world > 1:
@@ -206,7 +212,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-def _save_checkpoint(path: Path, cfg, info, generator, discriminator, objective, epoch, step, wall_time, device) -> None:
+def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device) -> None:
     state = {
         "format": "synthgen-checkpoint/1",
         "version": code_version(),
@@ -219,6 +225,7 @@ def _save_checkpoint(path: Path, cfg, info, generator, discriminator, objective,
         "hardware": hardware_name(device),
         "models": {"generator": unwrap(generator).state_dict(),
                    **({"discriminator": unwrap(discriminator).state_dict()} if discriminator is not None else {})},
+        **({"generator_ema": ema.state_dict()} if ema is not None else {}),
         "optimizers": objective.state_dict(),
         "objective_steps": getattr(objective, "steps", 0),
     }
@@ -258,13 +265,15 @@ def _plot_losses(out: Path) -> None:
 
 
 def load_checkpoint(run_dir: str | Path, device="cpu"):
-    """Rebuild (generator or VAE, checkpoint dict) from a run directory alone."""
+    """Rebuild (generator or VAE, checkpoint dict) from a run directory alone: the generator's EMA copy where
+    the run kept one (what previews, export and evaluation use), else the trained weights."""
     state = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=False)
     cfg = TrainConfig.from_dict(state["config"])
     info = state["dataset_info"]
     image_shape = (info["channels"], info["size"], info["size"])
     generator, _ = build_model(cfg.model, image_shape, len(info["classes"]), cfg.latent_dim, cfg.width)
-    generator.load_state_dict(state["models"]["generator"])
+    weights = state["generator_ema"]["model"] if "generator_ema" in state else state["models"]["generator"]
+    generator.load_state_dict(weights)
     return generator.to(device).eval(), state
 
 

@@ -41,16 +41,16 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 
 # In training order: the models the service is most often asked for first.
 SHIPPED = [
-    ZooRun("mnist", "cdcgan", dict(epochs=15, sample_every=1)),
-    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=60, sample_every=10, **SMALL)),
-    ZooRun("retinamnist", "cdcgan", dict(epochs=150, sample_every=25, **SMALL)),
-    ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),
+    ZooRun("mnist", "cdcgan", dict(epochs=30, sample_every=1)),
+    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, sample_every=10, **SMALL)),
+    ZooRun("retinamnist", "cdcgan", dict(epochs=300, sample_every=25, **SMALL)),
+    ZooRun("breastmnist", "cdcgan", dict(epochs=400, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_vae", dict(epochs=10, sample_every=2)),
     ZooRun("mnist", "cvae", dict(epochs=8, sample_every=2)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=60, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("fashion_mnist", "cvae", dict(epochs=8, sample_every=2)),
-    ZooRun("fashion_mnist", "cdcgan", dict(epochs=10, sample_every=1)),
+    ZooRun("fashion_mnist", "cdcgan", dict(epochs=20, sample_every=1)),
     ZooRun("mnist", "conv_vae", dict(epochs=8, sample_every=2)),
     ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_gan", dict(epochs=10, sample_every=2)),

@@ -105,6 +105,10 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
                                   cfg["clients"], duration_s=cfg["http_s"], log=log)
         wall["http"] = time.perf_counter() - t
         t = time.perf_counter()
+        wrk = serving.bench_wrk(server.url, [(m.dataset, m.model) for m in baselines], cfg["clients"],
+                                duration_s=cfg["http_s"] * 2, workdir=workdir, log=log) if serving.wrk_available() else []
+        wall["wrk"] = time.perf_counter() - t
+        t = time.perf_counter()
         paired = serving.bench_paired(server.url, baselines, n=cfg["paired_n"], min_rounds=cfg["paired_rounds"],
                                       min_s=cfg["paired_s"], log=log)
         wall["paired"] = time.perf_counter() - t
@@ -113,7 +117,7 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         raise
     finally:
         server.stop()
-    return {"threads": threads, "in_process": in_process, "http_floor": floor, "http": http, "paired": paired}
+    return {"threads": threads, "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
 
 
 def targets(result: dict) -> list[dict]:
@@ -138,6 +142,13 @@ def targets(result: dict) -> list[dict]:
                              and x["n"] == 1 and x["format"] == "npz" and x["clients"] == many)
                 add(f"n=1 npz req/s, {many} clients vs 1", subject, crowd["requests_per_s"] / r["requests_per_s"],
                     CONCURRENCY_GAIN)
+        for r in s.get("wrk", []):
+            if r["clients"] == 1:
+                subject = f"{r['dataset']}/{r['model']}"
+                crowd = next(x for x in s["wrk"] if x["dataset"] == r["dataset"] and x["model"] == r["model"]
+                             and x["clients"] == many)
+                add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject,
+                    crowd["requests_per_s"] / r["requests_per_s"], CONCURRENCY_GAIN)
     for r in result.get("training", []):
         add("training images/s vs reference loop", f"{r['dataset']}/{r['model']}", r["ratio"], TRAINING_GAIN)
     return rows
@@ -171,6 +182,12 @@ def markdown(result: dict) -> str:
                  r["requests"]] for r in s["http_floor"]]
         out.append("\nThe HTTP stack alone, same client loop (no model, no body):\n")
         out.append(table(["route", "clients", "req/s", "p50 ms", "p99 ms", "requests"], rows))
+
+        if s.get("wrk"):
+            out.append("\nn=1 `npz` with wrk (a C load generator, ~0.1 ms CPU per request; each request a new seed):\n")
+            rows = [[f"{r['dataset']}/{r['model']}", r["clients"], fmt(r["requests_per_s"]), fmt(r["p50_ms"]),
+                     fmt(r["p99_ms"]), r["requests"], r["errors"]] for r in s["wrk"]]
+            out.append(table(["model", "connections", "req/s", "p50 ms", "p99 ms", "requests", "errors"], rows))
 
         out.append("\n### HTTP vs in-process at the same n, measured in turn (paired)\n")
         rows = [[f"{p['dataset']}/{p['model']}", p["n"], p["format"], fmt(p["http_images_per_s"]),

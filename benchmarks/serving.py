@@ -212,3 +212,54 @@ def bench_paired(url: str, models: list[Baselines], n: int = 1024, fmt: str = "n
             log(f"paired {m.dataset}/{m.model} n={n} {fmt}: HTTP {row['http_images_per_s']:,.0f} img/s = "
                 f"{row['http_vs_onnxruntime']:.2f}x ORT, {row['http_vs_torch_eager']:.2f}x torch eager")
     return rows
+
+
+# ----------------------------------------------------------------------------- HTTP with a compiled client
+
+WRK_SCRIPT = """
+local counter = 0
+local prefix = '{"dataset": "%s", "model": "%s", "n": 1, "format": "npz", "seed": '
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/generate", {["Content-Type"] = "application/json"}, prefix .. counter .. "}")
+end
+done = function(summary, latency, requests)
+  local errors = summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout
+  io.write(string.format('{"requests": %d, "errors": %d, "wall_s": %.6f, "p50_ms": %.4f, "p99_ms": %.4f, "mean_ms": %.4f}\\n',
+    summary.requests, errors, summary.duration / 1e6, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3, latency.mean / 1e3))
+end
+"""
+
+
+def wrk_available() -> bool:
+    import shutil
+
+    return shutil.which("wrk") is not None
+
+
+def bench_wrk(url: str, models: list[tuple[str, str]], clients=CLIENTS, duration_s: float = 3.0, workdir: Path | None = None,
+              log=print) -> list[dict]:
+    """n=1 npz at 1 and 16 connections with wrk (apt install wrk): a C client that needs ~0.1 ms of CPU per
+    request where the Python loop needs ~2 ms, so on a 2-core box the server, not the client, is measured.
+    Each request carries a new seed; non-2xx answers count as errors."""
+    import json
+    import subprocess
+    import tempfile
+
+    rows = []
+    for dataset, model in models:
+        with tempfile.NamedTemporaryFile("w", suffix=".lua", dir=workdir, delete=False) as f:
+            f.write(WRK_SCRIPT.replace("%s", dataset, 1).replace("%s", model, 1))
+            script = f.name
+        for c in clients:
+            seconds = max(1, round(duration_s))
+            out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "--latency", "-s", script, url],
+                                 capture_output=True, text=True, check=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            result["requests_per_s"] = result["requests"] / result["wall_s"]
+            result["images_per_s"] = result["requests_per_s"]
+            rows.append({"dataset": dataset, "model": model, "n": 1, "format": "npz", "clients": c, "client": "wrk", **result})
+            log(f"wrk {dataset}/{model} n=1 npz x{c}: {result['requests_per_s']:,.1f} req/s, p50 {result['p50_ms']:.2f} ms, "
+                f"p99 {result['p99_ms']:.2f} ms ({result['requests']} requests, {result['errors']} errors)")
+        Path(script).unlink()
+    return rows

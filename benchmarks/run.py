@@ -88,14 +88,16 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         exported = build_zoo(workdir, quick=quick, models=models, log=log)
     wall["zoo"] = time.perf_counter() - t
 
-    threads = Settings.from_env({}).ort_threads  # the service's default: usable CPUs / workers
+    service = Settings.from_env()  # the service's settings, as `bentoml serve` below reads them from this env
+    threads = service.ort_threads
     t = time.perf_counter()
-    baselines = serving.load_baselines(exported, workdir / "runs", threads)
+    baselines = serving.load_baselines(exported, workdir / "runs", threads, service.ort_spinning, service.ort_arena)
     in_process = serving.bench_in_process(baselines, cfg["ns"], min_s=cfg["in_process_s"], log=log)
     wall["in_process"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    server = serving.start_server(workdir / "serve", exported)
+    server = serving.start_server(workdir / "serve", exported, SYNTHGEN_ORT_SPINNING=str(int(service.ort_spinning)),
+                                  SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)))
     wall["server_start"] = time.perf_counter() - t
     log(f"server ready at {server.url} after {wall['server_start']:.1f} s")
     try:
@@ -117,7 +119,7 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         raise
     finally:
         server.stop()
-    return {"threads": threads, "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
+    return {"threads": threads, "ort_spinning": service.ort_spinning, "ort_arena": service.ort_arena, "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
 
 
 def targets(result: dict) -> list[dict]:
@@ -160,7 +162,9 @@ def markdown(result: dict) -> str:
            + (" QUICK RUN: tiny models and sizes, numbers not meaningful." if result["quick"] else "")]
     s = result.get("serving")
     if s:
-        out.append(f"\n### In-process generator calls ({s['threads']} threads each)\n")
+        ort = (f"ONNX Runtime spinning {'on' if s.get('ort_spinning') else 'off'}, arena {'on' if s.get('ort_arena') else 'off'}: "
+               "SYNTHGEN_ORT_SPINNING / SYNTHGEN_ORT_ARENA, the same for the service")
+        out.append(f"\n### In-process generator calls ({s['threads']} threads each; {ort})\n")
         by = {}
         for r in s["in_process"]:
             by.setdefault((r["dataset"], r["model"], r["n"]), {})[r["backend"]] = r

@@ -54,7 +54,7 @@ class Baselines:
         return latents(seed, n, self.latent_dim), np.arange(n, dtype=np.int64) % self.num_classes
 
 
-def load_baselines(exported: Path, runs: Path, threads: int) -> list[Baselines]:
+def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool = False, arena: bool = False) -> list[Baselines]:
     """One `Baselines` per served model of the zoo; torch uses `threads` intra-op threads, as ORT does."""
     import torch
 
@@ -67,7 +67,7 @@ def load_baselines(exported: Path, runs: Path, threads: int) -> list[Baselines]:
     out = []
     for entry in load_catalog(exported, "onnxruntime").usable():
         card = entry.card
-        runner = OnnxRuntimeRunner(entry.model_path, card, threads)
+        runner = OnnxRuntimeRunner(entry.model_path, card, threads, spinning, arena)
         model, _ = load_checkpoint(runs / entry.dataset / entry.model)
         module = inference_module(model)
 

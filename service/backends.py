@@ -22,19 +22,21 @@ class BackendLoadError(RuntimeError):
 class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
-    def __init__(self, path, card: ModelCard, threads: int):
+    def __init__(self, path, card: ModelCard, threads: int, spinning: bool = False, arena: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Without the arena, a large batch's activations go back to the OS after the call instead of
-        # staying reserved for the life of the process (what keeps RSS flat under mixed request sizes).
-        options.enable_cpu_mem_arena = False
-        # Idle intra-op threads sleep instead of spinning: spinning halves the CPU left to the event loop
-        # between calls (measured: ~1.4 vs ~2.8 ms of server CPU per n=1 request on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # arena=False: a large batch's activations go back to the OS after the call instead of staying
+        # reserved for the life of the process (RSS stays flat under mixed request sizes). The price is fresh
+        # pages on every large call: measured 1.4x slower at n=1024 (MNIST cDCGAN), see SYNTHGEN_ORT_ARENA.
+        options.enable_cpu_mem_arena = arena
+        # spinning=False: idle intra-op threads sleep, which leaves the CPU to the event loop between small
+        # calls (measured: ~1.4 vs ~2.8 ms of server CPU per n=1 request on 2 cores); spinning makes large
+        # calls up to 1.7x faster on 2 cores (threads meet at every op without a wake-up), SYNTHGEN_ORT_SPINNING.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.card = card
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
@@ -90,13 +92,14 @@ def rows_are_independent(runner, card: ModelCard, n: int = 96) -> bool:
                for a, b in ((0, 1), (5, 6), (2, 9), (17, 50), (40, n)))
 
 
-def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None):
+def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None, spinning: bool = False,
+                arena: bool = False):
     """Load one verified model and check it on one sample: output shape and range must match its card."""
     card = entry.card
     if backend == "torchscript":
         runner = TorchScriptRunner(entry.model_path, card, threads, device)
     else:
-        runner = OnnxRuntimeRunner(entry.model_path, card, threads)
+        runner = OnnxRuntimeRunner(entry.model_path, card, threads, spinning, arena)
     z = np.zeros((1, card.latent_dim), dtype=np.float32)
     labels = np.zeros(1, dtype=np.int64)
     try:

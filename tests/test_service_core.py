@@ -126,6 +126,8 @@ def test_a_card_that_disagrees_with_the_model_is_refused(exported_dir, tmp_path)
     ({"SYNTHGEN_MAX_N": "0"}, "SYNTHGEN_MAX_N"),
     ({"SYNTHGEN_BACKEND": "tensorrt"}, "SYNTHGEN_BACKEND"),
     ({"SYNTHGEN_MAX_BODY_BYTES": "-1"}, "SYNTHGEN_MAX_BODY_BYTES"),
+    ({"SYNTHGEN_ORT_SPINNING": "yes"}, "SYNTHGEN_ORT_SPINNING"),
+    ({"SYNTHGEN_ORT_ARENA": "2"}, "SYNTHGEN_ORT_ARENA"),
 ])
 def test_bad_settings_fail_naming_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
@@ -134,6 +136,8 @@ def test_bad_settings_fail_naming_the_variable(env, name):
 
 def test_settings_defaults():
     s = Settings.from_env({})
+    assert (s.ort_spinning, s.ort_arena) == (False, False)
+    assert Settings.from_env({"SYNTHGEN_ORT_SPINNING": "1", "SYNTHGEN_ORT_ARENA": "true"}).ort_arena
     assert (s.backend, s.max_n, s.max_body_bytes, s.api_token) == ("onnxruntime", 10_000, 1 << 20, None)
     assert s.exported_dir == REPO / "exported"
 
@@ -426,3 +430,12 @@ def test_a_request_without_a_response_start_in_time_still_gets_504():
 
     sent = asyncio.run(_call(_timeout_middleware(slow, timeout=0.05)))
     assert sent[0]["status"] == 504
+
+
+def test_onnx_runtime_speed_settings_give_the_same_bytes(exported_dir):
+    entry = load_catalog(exported_dir).entries[("mnist", "cdcgan")]
+    z = latents(7, 300, entry.card.latent_dim)
+    labels = np.arange(300, dtype=np.int64) % 10
+    plain = load_runner(entry, "onnxruntime", threads=2).run(z, labels)
+    fast = load_runner(entry, "onnxruntime", threads=2, spinning=True, arena=True).run(z, labels)
+    assert np.array_equal(plain, fast)

@@ -22,7 +22,7 @@ class BackendLoadError(RuntimeError):
 class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
-    def __init__(self, path, card: ModelCard, threads: int, spinning: bool = False, arena: bool = False):
+    def __init__(self, path, card: ModelCard, threads: int, spinning: bool = True, arena: bool = False):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -33,9 +33,10 @@ class OnnxRuntimeRunner:
         # reserved for the life of the process (RSS stays flat under mixed request sizes). The price is fresh
         # pages on every large call: measured 1.4x slower at n=1024 (MNIST cDCGAN), see SYNTHGEN_ORT_ARENA.
         options.enable_cpu_mem_arena = arena
-        # spinning=False: idle intra-op threads sleep, which leaves the CPU to the event loop between small
-        # calls (measured: ~1.4 vs ~2.8 ms of server CPU per n=1 request on 2 cores); spinning makes large
-        # calls up to 1.7x faster on 2 cores (threads meet at every op without a wake-up), SYNTHGEN_ORT_SPINNING.
+        # spinning=True (the default): idle intra-op threads spin briefly instead of sleeping, so the threads
+        # meet at every op without a wake-up: n=1024 calls 1.6x faster on 2 cores (MNIST cDCGAN 111 -> 68 ms),
+        # while n=1 requests/s at 1 and 16 connections did not change (benchmarks/README.md). The spin costs
+        # idle CPU after each call: SYNTHGEN_ORT_SPINNING=0 where that CPU is billed or throttled.
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         self.card = card
         try:
@@ -92,7 +93,7 @@ def rows_are_independent(runner, card: ModelCard, n: int = 96) -> bool:
                for a, b in ((0, 1), (5, 6), (2, 9), (17, 50), (40, n)))
 
 
-def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None, spinning: bool = False,
+def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None, spinning: bool = True,
                 arena: bool = False):
     """Load one verified model and check it on one sample: output shape and range must match its card."""
     card = entry.card

@@ -11,8 +11,8 @@
     SYNTHGEN_WORKERS           server processes, each loads every model    1
     SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs / workers (affinity,
                                                                            capped by a cgroup v2 CPU quota)
-    SYNTHGEN_ORT_SPINNING      1: idle ONNX Runtime threads spin (faster    0
-                               large calls, more CPU between small ones)
+    SYNTHGEN_ORT_SPINNING      1: idle ONNX Runtime threads spin (faster    1
+                               large calls; 0 where idle CPU is billed)
     SYNTHGEN_ORT_ARENA         1: ONNX Runtime keeps its memory arena        0
                                (faster large calls, RSS keeps the peak)
     SYNTHGEN_MEMORY_BUDGET_MB  image memory of requests in flight          1024 (further requests wait)
@@ -85,7 +85,7 @@ class Settings:
     batch_rows: int = 1024
     workers: int = 1
     ort_threads: int = 1
-    ort_spinning: bool = False
+    ort_spinning: bool = True
     ort_arena: bool = False
     memory_budget_bytes: int = 1 << 30
     api_token: str | None = None
@@ -108,7 +108,7 @@ class Settings:
             batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
             workers=workers,
             ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", max(1, _cpu_count() // workers), 1, 1024),
-            ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", False),
+            ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", True),
             ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", False),
             memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", 1024, 64, 1 << 20) << 20,
             api_token=env.get("SYNTHGEN_API_TOKEN") or None,

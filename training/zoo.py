@@ -43,7 +43,7 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 # The shipped cDCGANs were trained for their first half of epochs before the trainer had a generator EMA, then
 # resumed with it (the EMA starts at the resumed weights); a fresh `train` keeps the EMA from the first step.
 SHIPPED = [
-    ZooRun("mnist", "cdcgan", dict(epochs=30, sample_every=1)),
+    ZooRun("mnist", "cdcgan", dict(epochs=60, sample_every=1)),
     ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cdcgan", dict(epochs=300, sample_every=25, **SMALL)),
     ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),

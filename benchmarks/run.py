@@ -119,7 +119,16 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         raise
     finally:
         server.stop()
-    return {"threads": threads, "ort_spinning": service.ort_spinning, "ort_arena": service.ort_arena, "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
+    return {"threads": threads, "ort_spinning": service.ort_spinning, "ort_arena": service.ort_arena,
+            "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
+
+
+def _n1_gains(rows: list[dict], many: int):
+    """(model, its 1-client row, req/s at `many` clients over req/s at 1) for each model's n=1 npz cells."""
+    cells = {(r["dataset"], r["model"], r["clients"]): r for r in rows if r["n"] == 1 and r["format"] == "npz"}
+    for (dataset, model, clients), one in cells.items():
+        if clients == 1:
+            yield f"{dataset}/{model}", one, cells[(dataset, model, many)]["requests_per_s"] / one["requests_per_s"]
 
 
 def targets(result: dict) -> list[dict]:
@@ -136,21 +145,11 @@ def targets(result: dict) -> list[dict]:
             add(f"HTTP npz n={p['n']} vs in-process ORT", subject, p["http_vs_onnxruntime"], HTTP_VS_ORT)
             add(f"HTTP npz n={p['n']} vs in-process torch eager", subject, p["http_vs_torch_eager"], HTTP_VS_TORCH)
         many = max(r["clients"] for r in s["http"])
-        for r in s["http"]:
-            if r["n"] == 1 and r["format"] == "npz" and r["clients"] == 1:
-                subject = f"{r['dataset']}/{r['model']}"
-                add("n=1 npz p50 ms, 1 client", subject, r["p50_ms"], P50_N1_MS, higher_is_better=False)
-                crowd = next(x for x in s["http"] if x["dataset"] == r["dataset"] and x["model"] == r["model"]
-                             and x["n"] == 1 and x["format"] == "npz" and x["clients"] == many)
-                add(f"n=1 npz req/s, {many} clients vs 1", subject, crowd["requests_per_s"] / r["requests_per_s"],
-                    CONCURRENCY_GAIN)
-        for r in s.get("wrk", []):
-            if r["clients"] == 1:
-                subject = f"{r['dataset']}/{r['model']}"
-                crowd = next(x for x in s["wrk"] if x["dataset"] == r["dataset"] and x["model"] == r["model"]
-                             and x["clients"] == many)
-                add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject,
-                    crowd["requests_per_s"] / r["requests_per_s"], CONCURRENCY_GAIN)
+        for subject, one, gain in _n1_gains(s["http"], many):
+            add("n=1 npz p50 ms, 1 client", subject, one["p50_ms"], P50_N1_MS, higher_is_better=False)
+            add(f"n=1 npz req/s, {many} clients vs 1", subject, gain, CONCURRENCY_GAIN)
+        for subject, _, gain in _n1_gains(s.get("wrk", []), many):
+            add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN)
     for r in result.get("training", []):
         add("training images/s vs reference loop", f"{r['dataset']}/{r['model']}", r["ratio"], TRAINING_GAIN)
     return rows

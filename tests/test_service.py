@@ -300,17 +300,21 @@ def test_the_documented_examples_work(http):
     ok(http.post("/interpolate", json=schemas.EXAMPLE_INTERPOLATE))
 
 
+def mapped_files(server) -> set[str]:
+    """Every file mapped by the server's processes (shared libraries included)."""
+    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    return {m.path for p in processes for m in p.memory_maps()}
+
+
 def test_served_process_never_loads_torch(server, http):
     ok(generate(http, n=1, **MNIST))
-    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
-    mapped = {m.path for p in processes for m in p.memory_maps()}
+    mapped = mapped_files(server)
     assert any("onnxruntime" in path for path in mapped)
     assert not [path for path in mapped if "libtorch" in path or "/torch/" in path]
 
 
 def test_served_process_runs_on_uvloop_and_httptools(server, http):
     ok(generate(http, n=1, **MNIST))
-    processes = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
-    mapped = {m.path for p in processes for m in p.memory_maps()}
+    mapped = mapped_files(server)
     assert any("/uvloop/" in path for path in mapped), "uvicorn fell back to the pure-Python asyncio loop"
     assert any("/httptools/" in path for path in mapped), "uvicorn fell back to the pure-Python h11 parser"

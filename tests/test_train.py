@@ -87,6 +87,42 @@ def test_resume_gives_the_same_weights_as_one_uninterrupted_run(data_dir, tmp_pa
             assert torch.equal(a[net][name], b[net][name]), f"{net}.{name}"
 
 
+def test_the_aux_classifier_head_learns_the_real_labels_and_steers_the_generator(data_dir):
+    torch.manual_seed(0)
+    data = load_dataset("mnist", "train", data_dir)
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, lr=1e-3).resolve()
+    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True)
+    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    assert set(objective.optimizers) == {"generator", "discriminator", "class_head"}
+    x, y = data.images[:32].float() / 255, data.labels[:32]
+    losses = [objective.step(x, y) for _ in range(40)]
+    assert losses[-1]["class_loss_real"] < 0.85 * losses[0]["class_loss_real"], losses
+    assert losses[-1]["class_loss_fake"] < losses[0]["class_loss_fake"], losses
+
+
+def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
+    from training.train import main
+
+    def cfg(epochs, aux):
+        return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8, aux_classifier=aux,
+                           data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve()
+
+    main(cfg(1, 0.0))
+    before = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert not any(k.startswith("classifier.") for k in before["models"]["discriminator"])
+    main(cfg(2, 1.0), resume=True)
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert after["epoch"] == 2 and "class_head" in after["optimizers"] and after["config"]["aux_classifier"] == 1.0
+    assert after["models"]["discriminator"]["classifier.weight"].shape == (10, 17, 7, 7)  # ndf 8 * 2 + minibatch std
+    with pytest.raises(RuntimeError, match="unexpected"):
+        main(cfg(3, 0.0), resume=True)  # dropping the head again is not silent
+
+
+def test_aux_classifier_is_refused_for_models_without_a_class_head():
+    with pytest.raises(ValueError, match="aux_classifier applies to the conditional DCGAN"):
+        TrainConfig(model="cvae", aux_classifier=1.0).resolve()
+
+
 def test_resume_without_checkpoint_says_where_it_looked(data_dir, tmp_path):
     from training.train import main
 

@@ -36,6 +36,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # GAN: real targets become 1 - label_smoothing
     mode_seeking: float | None = None  # GAN mode-seeking weight (MSGAN); conditional GANs 0.25, others 0
     ema_decay: float | None = None  # generator weight EMA, the exported copy (GANs 0.999; VAEs 0 = off)
+    aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
     download: bool = False
@@ -60,6 +61,8 @@ class TrainConfig:
             self.mode_seeking = 0.25 if family.conditional and family.objective != "vae" else 0.0
         if self.ema_decay is None:
             self.ema_decay = 0.0 if family.objective == "vae" else 0.999
+        if self.aux_classifier and self.model != "cdcgan":
+            raise ValueError(f"aux_classifier applies to the conditional DCGAN (cdcgan), not {self.model!r}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
+from .sampling import unwrap
 
 
 def vae_loss(recon, x, mu, logvar, beta: float = 1.0):
@@ -44,8 +45,10 @@ def mode_seeking_term(generator: nn.Module, fake: torch.Tensor, z: torch.Tensor,
     return 1 / (ratio + 1e-5)
 
 
-def _adam(module: nn.Module, cfg: TrainConfig) -> torch.optim.Adam:
-    return torch.optim.Adam(module.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
+    """Adam over a module's parameters or a list of them, with the run's learning rate and betas."""
+    params = params.parameters() if isinstance(params, nn.Module) else params
+    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
 
 
 class Objective:
@@ -62,8 +65,10 @@ class Objective:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Optimiser states by name; one the checkpoint lacks (a class head added on resume) starts fresh."""
         for name, opt in self.optimizers.items():
-            opt.load_state_dict(state[name])
+            if name in state:
+                opt.load_state_dict(state[name])
 
 
 class VAEObjective(Objective):
@@ -85,38 +90,68 @@ class VAEObjective(Objective):
 
 
 class GANObjective(Objective):
-    """Non-saturating GAN with BCE on logits: D maximises log D(x) + log(1 - D(G(z))), G maximises log D(G(z))."""
+    """Non-saturating GAN with BCE on logits: D maximises log D(x) + log(1 - D(G(z))), G maximises log D(G(z)).
+
+    With cfg.aux_classifier = w > 0 (AC-GAN, Odena et al. 2017), D's class head learns the labels of real
+    images and G is also trained to make that head read its images as the requested label, both with weight w.
+    The head learns from real images only: trained on fakes too, it would reward G for any image it can
+    label, real-looking or not. The head has its own optimiser, so a run saved without it can resume with it.
+    """
 
     def __init__(self, cfg, device, generator: nn.Module, discriminator: nn.Module, conditional: bool):
         super().__init__(cfg, device)
         self.G, self.D, self.conditional = generator, discriminator, conditional
-        self.optimizers = {"generator": _adam(generator, cfg), "discriminator": _adam(discriminator, cfg)}
+        self.aux = cfg.aux_classifier
+        head = list(unwrap(discriminator).classifier.parameters()) if self.aux else []
+        body = [p for p in discriminator.parameters() if all(p is not h for h in head)]
+        self.optimizers = {"generator": _adam(generator, cfg), "discriminator": _adam(body, cfg),
+                           **({"class_head": _adam(head, cfg)} if head else {})}
 
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         y = labels if self.conditional else None
         real = x * 2 - 1  # the generator's tanh range
         z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
-        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
+        opt_g = self.optimizers["generator"]
         with self.autocast():
             fake = self.G(z, y)
-            d_real, d_fake = self.D(real, y).float(), self.D(fake.detach(), y).float()
+            if self.aux:
+                d_real, classes_real = self.D(real, y, with_classes=True)
+            else:
+                d_real = self.D(real, y)
+            d_real, d_fake = d_real.float(), self.D(fake.detach(), y).float()
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
-        opt_d.zero_grad(set_to_none=True)
+        losses = {}
+        if self.aux:
+            class_loss_real = F.cross_entropy(classes_real.float(), labels)
+            loss_d = loss_d + self.aux * class_loss_real
+            losses["class_loss_real"] = class_loss_real.item()
+        d_optimizers = [opt for name, opt in self.optimizers.items() if name != "generator"]  # body [+ class head]
+        for opt in d_optimizers:
+            opt.zero_grad(set_to_none=True)
         loss_d.backward()
-        opt_d.step()
+        for opt in d_optimizers:
+            opt.step()
 
         with self.autocast():
-            d_gen = self.D(fake, y).float()
+            if self.aux:
+                d_gen, classes_gen = self.D(fake, y, with_classes=True)
+            else:
+                d_gen = self.D(fake, y)
+            d_gen = d_gen.float()
             diversity = mode_seeking_term(self.G, fake, z, y).float() if self.cfg.mode_seeking else None
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         if diversity is not None:
             loss_g = loss_g + self.cfg.mode_seeking * diversity
+        if self.aux:
+            class_loss_fake = F.cross_entropy(classes_gen.float(), labels)
+            loss_g = loss_g + self.aux * class_loss_fake
+            losses["class_loss_fake"] = class_loss_fake.item()
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
-                "d_real": torch.sigmoid(d_real).mean().item(), "d_fake": torch.sigmoid(d_fake).mean().item()}
+                "d_real": torch.sigmoid(d_real).mean().item(), "d_fake": torch.sigmoid(d_fake).mean().item(), **losses}
 
 
 class WGANGPObjective(Objective):

@@ -108,7 +108,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download)
     images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W) uint8, (N,) int64
 
-    generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width)
+    generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
+                                           class_head=cfg.aux_classifier > 0)
     generator = generator.to(device)
     discriminator = discriminator.to(device) if discriminator is not None else None
 
@@ -121,7 +122,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         generator.load_state_dict(state["models"]["generator"])
         if discriminator is not None:
-            discriminator.load_state_dict(state["models"]["discriminator"])
+            _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
         start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
     ema = GeneratorEMA(generator, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and state is not None and "generator_ema" in state:
@@ -210,6 +211,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
+    """Resume the discriminator; a class head the checkpoint lacks (--aux-classifier added on resume) starts fresh."""
+    missing, unexpected = discriminator.load_state_dict(weights, strict=False)
+    if unexpected or any(not key.startswith("classifier.") for key in missing):
+        raise RuntimeError(f"checkpoint does not match the discriminator: missing {missing}, unexpected {unexpected}")
+    if missing and is_main:
+        print("resume: the checkpoint has no class head; --aux-classifier starts one fresh", flush=True)
 
 
 def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device) -> None:

@@ -113,6 +113,7 @@ def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
     main(cfg(2, 1.0), resume=True)
     after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert after["epoch"] == 2 and "class_head" in after["optimizers"] and after["config"]["aux_classifier"] == 1.0
+    assert before["resumes"] == [] and after["resumes"] == [{"from_epoch": 2, "changed": {"aux_classifier": [0.0, 1.0]}}]
     assert after["models"]["discriminator"]["classifier.weight"].shape == (10, 17, 7, 7)  # ndf 8 * 2 + minibatch std
     with pytest.raises(RuntimeError, match="unexpected"):
         main(cfg(3, 0.0), resume=True)  # dropping the head again is not silent

@@ -160,7 +160,8 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
         "parameters": sum(p.numel() for p in module.parameters()),  # of the exported graph
         "parity_max_abs_error": parity,
         "training": {
-            "config": cfg,
+            "config": cfg,  # as of the last epoch; `resumes` lists the epochs from which a setting changed
+            "resumes": state.get("resumes", []),
             "epochs": state["epoch"],
             "steps": state["step"],
             "wall_time_s": round(state["wall_time_s"], 1),

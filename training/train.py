@@ -8,7 +8,9 @@
 A run directory (default runs/<dataset>/<model>) gets: config.json (the resolved config), checkpoint.pt
 (self-describing: weights, the generator's EMA copy, optimisers, epoch, step, config, code version), metrics.csv and metrics.jsonl
 (per-epoch mean losses), loss_curve.png, samples/epoch_NNN.png (fixed-seed grid, one row per class for
-conditional models) and, with --tensorboard, TensorBoard events. Run again with --resume to continue.
+conditional models) and, with --tensorboard, TensorBoard events. Run again with --resume to continue; a resume
+that changes a training setting (say, more epochs with --aux-classifier) is recorded in the checkpoint's
+`resumes` and from there on the model card.
 
 Speed: the dataset is held as one uint8 tensor on the device, batches are index slices of it (no
 DataLoader, no per-sample Python work); on CUDA, bf16 autocast (--amp, default on) and --compile.
@@ -39,6 +41,9 @@ from .sampling import class_rows, sample, save_grid, unwrap
 
 CHECKPOINT = "checkpoint.pt"
 PREVIEW_PER_CLASS = 10
+# Config fields that do not change what is learned: a resume may change them without a record.
+NOT_TRAINING_FIELDS = ("epochs", "out_dir", "data_dir", "download", "sample_every", "checkpoint_every", "max_steps",
+                       "tensorboard", "device")
 
 
 def code_version() -> str:
@@ -75,7 +80,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
         parser.add_argument(flag, type=kind, default=default, help=help_text)
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
     args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")  # not a config field: the same run resumed has the same config
+    resume = args.pop("resume")  # not a config field: a resume that changes the config is recorded instead
     try:
         return TrainConfig(**args).resolve(), resume
     except ValueError as err:  # unknown dataset or model id: the message lists the known ones
@@ -124,6 +129,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
         start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
+    resumes = _record_resume(state, cfg, start_epoch) if state is not None else []
     ema = GeneratorEMA(generator, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and state is not None and "generator_ema" in state:
         ema.load_state_dict(state["generator_ema"])
@@ -204,7 +210,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             save_grid(grid, out / "samples" / f"epoch_{epoch:03d}.png", nrow=PREVIEW_PER_CLASS if family.conditional else 8)
             _plot_losses(out)
         if epoch % cfg.checkpoint_every == 0 or last:
-            _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device)
+            _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time,
+                             device, resumes)
     if log is not None:
         log.close()
     if world > 1:
@@ -222,7 +229,19 @@ def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
         print("resume: the checkpoint has no class head; --aux-classifier starts one fresh", flush=True)
 
 
-def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device) -> None:
+def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int) -> list[dict]:
+    """The checkpoint's list of resumes that changed the training config, plus this one if it does: so a
+    model whose later epochs ran with other settings (say --aux-classifier from epoch 61) says so."""
+    before, after = state["config"], cfg.to_dict()
+    changed = {k: [before.get(k), v] for k, v in after.items() if k not in NOT_TRAINING_FIELDS and before.get(k) != v}
+    resumes = list(state.get("resumes", []))
+    if changed:
+        resumes.append({"from_epoch": start_epoch, "changed": changed})
+    return resumes
+
+
+def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device,
+                     resumes: list[dict]) -> None:
     state = {
         "format": "synthgen-checkpoint/1",
         "version": code_version(),
@@ -238,6 +257,7 @@ def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objec
         **({"generator_ema": ema.state_dict()} if ema is not None else {}),
         "optimizers": objective.state_dict(),
         "objective_steps": getattr(objective, "steps", 0),
+        "resumes": resumes,  # [{"from_epoch": 61, "changed": {"aux_classifier": [0.0, 1.0]}}, ...]
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

@@ -216,3 +216,61 @@ def test_prior_label_mix(zoo, data_dir, tmp_path):
     (_, m), = ev.run([zoo / "pneumoniamnist/cvae"], settings, data_dir=data_dir, classifier_dir=tmp_path / "c",
                      report_dir=None, write_card=False)
     assert m["details"]["cas"]["label_mix"] == "prior" and 0 <= m["label_fidelity"] <= 1
+
+
+# -- Inception FID (optional; the real weights file is the user's) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    """A weights file of the FID Inception's exact structure, with random values (He init keeps the features' scale)."""
+    from training.inception_fid import FIDInception
+
+    torch.manual_seed(0)
+    network = FIDInception().net
+    for conv in network.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(conv.weight)
+    path = tmp_path_factory.mktemp("inception") / "pt_inception-random.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_our_fid_inception_gives_pytorch_fids_features_on_the_same_weights(inception_weights, monkeypatch):
+    import pytorch_fid.inception as pytorch_fid
+    from training.inception_fid import inception_features, load_fid_inception
+
+    state = torch.load(inception_weights, weights_only=True)
+    monkeypatch.setattr(pytorch_fid, "load_state_dict_from_url", lambda *args, **kwargs: state)  # no download
+    theirs = pytorch_fid.InceptionV3([3]).eval()
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours = inception_features(load_fid_inception(inception_weights), images)
+    with torch.no_grad():
+        expected = theirs(images.float().div(255).expand(-1, 3, -1, -1))[0].flatten(1).double()
+    assert ours.shape == (3, 2048)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_or_wrong_inception_weights_file_is_named(data_dir, tmp_path):
+    from training.inception_fid import load_fid_inception
+
+    with pytest.raises(FileNotFoundError, match="--inception-weights: no file at .*pt_inception"):
+        load_fid_inception(tmp_path / "missing.pth")
+    wrong = tmp_path / "classifier.pth"
+    torch.save(ev.Classifier(1, 28, 10).state_dict(), wrong)
+    with pytest.raises(ValueError, match="is not the FID Inception weights"):
+        load_fid_inception(wrong)
+    with pytest.raises(SystemExit):
+        ev.main(["--all", "--quick", "--data-dir", str(data_dir), "--inception-weights", str(tmp_path / "missing.pth")])
+
+
+@pytest.mark.slow
+def test_inception_fid_is_reported_with_its_floor_and_the_real_features_are_cached(zoo, data_dir, tmp_path, inception_weights):
+    settings = ev.Settings.quick_mode(augmentation=False, n_generated=16, inception_weights=str(inception_weights))
+    kwargs = dict(data_dir=data_dir, classifier_dir=tmp_path / "classifiers", report_dir=None, write_card=False)
+    (_, first), = ev.run([zoo / "mnist/cdcgan"], settings, **kwargs)
+    assert first["inception_fid"] > 0 and first["inception_fid_floor"] > 0
+    about = first["protocol"]["inception_fid"]
+    assert about["weights"] == "pt_inception-random.pth" and about["n_test"] == 32 and about["n_generated"] == 16
+    assert (tmp_path / "classifiers" / "mnist.inception.pt").exists()
+    (_, second), = ev.run([zoo / "mnist/cdcgan"], settings, **kwargs)
+    assert (second["inception_fid"], second["inception_fid_floor"]) == (first["inception_fid"], first["inception_fid_floor"])

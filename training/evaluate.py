@@ -53,6 +53,10 @@ shipped generators saw the full training split, so the low-data figures measure 
 knowledge the synthetic images carry to a classifier, not a gain available to someone who only has the
 small subset.
 
+Inception FID (optional, --inception-weights FILE, pytorch-fid's TF-Inception port; nothing downloads it):
+the same FID set and floor subset in the 2048-d pool features of that network (`training/inception_fid.py`),
+against the real test split, for comparison with published figures; reported as inception_fid(_floor).
+
 Unconditional models: FID, precision and recall only (no pseudo-labels); the reference classifier's
 predicted class histogram of their images is reported to show mode coverage.
 
@@ -346,6 +350,7 @@ class Settings:
     quick: bool = False
     classifier_steps: int | None = None  # set by --quick only
     batch_size: int = BATCH_SIZE  # --quick: 32
+    inception_weights: str | None = None  # pytorch-fid's Inception file: adds Inception FID
 
     def steps(self, n_train: int) -> int:
         return self.classifier_steps or classifier_steps(n_train, self.classifier_epochs)
@@ -468,16 +473,46 @@ class DatasetContext:
         return self._heldout
 
     # -- floors -------------------------------------------------------------------------------------------------
+    def floor_indices(self, n_fid: int) -> torch.Tensor:
+        """The seeded random subset of the real training split that FID floors compare with the test split."""
+        g = torch.Generator().manual_seed(FLOOR_SEED)
+        return torch.randperm(len(self.train), generator=g)[: min(n_fid, len(self.train))]
+
     def floor(self, n_fid: int, n_pr: int) -> dict:
         """FID and precision/recall of a random real-train subset vs the real test split (seeded)."""
         if (n_fid, n_pr) not in self._floors:
-            g = torch.Generator().manual_seed(FLOOR_SEED)
-            idx = torch.randperm(len(self.train), generator=g)[: min(n_fid, len(self.train))]
+            idx = self.floor_indices(n_fid)
             _, feats = predict(self.reference, self.train.images[idx])
             p, r = precision_recall(self.test_feats[: n_pr], feats[: n_pr])
             self._floors[(n_fid, n_pr)] = {"fid": frechet_distance(feats, self.test_feats), "n_fid": len(idx),
                                             "precision": p, "recall": r}
         return self._floors[(n_fid, n_pr)]
+
+    # -- Inception FID (optional) ---------------------------------------------------------------------------------
+    def inception(self, weights: str, n_fid: int) -> tuple:
+        """(network, test-split features, floor FID) in the FID Inception's features; the real features are
+        cached in the classifier folder, keyed by the weights file and the data."""
+        from .inception_fid import inception_features, load_fid_inception
+
+        if not hasattr(self, "_inception"):
+            network = load_fid_inception(weights)
+            digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+            idx = self.floor_indices(n_fid)
+            key = f"{digest}-{self.recipe['data']}-{len(idx)}"
+            path = self.classifier_dir / f"{self.dataset}.inception.pt"
+            cached = torch.load(path, weights_only=True) if path.exists() else {}
+            if cached.get("key") != key:
+                t0 = time.time()
+                _log(f"{self.dataset}: Inception features of {len(self.test)} test and {len(idx)} train images")
+                cached = {"key": key, "test": inception_features(network, self.test.images),
+                          "floor": inception_features(network, self.train.images[idx])}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                torch.save(cached, path)
+                _log(f"{self.dataset}: Inception features cached in {path}", t0)
+            floor = frechet_distance(cached["floor"], cached["test"])
+            self._inception = (network, cached["test"], floor, {"weights": Path(weights).name, "sha256_16": digest,
+                                                                   "n_floor": len(idx), "n_test": len(self.test)})
+        return self._inception
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -540,6 +575,15 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         "precision_floor": floor["precision"], "recall_floor": floor["recall"],
         "classifier_ceiling": ctx.reference_result["accuracy"],
     }
+    inception = None
+    if settings.inception_weights:
+        from .inception_fid import inception_features
+
+        network, test_feats, inception_floor, inception = ctx.inception(settings.inception_weights, n_gen)
+        metrics["inception_fid"] = frechet_distance(inception_features(network, fid_images), test_feats)
+        metrics["inception_fid_floor"] = inception_floor
+        inception = {**inception, "n_generated": n_gen}
+        _log(f"{name}: Inception FID {metrics['inception_fid']:.3f} (floor {inception_floor:.3f})", t0)
     per_class: dict = {"classifier_ceiling": dict(zip(classes, ctx.reference_result["per_class"]))}
     hist = torch.bincount(logits_fid.argmax(1), minlength=k).double() / n_gen
     details: dict = {"predicted_class_mix": dict(zip(classes, hist.tolist())),
@@ -627,6 +671,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         "n_generated": n_gen, "fid_real_reference": f"test split ({n_test})", "fid_floor": f"{floor['n_fid']} real train vs test",
         "pr_k": PR_K, "pr_n": n_pr, "label_fidelity_real_split": ctx.heldout_per_class()[0] if conditional else None,
         "fid_label_mix": "training-split class proportions" if conditional else "unconditional",
+        "inception_fid": inception,
         "seeds": seeds, "n_train": n_train, "n_test": n_test,
         "unconditional": None if conditional else "FID/precision/recall only; no pseudo-labels",
         "wall_time_s": round(wall, 1), "threads": torch.get_num_threads(),
@@ -752,6 +797,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
     parser.add_argument("--synthetic-share", type=float, default=0.5, help="share of each augmented batch that is synthetic (default: 0.5)")
     parser.add_argument("--augmentation", action=argparse.BooleanOptionalAction, default=None,
                         help="run the augmentation study (default: on for conditional models)")
+    parser.add_argument("--inception-weights", default=None,
+                        help="pytorch-fid's FID Inception weights file (pt_inception-2015-12-05-6726825d.pth): also "
+                             "report Inception FID (optional; slow on a CPU; nothing downloads the file)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests and smoke runs (numbers meaningless)")
     parser.add_argument("--no-card", action="store_true", help="do not write card.json / manifest.json (report only)")
     parser.add_argument("--threads", type=int, default=1,
@@ -763,8 +811,11 @@ def main(argv=None) -> list[tuple[str, dict]]:
     model_dirs = list(args.model_dirs) + (models_in_manifest(args.exported_dir) if args.all else [])
     if not model_dirs:
         parser.error("name model folders or pass --all")
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        parser.error(f"--inception-weights: no file at {args.inception_weights}")
     common = dict(label_mix=args.label_mix, synthetic_share=args.synthetic_share, augmentation=args.augmentation,
-                  fractions=args.fractions, classifier_epochs=args.classifier_epochs)
+                  fractions=args.fractions, classifier_epochs=args.classifier_epochs,
+                  inception_weights=args.inception_weights)
     if args.quick:
         settings = Settings.quick_mode(**common)
     else:

@@ -71,12 +71,13 @@ def test_a_gan_run_exports_its_generator_ema_and_a_vae_run_its_weights(data_dir,
     assert "generator_ema" not in state and state["config"]["ema_decay"] == 0.0
 
 
-def test_resume_gives_the_same_weights_as_one_uninterrupted_run(data_dir, tmp_path):
+@pytest.mark.parametrize("aux_classifier", [0.0, 1.0])
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(aux_classifier, data_dir, tmp_path):
     from training.train import main
 
     def cfg(out, epochs):
         return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8,
-                           data_dir=str(data_dir), out_dir=str(out)).resolve()
+                           aux_classifier=aux_classifier, data_dir=str(data_dir), out_dir=str(out)).resolve()
 
     main(cfg(tmp_path / "straight", 2))
     main(cfg(tmp_path / "resumed", 1))

@@ -107,6 +107,12 @@ class GANObjective(Objective):
         self.optimizers = {"generator": _adam(generator, cfg), "discriminator": _adam(body, cfg),
                            **({"class_head": _adam(head, cfg)} if head else {})}
 
+    def _discriminate(self, images: torch.Tensor, y) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(real/fake logits, class logits of the class head or None without one)."""
+        if self.aux:
+            return self.D(images, y, with_classes=True)
+        return self.D(images, y), None
+
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         y = labels if self.conditional else None
         real = x * 2 - 1  # the generator's tanh range
@@ -114,10 +120,7 @@ class GANObjective(Objective):
         opt_g = self.optimizers["generator"]
         with self.autocast():
             fake = self.G(z, y)
-            if self.aux:
-                d_real, classes_real = self.D(real, y, with_classes=True)
-            else:
-                d_real = self.D(real, y)
+            d_real, classes_real = self._discriminate(real, y)
             d_real, d_fake = d_real.float(), self.D(fake.detach(), y).float()
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
@@ -134,10 +137,7 @@ class GANObjective(Objective):
             opt.step()
 
         with self.autocast():
-            if self.aux:
-                d_gen, classes_gen = self.D(fake, y, with_classes=True)
-            else:
-                d_gen = self.D(fake, y)
+            d_gen, classes_gen = self._discriminate(fake, y)
             d_gen = d_gen.float()
             diversity = mode_seeking_term(self.G, fake, z, y).float() if self.cfg.mode_seeking else None
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))

@@ -120,6 +120,17 @@ def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
         main(cfg(3, 0.0), resume=True)  # dropping the head again is not silent
 
 
+def test_a_resume_records_changed_settings_only_and_not_fields_newer_than_the_checkpoint():
+    from training.train import _record_resume
+
+    cfg = TrainConfig(model="cdcgan", epochs=80).resolve()
+    old = {k: v for k, v in cfg.to_dict().items() if k != "aux_classifier"}  # saved before the field existed
+    assert _record_resume({"config": {**old, "epochs": 60}}, cfg, 61) == []
+    cfg.lr = 1e-4
+    assert _record_resume({"config": old, "resumes": [{"from_epoch": 5, "changed": {}}]}, cfg, 61) == [
+        {"from_epoch": 5, "changed": {}}, {"from_epoch": 61, "changed": {"lr": [2e-4, 1e-4]}}]
+
+
 def test_aux_classifier_is_refused_for_models_without_a_class_head():
     with pytest.raises(ValueError, match="aux_classifier applies to the conditional DCGAN"):
         TrainConfig(model="cvae", aux_classifier=1.0).resolve()

@@ -232,8 +232,8 @@ def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
 def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int) -> list[dict]:
     """The checkpoint's list of resumes that changed the training config, plus this one if it does: so a
     model whose later epochs ran with other settings (say --aux-classifier from epoch 61) says so."""
-    before, after = state["config"], cfg.to_dict()
-    changed = {k: [before.get(k), v] for k, v in after.items() if k not in NOT_TRAINING_FIELDS and before.get(k) != v}
+    before = TrainConfig.from_dict(state["config"]).to_dict()  # a field newer than the checkpoint: its default
+    changed = {k: [before[k], v] for k, v in cfg.to_dict().items() if k not in NOT_TRAINING_FIELDS and before[k] != v}
     resumes = list(state.get("resumes", []))
     if changed:
         resumes.append({"from_epoch": start_epoch, "changed": changed})

@@ -490,8 +490,8 @@ class DatasetContext:
 
     # -- Inception FID (optional) ---------------------------------------------------------------------------------
     def inception(self, weights: str, n_fid: int) -> tuple:
-        """(network, test-split features, floor FID) in the FID Inception's features; the real features are
-        cached in the classifier folder, keyed by the weights file and the data."""
+        """(network, test-split features, floor FID, what was used) in the FID Inception's features; the real
+        features are cached in the classifier folder, keyed by the weights file and the data."""
         from .inception_fid import inception_features, load_fid_inception
 
         if not hasattr(self, "_inception"):
@@ -575,14 +575,14 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         "precision_floor": floor["precision"], "recall_floor": floor["recall"],
         "classifier_ceiling": ctx.reference_result["accuracy"],
     }
-    inception = None
+    inception_protocol = None
     if settings.inception_weights:
         from .inception_fid import inception_features
 
-        network, test_feats, inception_floor, inception = ctx.inception(settings.inception_weights, n_gen)
+        network, test_feats, inception_floor, used = ctx.inception(settings.inception_weights, n_gen)
         metrics["inception_fid"] = frechet_distance(inception_features(network, fid_images), test_feats)
         metrics["inception_fid_floor"] = inception_floor
-        inception = {**inception, "n_generated": n_gen}
+        inception_protocol = {**used, "n_generated": n_gen}
         _log(f"{name}: Inception FID {metrics['inception_fid']:.3f} (floor {inception_floor:.3f})", t0)
     per_class: dict = {"classifier_ceiling": dict(zip(classes, ctx.reference_result["per_class"]))}
     hist = torch.bincount(logits_fid.argmax(1), minlength=k).double() / n_gen
@@ -671,7 +671,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         "n_generated": n_gen, "fid_real_reference": f"test split ({n_test})", "fid_floor": f"{floor['n_fid']} real train vs test",
         "pr_k": PR_K, "pr_n": n_pr, "label_fidelity_real_split": ctx.heldout_per_class()[0] if conditional else None,
         "fid_label_mix": "training-split class proportions" if conditional else "unconditional",
-        "inception_fid": inception,
+        "inception_fid": inception_protocol,
         "seeds": seeds, "n_train": n_train, "n_test": n_test,
         "unconditional": None if conditional else "FID/precision/recall only; no pseudo-labels",
         "wall_time_s": round(wall, 1), "threads": torch.get_num_threads(),

@@ -55,7 +55,7 @@ SHIPPED = [
     ZooRun("pneumoniamnist", "cvae", dict(epochs=60, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("fashion_mnist", "cvae", dict(epochs=8, sample_every=2)),
-    ZooRun("fashion_mnist", "cdcgan", dict(epochs=60, aux_classifier=1.0, sample_every=1)),
+    ZooRun("fashion_mnist", "cdcgan", dict(epochs=60, aux_classifier=0.3, sample_every=1)),
     ZooRun("mnist", "conv_vae", dict(epochs=8, sample_every=2)),
     ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_gan", dict(epochs=10, sample_every=2)),

@@ -54,7 +54,7 @@ class Baselines:
         return latents(seed, n, self.latent_dim), np.arange(n, dtype=np.int64) % self.num_classes
 
 
-def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool = True, arena: bool = False) -> list[Baselines]:
+def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool, arena: bool) -> list[Baselines]:
     """One `Baselines` per served model of the zoo; torch uses `threads` intra-op threads, as ORT does."""
     import torch
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .catalog import CatalogEntry, ModelCard
+from .config import Settings
 
 
 class BackendLoadError(RuntimeError):
@@ -22,7 +23,7 @@ class BackendLoadError(RuntimeError):
 class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
-    def __init__(self, path, card: ModelCard, threads: int, spinning: bool = True, arena: bool = False):
+    def __init__(self, path, card: ModelCard, threads: int, spinning: bool, arena: bool):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -93,8 +94,8 @@ def rows_are_independent(runner, card: ModelCard, n: int = 96) -> bool:
                for a, b in ((0, 1), (5, 6), (2, 9), (17, 50), (40, n)))
 
 
-def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None, spinning: bool = True,
-                arena: bool = False):
+def load_runner(entry: CatalogEntry, backend: str, threads: int, device: str | None = None,
+                spinning: bool = Settings.ort_spinning, arena: bool = Settings.ort_arena):
     """Load one verified model and check it on one sample: output shape and range must match its card."""
     card = entry.card
     if backend == "torchscript":

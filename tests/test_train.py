@@ -71,13 +71,14 @@ def test_a_gan_run_exports_its_generator_ema_and_a_vae_run_its_weights(data_dir,
     assert "generator_ema" not in state and state["config"]["ema_decay"] == 0.0
 
 
-@pytest.mark.parametrize("aux_classifier", [0.0, 1.0])
-def test_resume_gives_the_same_weights_as_one_uninterrupted_run(aux_classifier, data_dir, tmp_path):
+@pytest.mark.parametrize("aux_classifier, diff_augment", [(0.0, ""), (1.0, ""), (1.0, "color,translation,cutout")])
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(aux_classifier, diff_augment, data_dir, tmp_path):
     from training.train import main
 
     def cfg(out, epochs):
         return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8,
-                           aux_classifier=aux_classifier, data_dir=str(data_dir), out_dir=str(out)).resolve()
+                           aux_classifier=aux_classifier, diff_augment=diff_augment, data_dir=str(data_dir),
+                           out_dir=str(out)).resolve()
 
     main(cfg(tmp_path / "straight", 2))
     main(cfg(tmp_path / "resumed", 1))
@@ -125,10 +126,41 @@ def test_a_resume_records_changed_settings_only_and_not_fields_newer_than_the_ch
 
     cfg = TrainConfig(model="cdcgan", epochs=80).resolve()
     old = {k: v for k, v in cfg.to_dict().items() if k != "aux_classifier"}  # saved before the field existed
-    assert _record_resume({"config": {**old, "epochs": 60}}, cfg, 61) == []
+    assert _record_resume({"config": {**old, "epochs": 60}}, cfg, 61, "fp32") == []
     cfg.lr = 1e-4
-    assert _record_resume({"config": old, "resumes": [{"from_epoch": 5, "changed": {}}]}, cfg, 61) == [
+    assert _record_resume({"config": old, "resumes": [{"from_epoch": 5, "changed": {}}]}, cfg, 61, "fp32") == [
         {"from_epoch": 5, "changed": {}}, {"from_epoch": 61, "changed": {"lr": [2e-4, 1e-4]}}]
+
+
+def test_a_resume_in_another_precision_is_recorded():
+    from training.train import _record_resume
+
+    cfg = TrainConfig(model="cdcgan").resolve()
+    saved = {"config": cfg.to_dict(), "precision": "fp32"}
+    assert _record_resume(saved, cfg, 11, "bf16") == [{"from_epoch": 11, "changed": {"precision": ["fp32", "bf16"]}}]
+    assert _record_resume(saved, cfg, 11, "fp32") == []
+    assert _record_resume({"config": cfg.to_dict()}, cfg, 11, "bf16") == []  # older checkpoint: precision unknown
+
+
+def test_bf16_autocast_is_used_only_where_asked_and_native(data_dir, tmp_path):
+    from training.objectives import cpu_has_bf16, training_precision
+
+    cpu = torch.device("cpu")
+    assert training_precision(TrainConfig(amp=False).resolve(), cpu) == "fp32"
+    assert training_precision(TrainConfig(amp=True).resolve(), cpu) == ("bf16" if cpu_has_bf16() else "fp32")
+    assert training_precision(TrainConfig(amp=True).resolve(), torch.device("cuda")) == "bf16"
+    out = train_tiny(data_dir, tmp_path / "run", "mnist", "cdcgan", steps=2)
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert state["precision"] == training_precision(TrainConfig.from_dict(state["config"]), cpu)
+
+
+def test_diff_augment_is_validated_and_refused_where_no_discriminator_uses_it():
+    assert TrainConfig(model="cdcgan", diff_augment="cutout, translation").resolve().diff_augment == "translation,cutout"
+    with pytest.raises(ValueError, match="unknown diff_augment policy rotate; known: color, translation, cutout"):
+        TrainConfig(model="cdcgan", diff_augment="rotate").resolve()
+    for model_id in ("cvae", "wgan_gp"):
+        with pytest.raises(ValueError, match="diff_augment applies to the GANs trained with BCE"):
+            TrainConfig(model=model_id, diff_augment="cutout").resolve()
 
 
 def test_aux_classifier_is_refused_for_models_without_a_class_head():

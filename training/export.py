@@ -166,6 +166,9 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
             "steps": state["step"],
             "wall_time_s": round(state["wall_time_s"], 1),
             "hardware": state["hardware"],
+            # Checkpoints older than the field: the trainer then used bf16 on CUDA with amp, fp32 on every CPU.
+            "precision": state.get("precision", "bf16" if cfg.get("amp") and not state["hardware"].startswith("CPU")
+                                   else "fp32"),
             "torch_version": state["torch_version"],
             "code_version": state["version"],
             "data": f"{info['id']} train split, real files",

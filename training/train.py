@@ -36,7 +36,7 @@ from .config import TrainConfig
 from .data import DATA_DIR_ENV, DataNotFoundError, dataset_info, load_dataset
 from .ema import GeneratorEMA
 from .models import MODEL_FAMILIES, build_model
-from .objectives import build_objective
+from .objectives import build_objective, training_precision
 from .sampling import class_rows, sample, save_grid, unwrap
 
 CHECKPOINT = "checkpoint.pt"
@@ -129,7 +129,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
         start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
-    resumes = _record_resume(state, cfg, start_epoch) if state is not None else []
+    precision = training_precision(cfg, device)
+    resumes = _record_resume(state, cfg, start_epoch, precision) if state is not None else []
     ema = GeneratorEMA(generator, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and state is not None and "generator_ema" in state:
         ema.load_state_dict(state["generator_ema"])
@@ -229,11 +230,14 @@ def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
         print("resume: the checkpoint has no class head; --aux-classifier starts one fresh", flush=True)
 
 
-def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int) -> list[dict]:
-    """The checkpoint's list of resumes that changed the training config, plus this one if it does: so a
-    model whose later epochs ran with other settings (say --aux-classifier from epoch 61) says so."""
+def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: str) -> list[dict]:
+    """The checkpoint's list of resumes that changed the training config or the arithmetic precision, plus
+    this one if it does: so a model whose later epochs ran with other settings (say --aux-classifier from
+    epoch 61, or bf16 after fp32 on another machine) says so."""
     before = TrainConfig.from_dict(state["config"]).to_dict()  # a field newer than the checkpoint: its default
     changed = {k: [before[k], v] for k, v in cfg.to_dict().items() if k not in NOT_TRAINING_FIELDS and before[k] != v}
+    if state.get("precision", precision) != precision:  # checkpoints older than the field: not known, not recorded
+        changed["precision"] = [state["precision"], precision]
     resumes = list(state.get("resumes", []))
     if changed:
         resumes.append({"from_epoch": start_epoch, "changed": changed})
@@ -252,6 +256,7 @@ def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objec
         "step": step,
         "wall_time_s": wall_time,
         "hardware": hardware_name(device),
+        "precision": objective.precision,  # "bf16" (autocast) or "fp32"
         "models": {"generator": unwrap(generator).state_dict(),
                    **({"discriminator": unwrap(discriminator).state_dict()} if discriminator is not None else {})},
         **({"generator_ema": ema.state_dict()} if ema is not None else {}),

@@ -71,3 +71,18 @@ def test_vae_export_ships_the_decoder_only(exported_dir):
     scripted = torch.jit.load(str(exported_dir / "pneumoniamnist" / "cvae" / "generator.pt"))
     assert sum(p.numel() for p in scripted.parameters()) == model_params
     assert not any("encoder" in name for name, _ in scripted.named_parameters())
+
+
+def test_a_re_export_keeps_the_metrics_of_the_same_model_only(data_dir, tmp_path):
+    run_a = train_tiny(data_dir, tmp_path / "a", "mnist", "cdcgan", steps=2)
+    run_b = train_tiny(data_dir, tmp_path / "b", "mnist", "cdcgan", steps=2, seed=1)  # same steps, other weights
+    out = export_run(run_a, tmp_path / "exported")
+    card_path = out / "card.json"
+    card = json.loads(card_path.read_text())
+    card["metrics"] = {"fid": 1.0}  # as training.evaluate writes them
+    card_path.write_text(json.dumps(card))
+    assert json.loads(card_path.read_text())["metrics"] == {"fid": 1.0}
+    export_run(run_a, tmp_path / "exported")  # same run again: same ONNX bytes, the metrics still hold
+    assert json.loads(card_path.read_text())["metrics"] == {"fid": 1.0}
+    export_run(run_b, tmp_path / "exported")  # another model in the same place: they do not
+    assert json.loads(card_path.read_text())["metrics"] == {}

@@ -6,11 +6,16 @@ from training.data import dataset_info
 from training.zoo import PLANNED, SHIPPED, TRAINABLE_NOT_SHIPPED, command
 
 
-def test_every_zoo_entry_is_a_valid_config_with_a_train_command():
+def test_every_zoo_entry_is_a_valid_config_and_its_command_trains_exactly_that():
+    from training.train import parse_args
+
     for run in SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED:
         cfg = run.config(Path("runs"), None)
         assert dataset_info(cfg.dataset).id == run.dataset
-        assert command(run).startswith(f"python -m training.train --dataset {run.dataset} --model {run.model}")
+        prefix = "python -m training.train "
+        assert command(run).startswith(f"{prefix}--dataset {run.dataset} --model {run.model}")
+        parsed, resume = parse_args(command(run)[len(prefix):].split())
+        assert parsed == cfg and not resume, run.key
 
 
 def test_nothing_trained_on_missing_real_files_is_shipped():

@@ -173,8 +173,9 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
             "code_version": state["version"],
             "data": f"{info['id']} train split, real files",
         },
-        # Metrics come from `python -m training.evaluate`; a re-export of the same run keeps them.
-        "metrics": old_card.get("metrics", {}) if old_card.get("training", {}).get("steps") == state["step"] else {},
+        # Metrics come from `python -m training.evaluate`, measured on generator.onnx: a re-export that writes
+        # the same ONNX bytes (export is deterministic) keeps them, any other model starts without.
+        "metrics": old_card.get("metrics", {}) if old_card.get("sha256", {}).get("onnx") == sha256_of(out / ONNX_FILE) else {},
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "export_code_version": code_version(),
     }

@@ -187,7 +187,8 @@ class SyntheticImages:
                     image_shape=list(card.image_shape), latent_dim=card.latent_dim, metrics=card.metrics,
                     parameters=card.raw.get("parameters") if isinstance(card.raw.get("parameters"), int) else None,
                     merges_requests=entry.runner.row_independent,
-                    training={k: training[k] for k in ("epochs", "steps", "wall_time_s", "hardware") if k in training},
+                    training={k: training[k] for k in ("epochs", "steps", "wall_time_s", "hardware", "precision")
+                              if k in training},
                 ))
         failed = [schemas.FailedModel(dataset=e.dataset, model=e.model, reason=e.error) for e in self.catalog.failed()]
         return schemas.Catalog(backend=self.settings.backend, max_n=self.settings.max_n, datasets=datasets,

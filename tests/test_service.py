@@ -188,6 +188,8 @@ def test_catalog_lists_every_dataset_model_and_default(http):
     assert cvae["conditional"] and cvae["classes"] == ["normal", "pneumonia"] and cvae["image_shape"] == [1, 28, 28]
     assert not models[("mnist", "mlp_vae")]["conditional"] and models[("bloodmnist_64", "dcgan")]["image_shape"] == [3, 64, 64]
     assert all(isinstance(m["metrics"], dict) and m["latent_dim"] > 0 and m["merges_requests"] for m in models.values())
+    assert all({"epochs", "steps", "wall_time_s", "hardware", "precision"} <= set(m["training"]) for m in models.values())
+    assert {m["training"]["precision"] for m in models.values()} <= {"fp32", "bf16"}
 
 
 def test_default_model_is_used_when_none_is_named(http):

@@ -45,10 +45,11 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 # none. A fresh `train` keeps the EMA from the first step. The shipped MNIST and Fashion-MNIST cDCGANs got the
 # AC-GAN class head (--aux-classifier) at epochs 61 and 41 (their cards' training.resumes), a fresh `train` has
 # it from the first step; the PneumoniaMNIST and RetinaMNIST cDCGANs were trained by exactly their commands.
-# Every shipped model was trained in fp32 (cards: training.precision): all but RetinaMNIST's cDCGAN before the
-# trainer used bf16 on CPUs that have it, so their commands give bf16 runs there now (add --no-amp for fp32);
-# RetinaMNIST's says --no-amp (its card's config has amp true: on the CPU that meant fp32 then). The same
-# command in bf16 measured CAS 48.7% and FID 4.15 against this fp32 run's 49.5% and 3.34 (one run each).
+# Precision (cards: training.precision): the RetinaMNIST DCGAN was trained in bf16, by its command; every
+# other shipped model in fp32, most of them before the trainer used bf16 on CPUs that have it, so on such a
+# CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST cDCGAN's command says
+# --no-amp (its card's config has amp true: on a CPU that meant fp32 then); the same command in bf16
+# measured CAS 48.7% and FID 4.15 against the shipped fp32 run's 49.5% and 3.34 (one run each).
 SHIPPED = [
     ZooRun("mnist", "cdcgan", dict(epochs=80, aux_classifier=1.0, sample_every=1)),
     ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, aux_classifier=0.3, sample_every=10, **SMALL)),
@@ -67,7 +68,7 @@ SHIPPED = [
     ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, sample_every=20, **SMALL)),
     ZooRun("mnist", "dcgan", dict(epochs=5, sample_every=1)),
     ZooRun("mnist", "wgan_gp", dict(epochs=40, sample_every=5)),  # 5 epochs were blobs: 5 critic steps per G step
-    ZooRun("retinamnist", "dcgan", dict(epochs=150, sample_every=25, **SMALL)),
+    ZooRun("retinamnist", "dcgan", dict(epochs=150, diff_augment="translation,cutout", sample_every=25, **SMALL)),
     ZooRun("retinamnist", "conv_vae", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("breastmnist_64", "dcgan", dict(epochs=200, sample_every=25, **SMALL)),
 ]

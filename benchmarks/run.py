@@ -72,7 +72,7 @@ def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_m
             t = time.perf_counter()
             result["training"] = training_bench.bench_training(
                 training_models, steps=cfg["train_steps"], data_dir=None if quick else data_dir,
-                n_random=cfg["n_random"], width=cfg["train_width"], log=log)
+                n_random=cfg["n_random"], width=cfg["train_width"], compile=not quick, log=log)
             result["wall_s"]["training"] = time.perf_counter() - t
     result["targets"] = targets(result)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -152,6 +152,9 @@ def targets(result: dict) -> list[dict]:
             add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN)
     for r in result.get("training", []):
         add("training images/s vs reference loop", f"{r['dataset']}/{r['model']}", r["ratio"], TRAINING_GAIN)
+        if "ratio_compiled" in r:
+            add("training images/s vs reference loop, --compile", f"{r['dataset']}/{r['model']}", r["ratio_compiled"],
+                TRAINING_GAIN)
     return rows
 
 
@@ -204,15 +207,25 @@ def markdown(result: dict) -> str:
         rows = []
         for r in result["training"]:
             for name, label in (("ours", "ours: uint8 tensor + index slices, GANObjective.step"),
+                                ("ours_compiled", "ours with --compile (torch.compile)"),
+                                ("ours_fp32", "ours in fp32 (diagnostic)"),
                                 ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
                                 ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
                 if name not in r:
                     continue
                 x = r[name]
-                rows.append([f"{r['dataset']}/{r['model']}", label, x["batch"], x["steps"], fmt(x["images_per_s"]),
-                             fmt(x["median_step_s"] * 1e3), f"{x['data_share'] * 100:.1f}%",
+                rows.append([f"{r['dataset']}/{r['model']}", label, x["precision"], x["batch"], x["steps"],
+                             fmt(x["images_per_s"]), fmt(x["median_step_s"] * 1e3), f"{x['data_share'] * 100:.1f}%",
+                             fmt(x["flops_per_image"] / 1e6), f"{fmt(x['gflops'])} ({100 * x['share_of_peak']:.0f}%)",
                              f"{x['images_per_s'] / r['reference']['images_per_s']:.2f}x"])
-        out.append(table(["model", "loop", "batch", "steps", "img/s", "ms/step", "data share", "vs reference"], rows))
+        out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "ms/step", "data share",
+                          "MFLOP/img", "GFLOP/s (of peak)", "vs reference"], rows))
+        peak = result["training"][0]["matmul_peak_gflops"]
+        out.append("\nMatmul peak at the same threads (2048x2048): "
+                   + ", ".join(f"{k} {fmt(v)} GFLOP/s" for k, v in peak.items())
+                   + ". Most a loop doing the reference's arithmetic in fp32 could gain over it: "
+                   + ", ".join(f"{r['dataset']}/{r['model']} {r['fp32_ceiling_vs_reference']:.2f}x"
+                               for r in result["training"]) + ".")
         out.append("\nData: " + "; ".join(f"{r['dataset']}: {r['data']}" for r in result["training"]) + ".")
     if result.get("targets"):
         out.append("\n### Targets\n")

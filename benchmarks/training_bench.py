@@ -12,6 +12,14 @@ Both train the same architecture (same `build_model`, same seed, same Adam setti
 steps; they run interleaved (1 of ours, 2 of the reference: the same number of images) so drift on a
 shared machine hits both alike. images/s = batch / median seconds per batch, where a batch's time includes
 getting its data (the slice, or the DataLoader's next()); the data share of that time is reported too.
+Ours trains in bf16 autocast where the CPU computes bf16 natively (`training_precision`); `ours_fp32` is
+the same loop in fp32, a diagnostic of what bf16 buys; `ours_compiled` is ours with `--compile`
+(torch.compile of both networks, as train.py does; the warm-up step pays the compilation).
+
+The compute ceiling: each loop's arithmetic per training image (forward and backward matmul/convolution
+FLOPs of one step, counted by torch's FlopCounterMode) and the machine's dense matmul rate at the same thread
+count (`matmul_peak`, fp32 and bf16), so the table says what share of the CPU's peak each loop reaches and
+how far any loop doing the reference's arithmetic in fp32 could go: 1 / (the reference's share of the fp32 peak).
 """
 
 from __future__ import annotations
@@ -80,17 +88,43 @@ def _models(dataset: str, model: str, width: int, seed: int = 0):
     return cfg, generator, discriminator, MODEL_FAMILIES[model].conditional
 
 
+def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, calls: int = 5) -> float:
+    """GFLOP/s of a dense size x size matmul at torch's current thread count: the ceiling of this CPU."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(calls):
+        t = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t)
+    return 2 * size**3 / median(times) / 1e9
+
+
+def flops_per_image(loop) -> float:
+    """Forward + backward FLOPs of one training step of `loop`, per image (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        loop.step()
+    return counter.get_total_flops() / loop.batch
+
+
 class Ours:
     """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
 
-    def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None):
+    def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None, amp: bool = True,
+                 compile: bool = False):
         from training.objectives import build_objective
 
         self.cfg, generator, discriminator, conditional = _models(dataset, model, width)
         if mode_seeking is not None:
             self.cfg.mode_seeking = mode_seeking
+        self.cfg.amp, self.cfg.compile = amp, compile
+        if compile:  # as train.py does with --compile
+            generator, discriminator = torch.compile(generator), torch.compile(discriminator)
         self.batch = self.cfg.batch_size
         self.objective = build_objective(self.cfg, torch.device("cpu"), generator, discriminator, conditional)
+        self.precision = self.objective.precision
         self.images, self.labels = images, labels
         self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
         self.i = 0
@@ -110,9 +144,10 @@ class Ours:
 
 
 class Reference:
-    """The reference projects' loop: DataLoader over per-sample transforms, the textbook DCGAN step."""
+    """The reference projects' loop: DataLoader over per-sample transforms, the textbook DCGAN step (fp32)."""
 
     batch = 64
+    precision = "fp32"
 
     def __init__(self, dataset, model, width, images, labels):
         cfg, self.G, self.D, self.conditional = _models(dataset, model, width)
@@ -150,37 +185,60 @@ class Reference:
 
 
 def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None = None, n_random: int = 4096,
-                   width: int | None = None, log=print) -> list[dict]:
-    """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after 1 warm-up each."""
+                   width: int | None = None, compile: bool = True, log=print) -> list[dict]:
+    """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after 1 warm-up each.
+    compile: also time ours with --compile (`ours_compiled`; its warm-up compiles for about a minute per model)."""
     rows = []
+    peak = {"fp32": matmul_peak(torch.float32)}
+    from training.objectives import cpu_has_bf16
+
+    if cpu_has_bf16():
+        peak["bf16"] = matmul_peak(torch.bfloat16)
+    log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()))
     for dataset, model, model_width in models:
         w = width or model_width
         images, labels, data_what = load_images(dataset, data_dir, n_random)
         ours, ref = Ours(dataset, model, w, images, labels), Reference(dataset, model, w, images, labels)
         loops = {"ours": ours, "reference": ref}
+        if ours.precision != "fp32":  # a diagnostic: what bf16 autocast buys
+            loops["ours_fp32"] = Ours(dataset, model, w, images, labels, amp=False)
+        if compile:
+            loops["ours_compiled"] = Ours(dataset, model, w, images, labels, compile=True)
         if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
             loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0)
         per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
         times = {k: [] for k in loops}
         data = {k: [] for k in loops}
-        for loop in loops.values():  # warm-up: first-call allocations, oneDNN primitive caches
+        flops = {}
+        for name, loop in loops.items():  # warm-up (first-call allocations, oneDNN primitive caches), then count
             loop.step()
+            # The compiled step does ours' arithmetic (the counter would only see the compiled graph's calls).
+            flops[name] = flops["ours"] if name == "ours_compiled" else flops_per_image(loop)
         for _ in range(steps):
             for name, loop in loops.items():
                 for _ in range(per[name]):
                     t = time.perf_counter()
                     data[name].append(loop.step())
                     times[name].append(time.perf_counter() - t)
-        row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "threads": torch.get_num_threads()}
+        row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "threads": torch.get_num_threads(),
+               "matmul_peak_gflops": peak}
         for name, loop in loops.items():
             med = median(times[name])
+            gflops = flops[name] * loop.batch / med / 1e9
             row[name] = {"batch": loop.batch, "steps": len(times[name]), "median_step_s": med,
                          "images_per_s": loop.batch / med, "total_s": sum(times[name]),
-                         "data_share": sum(data[name]) / sum(times[name])}
+                         "data_share": sum(data[name]) / sum(times[name]), "precision": loop.precision,
+                         "flops_per_image": flops[name], "gflops": gflops,
+                         "share_of_peak": gflops / peak[loop.precision]}
         row["ours"]["mode_seeking"] = ours.cfg.mode_seeking
         row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
+        if compile:
+            row["ratio_compiled"] = row["ours_compiled"]["images_per_s"] / row["reference"]["images_per_s"]
+        # The most any loop doing the reference's fp32 arithmetic could gain over it on this machine.
+        row["fp32_ceiling_vs_reference"] = 1 / row["reference"]["share_of_peak"]
         rows.append(row)
-        log(f"training {dataset}/{model}: ours {row['ours']['images_per_s']:,.0f} img/s, reference "
-            f"{row['reference']['images_per_s']:,.0f} img/s, {row['ratio']:.2f}x")
+        log(f"training {dataset}/{model}: ours ({ours.precision}) {row['ours']['images_per_s']:,.0f} img/s, "
+            f"reference {row['reference']['images_per_s']:,.0f} img/s, {row['ratio']:.2f}x; the reference runs at "
+            f"{100 * row['reference']['share_of_peak']:.0f}% of the fp32 matmul peak")
     return rows
 

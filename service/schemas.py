@@ -80,7 +80,8 @@ class ModelInfo(BaseModel):
     parameters: int | None = None
     merges_requests: bool = Field(description="concurrent requests share model calls (its outputs were checked "
                                               "to be row-independent at start-up)")
-    training: dict[str, Any] = Field(default_factory=dict, description="epochs, steps, wall time, hardware and arithmetic precision (fp32 or bf16)")
+    training: dict[str, Any] = Field(default_factory=dict,
+                                     description="epochs, steps, wall time, hardware and arithmetic precision (fp32 or bf16)")
 
 
 class DatasetInfo(BaseModel):

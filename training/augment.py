@@ -9,7 +9,8 @@ asked to produce augmented images: the augmentation lives only between the image
     python -m training.train --dataset retinamnist --model cdcgan --diff-augment translation,cutout ...
 
 Policies (comma-separated, applied in this order): `color` (random brightness, saturation, contrast),
-`translation` (shift by up to 1/8 of the side, zero-padded), `cutout` (one zeroed square of half the side).
+`translation` (shift by up to 1/8 of the side, padded with black, -1), `cutout` (one square of half the
+side set to 0, the range's middle).
 Images are in the generator's range [-1, 1]. Randomness comes from torch's global generator, which the
 trainer seeds per epoch, so resuming stays exact.
 """

@@ -20,9 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("color", "translation", "cutout")
-
-
 def parse_policy(policy: str) -> tuple[str, ...]:
     """'translation,cutout' -> ('translation', 'cutout'); '' -> (); an unknown name is a ValueError listing them."""
     names = tuple(p.strip() for p in policy.split(",") if p.strip())
@@ -71,7 +68,8 @@ def cutout(x: torch.Tensor, ratio: float = 0.5) -> torch.Tensor:
     return x * (~inside).unsqueeze(1).to(x.dtype)
 
 
-TRANSFORMS = {"color": color, "translation": translation, "cutout": cutout}
+TRANSFORMS = {"color": color, "translation": translation, "cutout": cutout}  # in the order they are applied
+POLICIES = tuple(TRANSFORMS)
 
 
 class DiffAugment:

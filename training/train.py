@@ -36,7 +36,7 @@ from .config import TrainConfig
 from .data import DATA_DIR_ENV, DataNotFoundError, dataset_info, load_dataset
 from .ema import GeneratorEMA
 from .models import MODEL_FAMILIES, build_model
-from .objectives import build_objective, training_precision
+from .objectives import build_objective
 from .sampling import class_rows, sample, save_grid, unwrap
 
 CHECKPOINT = "checkpoint.pt"
@@ -129,8 +129,6 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
         start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
-    precision = training_precision(cfg, device)
-    resumes = _record_resume(state, cfg, start_epoch, precision) if state is not None else []
     ema = GeneratorEMA(generator, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and state is not None and "generator_ema" in state:
         ema.load_state_dict(state["generator_ema"])
@@ -144,6 +142,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         generator = torch.compile(generator)
         discriminator = torch.compile(discriminator) if discriminator is not None else None
     objective = build_objective(cfg, device, generator, discriminator, family.conditional)
+    resumes = _record_resume(state, cfg, start_epoch, objective.precision) if state is not None else []
     if state is not None:
         objective.load_state_dict(state["optimizers"])
         if "objective_steps" in state:

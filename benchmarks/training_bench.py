@@ -187,7 +187,7 @@ class Reference:
 def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None = None, n_random: int = 4096,
                    width: int | None = None, compile: bool = True, log=print) -> list[dict]:
     """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after 1 warm-up each.
-    compile: also time ours with --compile (`ours_compiled`; its warm-up compiles for about a minute per model)."""
+    compile: also time ours with --compile (`ours_compiled`; its warm-up step compiles, under a minute per model)."""
     rows = []
     peak = {"fp32": matmul_peak(torch.float32)}
     from training.objectives import cpu_has_bf16

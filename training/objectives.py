@@ -62,7 +62,7 @@ def cpu_has_bf16() -> bool:
 
 def training_precision(cfg: TrainConfig, device: torch.device) -> str:
     """"bf16" (autocast) when cfg.amp and the device computes bf16 natively: CUDA, or a CPU with AVX512-BF16
-    or AMX, where oneDNN's bf16 convolutions took a cDCGAN step 1.6x faster than fp32 (benchmarks/README.md);
+    or AMX, where oneDNN's bf16 convolutions made our training step 1.3-1.7x faster than fp32 (benchmarks/README.md);
     "fp32" elsewhere, where bf16 would be emulated and slower."""
     native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
     return "bf16" if cfg.amp and native else "fp32"

@@ -71,14 +71,15 @@ def test_a_gan_run_exports_its_generator_ema_and_a_vae_run_its_weights(data_dir,
     assert "generator_ema" not in state and state["config"]["ema_decay"] == 0.0
 
 
-@pytest.mark.parametrize("aux_classifier, diff_augment", [(0.0, ""), (1.0, ""), (1.0, "color,translation,cutout")])
-def test_resume_gives_the_same_weights_as_one_uninterrupted_run(aux_classifier, diff_augment, data_dir, tmp_path):
+@pytest.mark.parametrize("aux_classifier, twin, diff_augment", [(0.0, False, ""), (1.0, False, ""), (1.0, True, ""),
+                                                                 (1.0, False, "color,translation,cutout")])
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(aux_classifier, twin, diff_augment, data_dir, tmp_path):
     from training.train import main
 
     def cfg(out, epochs):
         return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8,
-                           aux_classifier=aux_classifier, diff_augment=diff_augment, data_dir=str(data_dir),
-                           out_dir=str(out)).resolve()
+                           aux_classifier=aux_classifier, twin_classifier=twin, diff_augment=diff_augment,
+                           data_dir=str(data_dir), out_dir=str(out)).resolve()
 
     main(cfg(tmp_path / "straight", 2))
     main(cfg(tmp_path / "resumed", 1))
@@ -102,6 +103,35 @@ def test_the_aux_classifier_head_learns_the_real_labels_and_steers_the_generator
     assert losses[-1]["class_loss_fake"] < losses[0]["class_loss_fake"], losses
 
 
+def test_the_twin_head_learns_the_generated_labels_and_the_generator_plays_against_it(data_dir):
+    torch.manual_seed(0)
+    data = load_dataset("mnist", "train", data_dir)
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
+                      lr=1e-3).resolve()
+    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
+                                           twin_head=True)
+    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    assert set(objective.optimizers) == {"generator", "discriminator", "class_head", "twin_head"}
+    x, y = data.images[:32].float() / 255, data.labels[:32]
+    twin_before = discriminator.twin_classifier.weight.detach().clone()
+    losses = [objective.step(x, y) for _ in range(40)]
+    assert not torch.equal(twin_before, discriminator.twin_classifier.weight)
+    assert losses[-1]["twin_loss_fake"] < losses[0]["twin_loss_fake"], losses  # it reads G's labels
+
+    # G's loss is the AC-GAN one minus the twin head's loss on the same images: the twin pushes G the other way.
+    d_gen, classes, twin = torch.randn(8), torch.randn(8, 10), torch.randn(8, 10)
+    labels, ce = y[:8], torch.nn.functional.cross_entropy
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(d_gen, torch.ones(8)) + ce(classes, labels) - ce(twin, labels)
+    assert torch.allclose(objective.generator_loss(d_gen, classes, twin, labels, None, {}), expected)
+
+
+def test_twin_classifier_needs_the_class_head():
+    with pytest.raises(ValueError, match="twin_classifier is the class head's twin: it needs aux_classifier > 0"):
+        TrainConfig(model="cdcgan", twin_classifier=True).resolve()
+    with pytest.raises(ValueError, match="twin_head needs class_head"):
+        build_model("cdcgan", (1, 28, 28), 10, 100, 8, twin_head=True)
+
+
 def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
     from training.train import main
 
@@ -119,6 +149,21 @@ def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
     assert after["models"]["discriminator"]["classifier.weight"].shape == (10, 17, 7, 7)  # ndf 8 * 2 + minibatch std
     with pytest.raises(RuntimeError, match="unexpected"):
         main(cfg(3, 0.0), resume=True)  # dropping the head again is not silent
+
+
+def test_a_run_saved_with_a_class_head_resumes_with_its_twin(data_dir, tmp_path):
+    from training.train import main
+
+    def cfg(epochs, twin):
+        return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8, aux_classifier=1.0,
+                           twin_classifier=twin, data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve()
+
+    main(cfg(1, False))
+    main(cfg(2, True), resume=True)
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert {"class_head", "twin_head"} <= set(after["optimizers"]) and after["config"]["twin_classifier"] is True
+    assert after["resumes"] == [{"from_epoch": 2, "changed": {"twin_classifier": [False, True]}}]
+    assert after["models"]["discriminator"]["twin_classifier.weight"].shape == (10, 17, 7, 7)
 
 
 def test_a_resume_records_changed_settings_only_and_not_fields_newer_than_the_checkpoint():

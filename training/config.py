@@ -38,6 +38,7 @@ class TrainConfig:
     mode_seeking: float | None = None  # GAN mode-seeking weight (MSGAN); conditional GANs 0.25, others 0
     ema_decay: float | None = None  # generator weight EMA, the exported copy (GANs 0.999; VAEs 0 = off)
     aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
+    twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
@@ -65,6 +66,8 @@ class TrainConfig:
             self.ema_decay = 0.0 if family.objective == "vae" else 0.999
         if self.aux_classifier and self.model != "cdcgan":
             raise ValueError(f"aux_classifier applies to the conditional DCGAN (cdcgan), not {self.model!r}")
+        if self.twin_classifier and not self.aux_classifier:
+            raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":
             raise ValueError(f"diff_augment applies to the GANs trained with BCE (mlp_gan, dcgan, cdcgan), not {self.model!r}")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied

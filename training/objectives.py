@@ -115,6 +115,11 @@ class GANObjective(Objective):
     images and G is also trained to make that head read its images as the requested label, both with weight w.
     The head learns from real images only: trained on fakes too, it would reward G for any image it can
     label, real-looking or not. The head has its own optimiser, so a run saved without it can resume with it.
+    AC-GAN alone also rewards G for making classes easier to tell apart than they are (it lowers H(y | x) of
+    the generated images: unmistakable, prototypical shirts). With cfg.twin_classifier (TAC-GAN, Gong et al.
+    2019) a twin head learns the labels of generated images and G is trained to make that head's loss large,
+    with the same weight w: the two terms together match the real class-conditional distributions,
+    borderline images included. The twin has its own optimiser too.
     With cfg.diff_augment (training/augment.py), every image D sees, real or generated, in both steps, goes
     through the same random differentiable transforms; the mode-seeking term compares unaugmented images.
     """
@@ -124,17 +129,41 @@ class GANObjective(Objective):
         self.G, self.D, self.conditional = generator, discriminator, conditional
         self.aux = cfg.aux_classifier
         self.augment = DiffAugment(cfg.diff_augment)
-        head = list(unwrap(discriminator).classifier.parameters()) if self.aux else []
-        body = [p for p in discriminator.parameters() if all(p is not h for h in head)]
+        self.twin = cfg.twin_classifier
+        d = unwrap(discriminator)
+        head = list(d.classifier.parameters()) if self.aux else []
+        twin = list(d.twin_classifier.parameters()) if self.twin else []
+        body = [p for p in discriminator.parameters() if all(p is not h for h in head + twin)]
         self.optimizers = {"generator": _adam(generator, cfg), "discriminator": _adam(body, cfg),
-                           **({"class_head": _adam(head, cfg)} if head else {})}
+                           **({"class_head": _adam(head, cfg)} if head else {}),
+                           **({"twin_head": _adam(twin, cfg)} if twin else {})}
 
-    def _discriminate(self, images: torch.Tensor, y) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(real/fake logits, class logits of the class head or None without one), of the augmented images."""
+    def _discriminate(self, images: torch.Tensor, y, classes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                                 torch.Tensor | None]:
+        """(real/fake logits, class logits of the class head, of the twin head), of the augmented images; None
+        for a head D lacks, and for both heads when not `classes`."""
         images = self.augment(images)
-        if self.aux:
+        if classes and self.twin:
             return self.D(images, y, with_classes=True)
-        return self.D(images, y), None
+        if classes and self.aux:
+            return (*self.D(images, y, with_classes=True), None)
+        return self.D(images, y), None, None
+
+    def generator_loss(self, d_gen, classes_gen, twin_gen, labels, diversity, losses: dict) -> torch.Tensor:
+        """G's loss on its images' logits: non-saturating BCE [+ mode seeking] [+ w * class head CE
+        - w * twin head CE]; the class terms are also logged into `losses`."""
+        loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+        if diversity is not None:
+            loss_g = loss_g + self.cfg.mode_seeking * diversity
+        if self.aux:
+            class_loss_fake = F.cross_entropy(classes_gen.float(), labels)
+            loss_g = loss_g + self.aux * class_loss_fake
+            losses["class_loss_fake"] = class_loss_fake.item()
+        if self.twin:
+            twin_loss_gen = F.cross_entropy(twin_gen.float(), labels)
+            loss_g = loss_g - self.aux * twin_loss_gen
+            losses["twin_loss_gen"] = twin_loss_gen.item()
+        return loss_g
 
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         y = labels if self.conditional else None
@@ -143,8 +172,9 @@ class GANObjective(Objective):
         opt_g = self.optimizers["generator"]
         with self.autocast():
             fake = self.G(z, y)
-            d_real, classes_real = self._discriminate(real, y)
-            d_real, d_fake = d_real.float(), self.D(self.augment(fake.detach()), y).float()
+            d_real, classes_real, _ = self._discriminate(real, y)
+            d_fake, _, twin_fake = self._discriminate(fake.detach(), y, classes=self.twin)
+            d_real, d_fake = d_real.float(), d_fake.float()
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         losses = {}
@@ -152,7 +182,11 @@ class GANObjective(Objective):
             class_loss_real = F.cross_entropy(classes_real.float(), labels)
             loss_d = loss_d + self.aux * class_loss_real
             losses["class_loss_real"] = class_loss_real.item()
-        d_optimizers = [opt for name, opt in self.optimizers.items() if name != "generator"]  # body [+ class head]
+        if self.twin:
+            twin_loss_fake = F.cross_entropy(twin_fake.float(), labels)
+            loss_d = loss_d + self.aux * twin_loss_fake
+            losses["twin_loss_fake"] = twin_loss_fake.item()
+        d_optimizers = [opt for name, opt in self.optimizers.items() if name != "generator"]  # body [+ class head, twin head]
         for opt in d_optimizers:
             opt.zero_grad(set_to_none=True)
         loss_d.backward()
@@ -160,16 +194,10 @@ class GANObjective(Objective):
             opt.step()
 
         with self.autocast():
-            d_gen, classes_gen = self._discriminate(fake, y)
+            d_gen, classes_gen, twin_gen = self._discriminate(fake, y)
             d_gen = d_gen.float()
             diversity = mode_seeking_term(self.G, fake, z, y).float() if self.cfg.mode_seeking else None
-        loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        if diversity is not None:
-            loss_g = loss_g + self.cfg.mode_seeking * diversity
-        if self.aux:
-            class_loss_fake = F.cross_entropy(classes_gen.float(), labels)
-            loss_g = loss_g + self.aux * class_loss_fake
-            losses["class_loss_fake"] = class_loss_fake.item()
+        loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, labels, diversity, losses)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()

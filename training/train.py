@@ -114,7 +114,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W) uint8, (N,) int64
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
-                                           class_head=cfg.aux_classifier > 0)
+                                           class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier)
     generator = generator.to(device)
     discriminator = discriminator.to(device) if discriminator is not None else None
 
@@ -221,12 +221,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
-    """Resume the discriminator; a class head the checkpoint lacks (--aux-classifier added on resume) starts fresh."""
+    """Resume the discriminator; a class head or twin head the checkpoint lacks (--aux-classifier or
+    --twin-classifier added on resume) starts fresh."""
     missing, unexpected = discriminator.load_state_dict(weights, strict=False)
-    if unexpected or any(not key.startswith("classifier.") for key in missing):
+    heads = {"classifier.": "class head; --aux-classifier", "twin_classifier.": "twin head; --twin-classifier"}
+    if unexpected or any(not key.startswith(tuple(heads)) for key in missing):
         raise RuntimeError(f"checkpoint does not match the discriminator: missing {missing}, unexpected {unexpected}")
-    if missing and is_main:
-        print("resume: the checkpoint has no class head; --aux-classifier starts one fresh", flush=True)
+    for prefix, what in heads.items():
+        if is_main and any(key.startswith(prefix) for key in missing):
+            print(f"resume: the checkpoint has no {what} starts one fresh", flush=True)
 
 
 def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: str) -> list[dict]:

@@ -39,12 +39,13 @@ MODEL_FAMILIES = {
 
 
 def build_model(model: str, image_shape, num_classes: int, latent_dim: int, width: int,
-                class_head: bool = False) -> tuple[nn.Module, nn.Module | None]:
+                class_head: bool = False, twin_head: bool = False) -> tuple[nn.Module, nn.Module | None]:
     """(generator or VAE, discriminator or critic or None) for a family, a data shape and its class count.
 
     `num_classes` is used only by conditional families. `width` is ngf/ndf for GANs and the first
     conv width for the conv VAEs (ignored by the MLP families, whose widths are the reference ones).
-    `class_head` gives the (conditional DCGAN) discriminator an auxiliary classifier (`--aux-classifier`).
+    `class_head` gives the (conditional DCGAN) discriminator an auxiliary classifier (`--aux-classifier`),
+    `twin_head` its TAC-GAN twin (`--twin-classifier`).
     """
     if model not in MODEL_FAMILIES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_FAMILIES)}")
@@ -59,7 +60,7 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
     norm = "none" if family.objective == "wgan_gp" else "batch"
     generator = DCGANGenerator(latent_dim, image_shape, width, num_classes=k)
     discriminator = DCGANDiscriminator(image_shape, width, num_classes=k, norm=norm, minibatch_std=norm == "batch",
-                                       class_head=class_head)
+                                       class_head=class_head, twin_head=twin_head)
     generator.apply(init_dcgan_weights)
     discriminator.apply(init_dcgan_weights)
     return generator, discriminator

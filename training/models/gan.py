@@ -150,10 +150,12 @@ class DCGANDiscriminator(nn.Module):
     returned by `forward(..., with_classes=True)`; it never sees the label, so it can teach the generator what a
     class looks like. (On pooled features it could not: a linear probe of our trained MNIST discriminator reads
     the digit from the 7x7 features at 94 %, from their spatial mean at 70 %.)
+    twin_head: a second classifier of the same shape (TAC-GAN, Gong et al. 2019), returned after the first;
+    the objective trains it on generated images, so it reads the labels of the generator's distribution.
     """
 
     def __init__(self, image_shape=(1, 28, 28), ndf: int = 32, num_classes: int = 0, norm: str = "batch",
-                 minibatch_std: bool = True, class_head: bool = False):
+                 minibatch_std: bool = True, class_head: bool = False, twin_head: bool = False):
         super().__init__()
         if norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', not {norm!r}")
@@ -176,9 +178,13 @@ class DCGANDiscriminator(nn.Module):
         if class_head and num_classes < 2:
             raise ValueError("class_head needs a conditional discriminator (num_classes >= 2)")
         self.classifier = nn.Conv2d(width, num_classes, final, 1, 0) if class_head else None
+        if twin_head and not class_head:
+            raise ValueError("twin_head needs class_head (it is the class head's twin)")
+        self.twin_classifier = nn.Conv2d(width, num_classes, final, 1, 0) if twin_head else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, with_classes: bool = False):
-        """(N,) real/fake logits; with_classes: also (N, num_classes) class logits from the class head."""
+        """(N,) real/fake logits; with_classes: also (N, num_classes) class logits from the class head, and
+        from the twin head when there is one: (logits, classes) or (logits, classes, twin_classes)."""
         h = self.features(x)  # (N, W, 7, 7) or (N, W, 4, 4)
         logit = self.head(h).view(-1)  # (N,)
         y = self.projection(labels)
@@ -187,6 +193,8 @@ class DCGANDiscriminator(nn.Module):
         if with_classes:
             if self.classifier is None:
                 raise ValueError("this discriminator was built without class_head")
+            if self.twin_classifier is not None:
+                return logit, self.classifier(h).flatten(1), self.twin_classifier(h).flatten(1)
             return logit, self.classifier(h).flatten(1)
         return logit
 

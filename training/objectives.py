@@ -116,10 +116,12 @@ class GANObjective(Objective):
     The head learns from real images only: trained on fakes too, it would reward G for any image it can
     label, real-looking or not. The head has its own optimiser, so a run saved without it can resume with it.
     AC-GAN alone also rewards G for making classes easier to tell apart than they are (it lowers H(y | x) of
-    the generated images: unmistakable, prototypical shirts). With cfg.twin_classifier (TAC-GAN, Gong et al.
-    2019) a twin head learns the labels of generated images and G is trained to make that head's loss large,
-    with the same weight w: the two terms together match the real class-conditional distributions,
-    borderline images included. The twin has its own optimiser too.
+    the generated images: prototypical digits, unmistakable shirts, low recall). With cfg.twin_classifier
+    (TAC-GAN, Gong et al. 2019) a twin head learns the labels of generated images, q(y | x), and G is trained
+    to make that head's loss large, with the same weight w. With the class head reading p(y | x) from real
+    images, G's two class terms are E[-log p(y | x) + log q(y | x)] = E[KL(q(y | x) || p(y | x))] over its
+    images (both heads at their optimum): the bias becomes a match of the real class posteriors. The twin has
+    its own optimiser too.
     With cfg.diff_augment (training/augment.py), every image D sees, real or generated, in both steps, goes
     through the same random differentiable transforms; the mode-seeking term compares unaugmented images.
     """

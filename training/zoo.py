@@ -40,18 +40,18 @@ class ZooRun:
 SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 
 # In training order: the models the service is most often asked for first.
-# The shipped cDCGANs of MNIST (first 15 epochs) and Fashion-MNIST (10) were trained before the trainer had a
-# generator EMA and then resumed with it (the EMA starts at the resumed weights); the BreastMNIST cDCGAN has
-# none. A fresh `train` keeps the EMA from the first step. The shipped MNIST and Fashion-MNIST cDCGANs got the
-# AC-GAN class head (--aux-classifier) at epochs 61 and 41 (their cards' training.resumes), a fresh `train` has
-# it from the first step; the PneumoniaMNIST and RetinaMNIST cDCGANs were trained by exactly their commands.
-# Precision (cards: training.precision): the RetinaMNIST DCGAN was trained in bf16, by its command; every
-# other shipped model in fp32, most of them before the trainer used bf16 on CPUs that have it, so on such a
-# CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST cDCGAN's command says
-# --no-amp (its card's config has amp true: on a CPU that meant fp32 then); the same command in bf16
-# measured CAS 48.7% and FID 4.15 against the shipped fp32 run's 49.5% and 3.34 (one run each).
+# The shipped Fashion-MNIST cDCGAN (first 10 epochs) was trained before the trainer had a generator EMA and
+# then resumed with it (the EMA starts at the resumed weights); the BreastMNIST cDCGAN has none. A fresh
+# `train` keeps the EMA from the first step. The shipped Fashion-MNIST cDCGAN got the AC-GAN class head
+# (--aux-classifier) at epoch 41 (its card's training.resumes), a fresh `train` has it from the first step; the
+# MNIST (TAC-GAN, bf16), PneumoniaMNIST and RetinaMNIST cDCGANs were trained by exactly their commands.
+# Precision (cards: training.precision): the RetinaMNIST DCGAN and the MNIST cDCGAN were trained in bf16, by
+# their commands; every other shipped model in fp32, most of them before the trainer used bf16 on CPUs that
+# have it, so on such a CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST
+# cDCGAN's command says --no-amp (its card's config has amp true: on a CPU that meant fp32 then); the same
+# command in bf16 measured CAS 48.7% and FID 4.15 against the shipped fp32 run's 49.5% and 3.34 (one run each).
 SHIPPED = [
-    ZooRun("mnist", "cdcgan", dict(epochs=80, aux_classifier=1.0, sample_every=1)),
+    ZooRun("mnist", "cdcgan", dict(epochs=70, aux_classifier=1.0, twin_classifier=True, compile=True, sample_every=5)),
     ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, aux_classifier=0.3, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cdcgan", dict(epochs=300, aux_classifier=1.0, diff_augment="translation,cutout", amp=False,
                                          sample_every=25, **SMALL)),

@@ -46,6 +46,13 @@ def mode_seeking_term(generator: nn.Module, fake: torch.Tensor, z: torch.Tensor,
     return 1 / (ratio + 1e-5)
 
 
+def _logged_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, losses: dict, key: str) -> torch.Tensor:
+    """Cross-entropy of class logits (computed in fp32) against labels, its value also logged as losses[key]."""
+    loss = F.cross_entropy(logits.float(), labels)
+    losses[key] = loss.item()
+    return loss
+
+
 def _adam(params, cfg: TrainConfig) -> torch.optim.Adam:
     """Adam over a module's parameters or a list of them, with the run's learning rate and betas."""
     params = params.parameters() if isinstance(params, nn.Module) else params
@@ -145,10 +152,8 @@ class GANObjective(Objective):
         """(real/fake logits, class logits of the class head, of the twin head), of the augmented images; None
         for a head D lacks, and for both heads when not `classes`."""
         images = self.augment(images)
-        if classes and self.twin:
-            return self.D(images, y, with_classes=True)
         if classes and self.aux:
-            return (*self.D(images, y, with_classes=True), None)
+            return self.D(images, y, with_classes=True)
         return self.D(images, y), None, None
 
     def generator_loss(self, d_gen, classes_gen, twin_gen, labels, diversity, losses: dict) -> torch.Tensor:
@@ -158,13 +163,9 @@ class GANObjective(Objective):
         if diversity is not None:
             loss_g = loss_g + self.cfg.mode_seeking * diversity
         if self.aux:
-            class_loss_fake = F.cross_entropy(classes_gen.float(), labels)
-            loss_g = loss_g + self.aux * class_loss_fake
-            losses["class_loss_fake"] = class_loss_fake.item()
+            loss_g = loss_g + self.aux * _logged_cross_entropy(classes_gen, labels, losses, "class_loss_fake")
         if self.twin:
-            twin_loss_gen = F.cross_entropy(twin_gen.float(), labels)
-            loss_g = loss_g - self.aux * twin_loss_gen
-            losses["twin_loss_gen"] = twin_loss_gen.item()
+            loss_g = loss_g - self.aux * _logged_cross_entropy(twin_gen, labels, losses, "twin_loss_gen")
         return loss_g
 
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -181,13 +182,9 @@ class GANObjective(Objective):
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         losses = {}
         if self.aux:
-            class_loss_real = F.cross_entropy(classes_real.float(), labels)
-            loss_d = loss_d + self.aux * class_loss_real
-            losses["class_loss_real"] = class_loss_real.item()
+            loss_d = loss_d + self.aux * _logged_cross_entropy(classes_real, labels, losses, "class_loss_real")
         if self.twin:
-            twin_loss_fake = F.cross_entropy(twin_fake.float(), labels)
-            loss_d = loss_d + self.aux * twin_loss_fake
-            losses["twin_loss_fake"] = twin_loss_fake.item()
+            loss_d = loss_d + self.aux * _logged_cross_entropy(twin_fake, labels, losses, "twin_loss_fake")
         d_optimizers = [opt for name, opt in self.optimizers.items() if name != "generator"]  # body [+ class head, twin head]
         for opt in d_optimizers:
             opt.zero_grad(set_to_none=True)

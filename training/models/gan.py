@@ -183,8 +183,8 @@ class DCGANDiscriminator(nn.Module):
         self.twin_classifier = nn.Conv2d(width, num_classes, final, 1, 0) if twin_head else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, with_classes: bool = False):
-        """(N,) real/fake logits; with_classes: also (N, num_classes) class logits from the class head, and
-        from the twin head when there is one: (logits, classes) or (logits, classes, twin_classes)."""
+        """(N,) real/fake logits; with_classes: (logits, classes, twin_classes), the (N, num_classes) class
+        logits of the class head and of the twin head (None without one)."""
         h = self.features(x)  # (N, W, 7, 7) or (N, W, 4, 4)
         logit = self.head(h).view(-1)  # (N,)
         y = self.projection(labels)
@@ -193,9 +193,8 @@ class DCGANDiscriminator(nn.Module):
         if with_classes:
             if self.classifier is None:
                 raise ValueError("this discriminator was built without class_head")
-            if self.twin_classifier is not None:
-                return logit, self.classifier(h).flatten(1), self.twin_classifier(h).flatten(1)
-            return logit, self.classifier(h).flatten(1)
+            twin = self.twin_classifier(h).flatten(1) if self.twin_classifier is not None else None
+            return logit, self.classifier(h).flatten(1), twin
         return logit
 
 

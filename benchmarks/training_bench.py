@@ -28,10 +28,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from training.zoo import zoo_width
+
 from .common import median
 
-# (dataset, model, width) of the training benchmark: the shipped widths (training/zoo.py).
-TRAINING_MODELS = (("mnist", "cdcgan", 48), ("bloodmnist_64", "dcgan", 32))
+# (dataset, model, width) of the training benchmark, at their zoo widths.
+TRAINING_MODELS = tuple((d, m, zoo_width(d, m)) for d, m in (("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")))
 SHAPES = {"mnist": ((1, 28, 28), 10), "bloodmnist_64": ((3, 64, 64), 8)}
 
 

@@ -2,8 +2,8 @@
 
 Serving speed depends on the architecture and sizes, not on how well a model is trained, so the benchmark
 builds its own zoo in a temp dir instead of depending on what is shipped in exported/. Sizes are the
-shipped ones: the MNIST cdcgan width 48 (its zoo entry), latent 100; mlp_gan default; dcgan on bloodmnist_64
-width 32 (the default). (`quick` shrinks the DCGAN width to 8 for the smoke test.)
+shipped ones: each model's width from its zoo entry (`training.zoo.zoo_width`), latent 100. (`quick` shrinks
+the DCGAN width to 8 for the smoke test.)
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
-# (dataset, model, width): the three served models the issue asks about.
-SERVING_MODELS = (("mnist", "cdcgan", 48), ("mnist", "mlp_gan", 32), ("bloodmnist_64", "dcgan", 32))
+from training.zoo import zoo_width
+
+# (dataset, model, width): the three served models the issue asks about, at their zoo widths.
+SERVING_MODELS = tuple((d, m, zoo_width(d, m))
+                       for d, m in (("mnist", "cdcgan"), ("mnist", "mlp_gan"), ("bloodmnist_64", "dcgan")))
 
 
 def _write_idx(path: Path, array: np.ndarray) -> None:

@@ -177,6 +177,37 @@ def test_a_resume_records_changed_settings_only_and_not_fields_newer_than_the_ch
         {"from_epoch": 5, "changed": {}}, {"from_epoch": 61, "changed": {"lr": [2e-4, 1e-4]}}]
 
 
+def test_the_learning_rate_is_constant_then_decays_linearly_over_the_last_epochs(data_dir, tmp_path):
+    from training.train import learning_rate, main
+
+    cfg = TrainConfig(model="cdcgan", epochs=5, lr_decay_epochs=2).resolve()
+    assert [learning_rate(cfg, e) / cfg.lr for e in range(1, 6)] == pytest.approx([1, 1, 1, 2 / 3, 1 / 3])
+    assert {learning_rate(TrainConfig(model="cdcgan", epochs=5).resolve(), e) for e in range(1, 6)} == {2e-4}
+    run = TrainConfig(dataset="mnist", model="cdcgan", epochs=3, lr_decay_epochs=2, batch_size=16, width=8,
+                      aux_classifier=1.0, data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve()
+    main(run)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] / run.lr for r in rows] == pytest.approx([1, 2 / 3, 1 / 3])
+    optimizers = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["optimizers"]
+    assert [g["lr"] for opt in optimizers.values() for g in opt["param_groups"]] == pytest.approx([run.lr / 3] * 3)
+
+
+def test_lr_decay_epochs_must_leave_an_epoch_at_the_full_rate():
+    with pytest.raises(ValueError, match=r"lr_decay_epochs must be in \[0, epochs\)"):
+        TrainConfig(epochs=10, lr_decay_epochs=10).resolve()
+
+
+def test_a_resume_that_moves_the_end_of_a_decaying_schedule_is_recorded():
+    from training.train import _record_resume
+
+    decaying = TrainConfig(model="cdcgan", epochs=60, lr_decay_epochs=10).resolve()
+    constant = {**decaying.to_dict(), "epochs": 80, "lr_decay_epochs": 0}
+    assert _record_resume({"config": constant}, decaying, 51, "fp32") == [
+        {"from_epoch": 51, "changed": {"epochs": [80, 60], "lr_decay_epochs": [0, 10]}}]
+    assert _record_resume({"config": {**decaying.to_dict(), "epochs": 70}}, decaying, 51, "fp32") == [
+        {"from_epoch": 51, "changed": {"epochs": [70, 60]}}]
+
+
 def test_a_resume_in_another_precision_is_recorded():
     from training.train import _record_resume
 

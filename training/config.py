@@ -29,6 +29,7 @@ class TrainConfig:
     lr: float | None = None  # Adam learning rate (GAN 2e-4, VAE 1e-3, WGAN-GP 1e-4)
     beta1: float | None = None  # Adam betas (GAN 0.5/0.999, VAE 0.9/0.999, WGAN-GP 0.0/0.9)
     beta2: float | None = None
+    lr_decay_epochs: int = 0  # the last n epochs decay the learning rate linearly towards 0 (pix2pix's n_epochs_decay; 0 = constant)
     latent_dim: int | None = None  # GANs 100, VAEs 20
     width: int = 32  # ngf/ndf of the DCGANs, first conv width of the conv VAEs
     beta: float = 1.0  # VAE KL weight: beta-VAE when != 1
@@ -64,6 +65,8 @@ class TrainConfig:
             self.mode_seeking = 0.25 if family.conditional and family.objective != "vae" else 0.0
         if self.ema_decay is None:
             self.ema_decay = 0.0 if family.objective == "vae" else 0.999
+        if not 0 <= self.lr_decay_epochs < self.epochs:
+            raise ValueError(f"lr_decay_epochs must be in [0, epochs); got {self.lr_decay_epochs} with epochs={self.epochs}")
         if self.aux_classifier and self.model != "cdcgan":
             raise ValueError(f"aux_classifier applies to the conditional DCGAN (cdcgan), not {self.model!r}")
         if self.twin_classifier and not self.aux_classifier:

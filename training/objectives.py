@@ -90,6 +90,12 @@ class Objective:
     def state_dict(self) -> dict:
         return {name: opt.state_dict() for name, opt in self.optimizers.items()}
 
+    def set_lr(self, lr: float) -> None:
+        """Every optimiser's learning rate (they share cfg.lr): the trainer's schedule calls this each epoch."""
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
     def load_state_dict(self, state: dict) -> None:
         """Optimiser states by name; one the checkpoint lacks (a class head added on resume) starts fresh."""
         for name, opt in self.optimizers.items():

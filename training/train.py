@@ -63,6 +63,13 @@ def hardware_name(device: torch.device) -> str:
     return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
+def learning_rate(cfg: TrainConfig, epoch: int) -> float:
+    """cfg.lr, then over the last cfg.lr_decay_epochs epochs a linear decay to lr / (lr_decay_epochs + 1) in the
+    last one (pix2pix / CycleGAN's schedule). The schedule depends on cfg.epochs only when it decays."""
+    decayed = max(0, epoch - (cfg.epochs - cfg.lr_decay_epochs))
+    return cfg.lr * (1 - decayed / (cfg.lr_decay_epochs + 1))
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     """(config, resume) from the command line: one flag per TrainConfig field, plus --resume."""
     defaults = TrainConfig()
@@ -166,6 +173,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         t0 = time.perf_counter()
+        lr = learning_rate(cfg, epoch)
+        objective.set_lr(lr)
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)  # noise: reproducible per epoch, so resume is exact
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + epoch))
         shard = order[rank * n_shard:(rank + 1) * n_shard].to(device)
@@ -196,7 +205,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if not is_main:
             continue
         row = {"epoch": epoch, "step": step, "seconds": round(seconds, 3),
-               "images_per_s": round(count * batch * world / seconds, 1),
+               "images_per_s": round(count * batch * world / seconds, 1), "lr": lr,
                **{k: v / counts[k] for k, v in sums.items()}}
         _append_metrics(out, row)
         if log is not None:
@@ -237,7 +246,10 @@ def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: s
     this one if it does: so a model whose later epochs ran with other settings (say --aux-classifier from
     epoch 61, or bf16 after fp32 on another machine) says so."""
     before = TrainConfig.from_dict(state["config"]).to_dict()  # a field newer than the checkpoint: its default
-    changed = {k: [before[k], v] for k, v in cfg.to_dict().items() if k not in NOT_TRAINING_FIELDS and before[k] != v}
+    free = set(NOT_TRAINING_FIELDS)
+    if before["lr_decay_epochs"] or cfg.lr_decay_epochs:
+        free.discard("epochs")  # the decay starts at epochs - lr_decay_epochs: moving the end moves the schedule
+    changed = {k: [before[k], v] for k, v in cfg.to_dict().items() if k not in free and before[k] != v}
     if state.get("precision", precision) != precision:  # checkpoints older than the field: not known, not recorded
         changed["precision"] = [state["precision"], precision]
     resumes = list(state.get("resumes", []))

@@ -1,9 +1,12 @@
 """The zoo list is the record of how every shipped model was trained: each entry must be a valid run."""
 
+import json
 from pathlib import Path
 
 from training.data import dataset_info
 from training.zoo import PLANNED, SHIPPED, TRAINABLE_NOT_SHIPPED, command
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_every_zoo_entry_is_a_valid_config_and_its_command_trains_exactly_that():
@@ -32,27 +35,23 @@ def test_model_table_has_a_row_per_exported_card(exported_dir):
 
 
 def test_the_shipped_list_is_what_exported_holds():
-    exported = Path(__file__).resolve().parents[1] / "exported"
+    exported = REPO / "exported"
     assert {p.parent.relative_to(exported).as_posix() for p in exported.glob("*/*/card.json")} == {r.key for r in SHIPPED}
 
 
 def test_the_readme_model_table_is_what_the_shipped_cards_say():
     from training.zoo import model_table
 
-    repo = Path(__file__).resolve().parents[1]
-    table = model_table(repo / "exported")
-    assert table in (repo / "README.md").read_text(), "README table is stale: paste `python -m training.zoo table`"
+    table = model_table(REPO / "exported")
+    assert table in (REPO / "README.md").read_text(), "README table is stale: paste `python -m training.zoo table`"
 
 
 def test_each_shipped_card_was_trained_by_its_zoo_command():
     """Epochs and every setting that changes what is learned; a field a card lacks predates that option."""
-    import json
-
     from training.train import NOT_TRAINING_FIELDS
 
-    exported = Path(__file__).resolve().parents[1] / "exported"
     for run in SHIPPED:
-        training = json.loads((exported / run.key / "card.json").read_text())["training"]
+        training = json.loads((REPO / "exported" / run.key / "card.json").read_text())["training"]
         zoo = vars(run.config(Path("runs"), None))
         assert training["epochs"] == zoo["epochs"], run.key
         for key, value in zoo.items():

@@ -90,7 +90,6 @@ TRAINABLE_NOT_SHIPPED = [
 ]
 
 
-
 def zoo_width(dataset: str, model: str) -> int:
     """The width the zoo trains dataset/model at (its override, else TrainConfig's default): what the
     benchmarks build, so they measure the sizes we ship."""
@@ -98,6 +97,7 @@ def zoo_width(dataset: str, model: str) -> int:
         if run.key == f"{dataset}/{model}":
             return run.overrides.get("width", TrainConfig.width)
     raise KeyError(f"{dataset}/{model} is not in the zoo")
+
 
 def _flag(key: str, value) -> str:
     name = key.replace("_", "-")

@@ -239,6 +239,33 @@ def test_diff_augment_is_validated_and_refused_where_no_discriminator_uses_it():
             TrainConfig(model=model_id, diff_augment="cutout").resolve()
 
 
+def test_disc_width_widens_the_discriminator_alone_so_the_exported_generator_keeps_its_size():
+    narrow_g, narrow_d = build_model("cdcgan", (1, 28, 28), 10, 100, 8)
+    wide_g, wide_d = build_model("cdcgan", (1, 28, 28), 10, 100, 8, disc_width=16)
+    assert [p.shape for p in wide_g.parameters()] == [p.shape for p in narrow_g.parameters()]
+    assert wide_d.features[0].out_channels == 16 and narrow_d.features[0].out_channels == 8
+    assert TrainConfig(model="cdcgan", width=8).resolve().disc_width == 8  # default: the generator's width
+    assert TrainConfig(model="wgan_gp", width=8, disc_width=24).resolve().disc_width == 24
+    assert TrainConfig(model="mlp_gan").resolve().disc_width is None
+    for model_id in ("mlp_gan", "cvae"):
+        with pytest.raises(ValueError, match="disc_width applies to the DCGAN families"):
+            TrainConfig(model=model_id, disc_width=64).resolve()
+
+
+def test_a_resume_that_would_change_the_weight_shapes_is_refused_naming_the_flag(data_dir, tmp_path):
+    from training.train import main
+
+    out = train_tiny(data_dir, tmp_path / "run", "mnist", "cdcgan", steps=2, disc_width=16)
+    assert json.loads((out / "config.json").read_text())["disc_width"] == 16
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", epochs=2, batch_size=16, width=8, data_dir=str(data_dir),
+                      out_dir=str(out)).resolve()
+    with pytest.raises(ValueError, match="trained with --disc-width 16, not 8; resume with --disc-width 16"):
+        main(cfg, resume=True)
+    cfg.disc_width, cfg.width = 16, 16
+    with pytest.raises(ValueError, match="trained with --width 8, not 16"):
+        main(cfg, resume=True)
+
+
 def test_aux_classifier_is_refused_for_models_without_a_class_head():
     with pytest.raises(ValueError, match="aux_classifier applies to the conditional DCGAN"):
         TrainConfig(model="cvae", aux_classifier=1.0).resolve()

@@ -20,6 +20,9 @@ OPTIMIZER_DEFAULTS = {
 }
 
 
+DCGAN_MODELS = ("dcgan", "cdcgan", "wgan_gp", "cwgan_gp")  # the families with a DCGAN discriminator or critic
+
+
 @dataclass
 class TrainConfig:
     dataset: str = "mnist"  # dataset id, e.g. mnist, pneumoniamnist, bloodmnist_64, pathmnist_gray
@@ -32,6 +35,7 @@ class TrainConfig:
     lr_decay_epochs: int = 0  # the last n epochs decay the learning rate linearly towards 0 (pix2pix's n_epochs_decay; 0 = constant)
     latent_dim: int | None = None  # GANs 100, VAEs 20
     width: int = 32  # ngf/ndf of the DCGANs, first conv width of the conv VAEs
+    disc_width: int | None = None  # ndf of the DCGAN discriminator / critic alone (None = width): not exported, so it costs no bytes
     beta: float = 1.0  # VAE KL weight: beta-VAE when != 1
     n_critic: int = 5  # WGAN-GP critic steps per generator step
     gp_weight: float = 10.0  # WGAN-GP gradient-penalty weight
@@ -74,6 +78,10 @@ class TrainConfig:
         if self.diff_augment and family.objective != "gan":
             raise ValueError(f"diff_augment applies to the GANs trained with BCE (mlp_gan, dcgan, cdcgan), not {self.model!r}")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
+        if self.disc_width is not None and self.model not in DCGAN_MODELS:
+            raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")
+        if self.disc_width is None and self.model in DCGAN_MODELS:
+            self.disc_width = self.width
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

@@ -121,7 +121,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W) uint8, (N,) int64
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
-                                           class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier)
+                                           class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier,
+                                           disc_width=cfg.disc_width)
     generator = generator.to(device)
     discriminator = discriminator.to(device) if discriminator is not None else None
 
@@ -132,6 +133,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
+        _check_shapes_match(state, cfg)
         generator.load_state_dict(state["models"]["generator"])
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
@@ -229,6 +231,19 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
+SHAPE_FIELDS = ("latent_dim", "width", "disc_width")  # a resume cannot change these: they size the weights
+
+
+def _check_shapes_match(state: dict, cfg: TrainConfig) -> None:
+    """Refuse, naming the flag, a resume whose networks would not fit the checkpoint's weights."""
+    saved = TrainConfig.from_dict(state["config"]).resolve()
+    for name in SHAPE_FIELDS:
+        if getattr(saved, name) != getattr(cfg, name):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--resume: the checkpoint was trained with {flag} {getattr(saved, name)}, "
+                             f"not {getattr(cfg, name)}; resume with {flag} {getattr(saved, name)}")
+
+
 def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
     """Resume the discriminator; a class head or twin head the checkpoint lacks (--aux-classifier or
     --twin-classifier added on resume) starts fresh."""
@@ -245,7 +260,7 @@ def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: s
     """The checkpoint's list of resumes that changed the training config or the arithmetic precision, plus
     this one if it does: so a model whose later epochs ran with other settings (say --aux-classifier from
     epoch 61, or bf16 after fp32 on another machine) says so."""
-    before = TrainConfig.from_dict(state["config"]).to_dict()  # a field newer than the checkpoint: its default
+    before = TrainConfig.from_dict(state["config"]).resolve().to_dict()  # a field newer than the checkpoint: its default
     free = set(NOT_TRAINING_FIELDS)
     if before["lr_decay_epochs"] or cfg.lr_decay_epochs:
         free.discard("epochs")  # the decay starts at epochs - lr_decay_epochs: moving the end moves the schedule

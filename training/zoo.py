@@ -42,8 +42,9 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 # In training order: the models the service is most often asked for first.
 # The BreastMNIST cDCGAN was trained before the trainer had a generator EMA (a fresh `train` keeps the EMA
 # from the first step). The MNIST (TAC-GAN, width 48, discriminator width 96, bf16), PneumoniaMNIST and
-# RetinaMNIST cDCGANs were trained by exactly their commands; the Fashion-MNIST cDCGAN (TAC-GAN, width 48, bf16) by its command with
-# --epochs 40, stopped after epoch 33 (its card's config says 40): the same run as --epochs 33.
+# RetinaMNIST cDCGANs were trained by exactly their commands; the Fashion-MNIST cDCGAN (TAC-GAN, width 48,
+# bf16) by its command with --epochs 40, stopped after epoch 33 (its card's config says 40): the same run as
+# --epochs 33.
 # Precision (cards: training.precision): the RetinaMNIST DCGAN and the MNIST and Fashion-MNIST cDCGANs were trained in bf16, by
 # their commands; every other shipped model in fp32, most of them before the trainer used bf16 on CPUs that
 # have it, so on such a CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST

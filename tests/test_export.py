@@ -18,10 +18,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*official file", "ignore::Futur
 DATASET_FOR = {"cdcgan": "bloodmnist_64", "conv_vae": "breastmnist_64", "cwgan_gp": "retinamnist"}
 
 
-@pytest.mark.parametrize("model_id", MODEL_FAMILIES)
-def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, data_dir, tmp_path):
+# Every family with its defaults, and the conditional DCGAN generators with class-conditional batch norm.
+EXPORT_CASES = [(model_id, {}) for model_id in MODEL_FAMILIES] + [("cdcgan", {"class_norm": True}), ("cwgan_gp", {"class_norm": True})]
+
+
+@pytest.mark.parametrize("model_id,overrides", EXPORT_CASES, ids=[m + "-class_norm" * bool(o) for m, o in EXPORT_CASES])
+def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, overrides, data_dir, tmp_path):
     dataset = DATASET_FOR.get(model_id, "mnist")
-    run = train_tiny(data_dir, tmp_path / "run", dataset, model_id, steps=2)
+    run = train_tiny(data_dir, tmp_path / "run", dataset, model_id, steps=2, **overrides)
     out = export_run(run, tmp_path / "exported")
     card = json.loads((out / "card.json").read_text())
     assert card["dataset"] == dataset and card["model"] == model_id

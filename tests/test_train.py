@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from conftest import train_tiny
 from training.config import TrainConfig
 from training.data import load_dataset
 from training.models import build_model
+from training.models.gan import ClassBatchNorm2d, DCGANGenerator
 from training.objectives import build_objective
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*official file")
@@ -263,6 +265,35 @@ def test_a_resume_that_would_change_the_weight_shapes_is_refused_naming_the_flag
         main(cfg, resume=True)
     cfg.disc_width, cfg.width = 16, 16
     with pytest.raises(ValueError, match="trained with --width 8, not 16"):
+        main(cfg, resume=True)
+
+
+def test_class_norm_gives_each_class_its_own_batch_norm_scale_and_shift():
+    plain, _ = build_model("cdcgan", (1, 28, 28), 10, 100, 8)
+    generator, _ = build_model("cdcgan", (1, 28, 28), 10, 100, 8, class_norm=True)
+    norms = [m for m in generator.modules() if isinstance(m, ClassBatchNorm2d)]
+    assert len(norms) == len([m for m in plain.modules() if isinstance(m, nn.BatchNorm2d)]) == 3
+    z, labels = torch.randn(2, 100), torch.tensor([3, 4])
+    generator.eval()
+    with torch.no_grad():
+        before = generator(z, labels)
+        norms[-1].shift.weight[3] += 1.0  # class 3's shift at the last norm: only class 3's images move
+        after = generator(z, labels)
+    assert not torch.allclose(before[0], after[0]) and torch.equal(before[1], after[1])
+    for model_id in ("dcgan", "cvae", "mlp_gan"):
+        with pytest.raises(ValueError, match="class_norm applies to the conditional DCGAN generators"):
+            TrainConfig(model=model_id, class_norm=True).resolve()
+    with pytest.raises(ValueError, match="class_norm needs a conditional generator"):
+        DCGANGenerator(num_classes=0, class_norm=True)
+
+
+def test_a_resume_that_would_add_or_drop_class_norm_is_refused_naming_the_flag(data_dir, tmp_path):
+    from training.train import main
+
+    out = train_tiny(data_dir, tmp_path / "run", "mnist", "cdcgan", steps=2, class_norm=True)
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", epochs=2, batch_size=16, width=8, data_dir=str(data_dir),
+                      out_dir=str(out)).resolve()
+    with pytest.raises(ValueError, match="trained with --class-norm, not --no-class-norm; resume with --class-norm"):
         main(cfg, resume=True)
 
 

@@ -44,6 +44,7 @@ class TrainConfig:
     ema_decay: float | None = None  # generator weight EMA, the exported copy (GANs 0.999; VAEs 0 = off)
     aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
+    class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")
         if self.disc_width is None and self.model in DCGAN_MODELS:
             self.disc_width = self.width
+        if self.class_norm and self.model not in ("cdcgan", "cwgan_gp"):
+            raise ValueError(f"class_norm applies to the conditional DCGAN generators (cdcgan, cwgan_gp), not {self.model!r}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

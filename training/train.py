@@ -122,7 +122,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
                                            class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier,
-                                           disc_width=cfg.disc_width)
+                                           disc_width=cfg.disc_width, class_norm=cfg.class_norm)
     generator = generator.to(device)
     discriminator = discriminator.to(device) if discriminator is not None else None
 
@@ -231,17 +231,21 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-SHAPE_FIELDS = ("latent_dim", "width", "disc_width")  # a resume cannot change these: they size the weights
+SHAPE_FIELDS = ("latent_dim", "width", "disc_width", "class_norm")  # a resume cannot change these: they size the weights
 
 
 def _check_shapes_match(state: dict, cfg: TrainConfig) -> None:
     """Refuse, naming the flag, a resume whose networks would not fit the checkpoint's weights."""
     saved = TrainConfig.from_dict(state["config"]).resolve()
     for name in SHAPE_FIELDS:
-        if getattr(saved, name) != getattr(cfg, name):
-            flag = "--" + name.replace("_", "-")
-            raise ValueError(f"--resume: the checkpoint was trained with {flag} {getattr(saved, name)}, "
-                             f"not {getattr(cfg, name)}; resume with {flag} {getattr(saved, name)}")
+        before, now = getattr(saved, name), getattr(cfg, name)
+        if before != now:
+            flag = name.replace("_", "-")
+            if isinstance(before, bool):  # --class-norm / --no-class-norm
+                wanted, given = (f"--{flag}", f"--no-{flag}") if before else (f"--no-{flag}", f"--{flag}")
+            else:
+                wanted, given = f"--{flag} {before}", str(now)
+            raise ValueError(f"--resume: the checkpoint was trained with {wanted}, not {given}; resume with {wanted}")
 
 
 def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
@@ -335,7 +339,8 @@ def load_checkpoint(run_dir: str | Path, device="cpu"):
     cfg = TrainConfig.from_dict(state["config"])
     info = state["dataset_info"]
     image_shape = (info["channels"], info["size"], info["size"])
-    generator, _ = build_model(cfg.model, image_shape, len(info["classes"]), cfg.latent_dim, cfg.width)
+    generator, _ = build_model(cfg.model, image_shape, len(info["classes"]), cfg.latent_dim, cfg.width,
+                               class_norm=cfg.class_norm)
     weights = state["generator_ema"]["model"] if "generator_ema" in state else state["models"]["generator"]
     generator.load_state_dict(weights)
     return generator.to(device).eval(), state

@@ -84,33 +84,63 @@ def _upsampling_plan(size: int) -> tuple[int, int]:
     raise ValueError(f"DCGAN supports image sizes 28 and 64, not {size}")
 
 
+class ClassBatchNorm2d(nn.Module):
+    """Batch norm whose scale and shift are looked up per class (conditional batch norm: de Vries et al. 2017,
+    the generator of Miyato & Koyama 2018's projection cGAN and of BigGAN).
+
+    The label then shapes every layer of the generator instead of only its input, so each class can use the
+    channels its own way. Scales start at N(1, 0.02) and shifts at 0, the DCGAN init of a plain batch norm.
+    """
+
+    def __init__(self, channels: int, num_classes: int):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(channels, affine=False)
+        self.scale = nn.Embedding(num_classes, channels)
+        self.shift = nn.Embedding(num_classes, channels)
+        nn.init.normal_(self.scale.weight, 1.0, 0.02)
+        nn.init.zeros_(self.shift.weight)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.norm(x) * self.scale(labels)[:, :, None, None] + self.shift(labels)[:, :, None, None]
+
+
 class DCGANGenerator(nn.Module):
     """z [+ label embedding] -> 4x4 -> ... -> HxW with ConvTranspose2d + BatchNorm + ReLU, tanh output.
 
     Widths halve at each upsampling, from ngf * 2**(steps-1) down to ngf. For 28x28 the first upsampling
     uses a 3x3 kernel (4 -> 7); the others are the DCGAN paper's 4x4, stride 2, padding 1.
+    class_norm (conditional only): every batch norm is a `ClassBatchNorm2d`, its scale and shift chosen by the label.
     """
 
-    def __init__(self, latent_dim: int = 100, image_shape=(1, 28, 28), ngf: int = 32, num_classes: int = 0, embed_dim: int = 50):
+    def __init__(self, latent_dim: int = 100, image_shape=(1, 28, 28), ngf: int = 32, num_classes: int = 0, embed_dim: int = 50,
+                 class_norm: bool = False):
         super().__init__()
+        if class_norm and num_classes < 2:
+            raise ValueError("class_norm needs a conditional generator (num_classes >= 2)")
         self.latent_dim, self.image_shape, self.num_classes = latent_dim, tuple(image_shape), num_classes
         channels, size, _ = image_shape
         start, steps = _upsampling_plan(size)
         self.label_embedding = LabelEmbedding(num_classes, embed_dim)
         in_dim = latent_dim + (embed_dim if num_classes > 0 else 0)
+
+        def norm(c: int) -> nn.Module:
+            return ClassBatchNorm2d(c, num_classes) if class_norm else nn.BatchNorm2d(c)
+
         width = ngf * 2 ** (steps - 1)
-        layers = [nn.ConvTranspose2d(in_dim, width, start, 1, 0, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        layers = [nn.ConvTranspose2d(in_dim, width, start, 1, 0, bias=False), norm(width), nn.ReLU(True)]
         for step in range(steps - 1):
             kernel = 3 if (size == 28 and step == 0) else 4
-            layers += [nn.ConvTranspose2d(width, width // 2, kernel, 2, 1, bias=False), nn.BatchNorm2d(width // 2), nn.ReLU(True)]
+            layers += [nn.ConvTranspose2d(width, width // 2, kernel, 2, 1, bias=False), norm(width // 2), nn.ReLU(True)]
             width //= 2
         layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         y = self.label_embedding(labels)
-        h = z if y is None else torch.cat([z, y], 1)
-        return self.net(h[:, :, None, None])  # (N, C, H, W) in [-1, 1]
+        h = (z if y is None else torch.cat([z, y], 1))[:, :, None, None]
+        for layer in self.net:
+            h = layer(h, labels) if isinstance(layer, ClassBatchNorm2d) else layer(h)
+        return h  # (N, C, H, W) in [-1, 1]
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         return (self(z, labels) + 1) / 2  # (N, C, H, W) in [0, 1]
@@ -202,6 +232,6 @@ def init_dcgan_weights(module: nn.Module) -> None:
     """DCGAN paper init: conv weights N(0, 0.02), batch-norm scale N(1, 0.02) and shift 0."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
         nn.init.normal_(module.weight, 0.0, 0.02)
-    elif isinstance(module, nn.BatchNorm2d):
+    elif isinstance(module, nn.BatchNorm2d) and module.affine:  # a ClassBatchNorm2d's inner norm has no affine
         nn.init.normal_(module.weight, 1.0, 0.02)
         nn.init.zeros_(module.bias)

@@ -231,7 +231,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-SHAPE_FIELDS = ("latent_dim", "width", "disc_width", "class_norm")  # a resume cannot change these: they size the weights
+SHAPE_FIELDS = ("latent_dim", "width", "disc_width", "class_norm")  # a resume cannot change these: they shape the weights
 
 
 def _check_shapes_match(state: dict, cfg: TrainConfig) -> None:

@@ -21,6 +21,7 @@ OPTIMIZER_DEFAULTS = {
 
 
 DCGAN_MODELS = ("dcgan", "cdcgan", "wgan_gp", "cwgan_gp")  # the families with a DCGAN discriminator or critic
+CONDITIONAL_DCGAN_MODELS = tuple(m for m in DCGAN_MODELS if MODEL_FAMILIES[m].conditional)  # their class-conditional generators
 
 
 @dataclass
@@ -83,8 +84,9 @@ class TrainConfig:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")
         if self.disc_width is None and self.model in DCGAN_MODELS:
             self.disc_width = self.width
-        if self.class_norm and self.model not in ("cdcgan", "cwgan_gp"):
-            raise ValueError(f"class_norm applies to the conditional DCGAN generators (cdcgan, cwgan_gp), not {self.model!r}")
+        if self.class_norm and self.model not in CONDITIONAL_DCGAN_MODELS:
+            raise ValueError(f"class_norm applies to the conditional DCGAN generators ({', '.join(CONDITIONAL_DCGAN_MODELS)}), "
+                             f"not {self.model!r}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

@@ -155,6 +155,10 @@ def targets(result: dict) -> list[dict]:
         if "ratio_compiled" in r:
             add("training images/s vs reference loop, --compile", f"{r['dataset']}/{r['model']}", r["ratio_compiled"],
                 TRAINING_GAIN)
+        for key, what in (("ratio_in_batch_pairs", ""), ("ratio_in_batch_pairs_compiled", ", --compile")):
+            if key in r:
+                add(f"training images/s vs reference loop, --mode-seeking-in-batch{what}", f"{r['dataset']}/{r['model']}",
+                    r[key], TRAINING_GAIN)
     return rows
 
 
@@ -210,6 +214,8 @@ def markdown(result: dict) -> str:
                                 ("ours_compiled", "ours with --compile (torch.compile)"),
                                 ("ours_fp32", "ours in fp32 (diagnostic)"),
                                 ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
+                                ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),
+                                ("ours_in_batch_pairs_compiled", "the same with --compile"),
                                 ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
                 if name not in r:
                     continue

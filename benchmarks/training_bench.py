@@ -115,12 +115,14 @@ class Ours:
     """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
 
     def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None, amp: bool = True,
-                 compile: bool = False):
+                 compile: bool = False, mode_seeking_in_batch: bool | None = None):
         from training.objectives import build_objective
 
         self.cfg, generator, discriminator, conditional = _models(dataset, model, width)
         if mode_seeking is not None:
             self.cfg.mode_seeking = mode_seeking
+        if mode_seeking_in_batch is not None:
+            self.cfg.mode_seeking_in_batch = mode_seeking_in_batch
         self.cfg.amp, self.cfg.compile = amp, compile
         if compile:  # as train.py does with --compile
             generator, discriminator = torch.compile(generator), torch.compile(discriminator)
@@ -208,6 +210,11 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
             loops["ours_compiled"] = Ours(dataset, model, w, images, labels, compile=True)
         if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
             loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0)
+            # The same term on pairs within the batch (--mode-seeking-in-batch): no second generator pass.
+            loops["ours_in_batch_pairs"] = Ours(dataset, model, w, images, labels, mode_seeking_in_batch=True)
+            if compile:
+                loops["ours_in_batch_pairs_compiled"] = Ours(dataset, model, w, images, labels, compile=True,
+                                                             mode_seeking_in_batch=True)
         per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
         times = {k: [] for k in loops}
         data = {k: [] for k in loops}
@@ -215,7 +222,8 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
         for name, loop in loops.items():  # warm-up (first-call allocations, oneDNN primitive caches), then count
             loop.step()
             # The compiled step does ours' arithmetic (the counter would only see the compiled graph's calls).
-            flops[name] = flops["ours"] if name == "ours_compiled" else flops_per_image(loop)
+            compiled_twin = {"ours_compiled": "ours", "ours_in_batch_pairs_compiled": "ours_in_batch_pairs"}.get(name)
+            flops[name] = flops[compiled_twin] if compiled_twin else flops_per_image(loop)
         for _ in range(steps):
             for name, loop in loops.items():
                 for _ in range(per[name]):
@@ -236,6 +244,9 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
         row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
         if compile:
             row["ratio_compiled"] = row["ours_compiled"]["images_per_s"] / row["reference"]["images_per_s"]
+        for name in ("ours_in_batch_pairs", "ours_in_batch_pairs_compiled"):
+            if name in row:
+                row[f"ratio_{name.removeprefix('ours_')}"] = row[name]["images_per_s"] / row["reference"]["images_per_s"]
         # The most any loop doing the reference's fp32 arithmetic could gain over it on this machine.
         row["fp32_ceiling_vs_reference"] = 1 / row["reference"]["share_of_peak"]
         rows.append(row)

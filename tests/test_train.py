@@ -297,6 +297,42 @@ def test_a_resume_that_would_add_or_drop_class_norm_is_refused_naming_the_flag(d
         main(cfg, resume=True)
 
 
+def test_in_batch_mode_seeking_pairs_the_batch_halves_by_label_and_runs_the_generator_once_per_step(data_dir):
+    from training.objectives import in_batch_pairs, paired_labels
+
+    for n in (7, 8):  # the odd row out of an odd batch is in no pair
+        labels = torch.arange(n)
+        paired = paired_labels(labels)
+        first = n - n // 2
+        assert torch.equal(paired[:first], labels[:first]) and torch.equal(paired[first:], labels[:n // 2])
+        fake, fake2, z, z2 = in_batch_pairs(paired.float()[:, None], paired.float()[:, None])
+        assert torch.equal(fake, fake2) and len(fake) == n // 2  # each pair: one label, two rows
+
+    data = load_dataset("mnist", "train", data_dir)
+    x, y = data.images[:16].float() / 255, data.labels[:16]
+    for in_batch, generator_calls in ((False, 2), (True, 1)):
+        torch.manual_seed(0)
+        cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
+                          mode_seeking_in_batch=in_batch).resolve()
+        generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
+                                               twin_head=True)
+        asked = []
+        generator.register_forward_hook(lambda module, args, out: asked.append(args[1].clone()))
+        objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+        losses = objective.step(x, y)
+        assert len(asked) == generator_calls and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+        assert torch.equal(asked[0], paired_labels(y) if in_batch else y)
+
+
+def test_in_batch_mode_seeking_is_refused_where_there_is_no_mode_seeking_term():
+    for overrides in (dict(model="cvae"), dict(model="cwgan_gp"), dict(model="cdcgan", mode_seeking=0.0),
+                      dict(model="dcgan")):
+        with pytest.raises(ValueError, match="mode_seeking_in_batch pairs the images of the mode-seeking term"):
+            TrainConfig(mode_seeking_in_batch=True, **overrides).resolve()
+    assert TrainConfig(model="cwgan_gp").resolve().mode_seeking == 0.0  # its objective has no such term
+    assert TrainConfig(model="cdcgan").resolve().mode_seeking == 0.25
+
+
 def test_aux_classifier_is_refused_for_models_without_a_class_head():
     with pytest.raises(ValueError, match="aux_classifier applies to the conditional DCGAN"):
         TrainConfig(model="cvae", aux_classifier=1.0).resolve()

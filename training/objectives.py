@@ -34,16 +34,31 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, 
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
-def mode_seeking_term(generator: nn.Module, fake: torch.Tensor, z: torch.Tensor, labels) -> torch.Tensor:
+def mode_seeking_term(fake: torch.Tensor, fake2: torch.Tensor, z: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     """MSGAN (Mao et al. 2019): 1 / (|G(z1, y) - G(z2, y)| / |z1 - z2|), to be minimised by the generator.
 
     Class-conditional GANs tend to ignore z and draw one image per class (ours did within one epoch);
-    rewarding distance between images of the same label drawn from different z keeps z in use.
+    rewarding distance between images of the same label drawn from different z keeps z in use. `fake[i]` and
+    `fake2[i]` share a label; `GANObjective` draws `fake2` either in a second generator pass or as the other
+    half of the batch (`mode_seeking_in_batch`).
     """
-    z2 = torch.randn_like(z)
-    fake2 = generator(z2, labels)
     ratio = (fake - fake2).abs().mean() / (z - z2).abs().mean()
     return 1 / (ratio + 1e-5)
+
+
+def paired_labels(labels: torch.Tensor) -> torch.Tensor:
+    """The generator's labels for in-batch mode seeking: the batch's last n // 2 rows repeat its first n // 2
+    labels, so row i and row n - n // 2 + i share a label and differ only in z. The label mix stays the data's
+    in expectation (the first half is a random draw of the batch)."""
+    pairs = labels.shape[0] // 2
+    return torch.cat([labels[:labels.shape[0] - pairs], labels[:pairs]])
+
+
+def in_batch_pairs(fake: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fake, fake2, z, z2) of the pairs `paired_labels` made: first n // 2 rows against the last n // 2."""
+    pairs = fake.shape[0] // 2
+    first = fake.shape[0] - pairs
+    return fake[:pairs], fake[first:], z[:pairs], z[first:]
 
 
 def _logged_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, losses: dict, key: str) -> torch.Tensor:
@@ -175,14 +190,16 @@ class GANObjective(Objective):
         return loss_g
 
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        y = labels if self.conditional else None
+        in_batch = self.cfg.mode_seeking_in_batch and self.cfg.mode_seeking > 0
+        fake_labels = paired_labels(labels) if in_batch else labels  # what G is asked for, what D's heads judge
+        y, y_fake = (labels, fake_labels) if self.conditional else (None, None)
         real = x * 2 - 1  # the generator's tanh range
         z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
         opt_g = self.optimizers["generator"]
         with self.autocast():
-            fake = self.G(z, y)
+            fake = self.G(z, y_fake)
             d_real, classes_real, _ = self._discriminate(real, y)
-            d_fake, _, twin_fake = self._discriminate(fake.detach(), y, classes=self.twin)
+            d_fake, _, twin_fake = self._discriminate(fake.detach(), y_fake, classes=self.twin)
             d_real, d_fake = d_real.float(), d_fake.float()
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
@@ -190,7 +207,7 @@ class GANObjective(Objective):
         if self.aux:
             loss_d = loss_d + self.aux * _logged_cross_entropy(classes_real, labels, losses, "class_loss_real")
         if self.twin:
-            loss_d = loss_d + self.aux * _logged_cross_entropy(twin_fake, labels, losses, "twin_loss_fake")
+            loss_d = loss_d + self.aux * _logged_cross_entropy(twin_fake, fake_labels, losses, "twin_loss_fake")
         d_optimizers = [opt for name, opt in self.optimizers.items() if name != "generator"]  # body [+ class head, twin head]
         for opt in d_optimizers:
             opt.zero_grad(set_to_none=True)
@@ -199,10 +216,15 @@ class GANObjective(Objective):
             opt.step()
 
         with self.autocast():
-            d_gen, classes_gen, twin_gen = self._discriminate(fake, y)
+            d_gen, classes_gen, twin_gen = self._discriminate(fake, y_fake)
             d_gen = d_gen.float()
-            diversity = mode_seeking_term(self.G, fake, z, y).float() if self.cfg.mode_seeking else None
-        loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, labels, diversity, losses)
+            diversity = None
+            if in_batch:
+                diversity = mode_seeking_term(*in_batch_pairs(fake, z)).float()
+            elif self.cfg.mode_seeking:
+                z2 = torch.randn_like(z)
+                diversity = mode_seeking_term(fake, self.G(z2, y_fake), z, z2).float()
+        loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses)
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
         opt_g.step()

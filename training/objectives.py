@@ -152,6 +152,9 @@ class GANObjective(Objective):
     its own optimiser too.
     With cfg.diff_augment (training/augment.py), every image D sees, real or generated, in both steps, goes
     through the same random differentiable transforms; the mode-seeking term compares unaugmented images.
+    With cfg.mode_seeking_in_batch, G is asked for `paired_labels(labels)` (the batch's second half repeats its
+    first half's labels), D and both heads judge the images against those labels, and the mode-seeking term
+    compares the two halves: one generator pass per step instead of two.
     """
 
     def __init__(self, cfg, device, generator: nn.Module, discriminator: nn.Module, conditional: bool):

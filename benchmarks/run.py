@@ -151,14 +151,11 @@ def targets(result: dict) -> list[dict]:
         for subject, _, gain in _n1_gains(s.get("wrk", []), many):
             add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN)
     for r in result.get("training", []):
-        add("training images/s vs reference loop", f"{r['dataset']}/{r['model']}", r["ratio"], TRAINING_GAIN)
-        if "ratio_compiled" in r:
-            add("training images/s vs reference loop, --compile", f"{r['dataset']}/{r['model']}", r["ratio_compiled"],
-                TRAINING_GAIN)
-        for key, what in (("ratio_in_batch_pairs", ""), ("ratio_in_batch_pairs_compiled", ", --compile")):
+        for key, flags in (("ratio", ""), ("ratio_compiled", ", --compile"),
+                           ("ratio_in_batch_pairs", ", --mode-seeking-in-batch"),
+                           ("ratio_in_batch_pairs_compiled", ", --mode-seeking-in-batch, --compile")):
             if key in r:
-                add(f"training images/s vs reference loop, --mode-seeking-in-batch{what}", f"{r['dataset']}/{r['model']}",
-                    r[key], TRAINING_GAIN)
+                add(f"training images/s vs reference loop{flags}", f"{r['dataset']}/{r['model']}", r[key], TRAINING_GAIN)
     return rows
 
 

@@ -2,7 +2,9 @@
 
 ours       what training/train.py does: the split held as one uint8 tensor, each batch an index slice of a
            random permutation, `.float().div_(255)`, then `GANObjective.step` (training/objectives.py) with the
-           resolved default config (batch 128; conditional models add the mode-seeking term, weight 0.25).
+           resolved default config (batch 128; conditional models add the mode-seeking term, weight 0.25); its
+           generator step leaves D's weights out of autograd, so it skips the D weight gradients the textbook
+           step computes and throws away.
 reference  the style of the reference projects: a torchvision-style Dataset whose __getitem__ turns one
            uint8 image into a PIL image and applies ToTensor + Normalize(0.5, 0.5), a torch DataLoader
            (batch 64, shuffle, num_workers=0), and the textbook DCGAN step (D on real, D on fake.detach(),

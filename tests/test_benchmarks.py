@@ -52,9 +52,10 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     assert train["reference"]["precision"] == "fp32" and ("ours_fp32" in train) == (train["ours"]["precision"] == "bf16")
     # The mode-seeking term's second generator pass is arithmetic the reference does not do.
     assert train["ours"]["flops_per_image"] > train["ours_no_mode_seeking"]["flops_per_image"]
-    assert train["ours_no_mode_seeking"]["flops_per_image"] == train["reference"]["flops_per_image"]
-    # Pairs within the batch need no second pass: the reference's arithmetic (the term itself is elementwise).
-    assert train["ours_in_batch_pairs"]["flops_per_image"] == train["reference"]["flops_per_image"]
+    # The textbook step also computes D's weight gradients in G's step, which ours skips (objectives.frozen).
+    assert train["ours_no_mode_seeking"]["flops_per_image"] < train["reference"]["flops_per_image"]
+    # Pairs within the batch need no second pass (the term itself is elementwise).
+    assert train["ours_in_batch_pairs"]["flops_per_image"] == train["ours_no_mode_seeking"]["flops_per_image"]
     assert train["matmul_peak_gflops"]["fp32"] > 0 and train["fp32_ceiling_vs_reference"] > 0
     assert train["ours"]["batch"] == 128 and train["reference"]["batch"] == 64
     assert train["reference"]["steps"] == 2 * train["ours"]["steps"]  # the same number of images

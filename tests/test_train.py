@@ -333,6 +333,37 @@ def test_in_batch_mode_seeking_is_refused_where_there_is_no_mode_seeking_term():
     assert TrainConfig(model="cdcgan").resolve().mode_seeking == 0.25
 
 
+@pytest.mark.parametrize("model_id", ["cdcgan", "cwgan_gp"])
+def test_the_generator_step_skips_the_discriminators_weight_gradients_and_trains_the_same_weights(model_id, data_dir,
+                                                                                                  monkeypatch):
+    import contextlib
+
+    import training.objectives as objectives
+
+    data = load_dataset("mnist", "train", data_dir)
+    x, y = data.images[:16].float() / 255, data.labels[:16]
+    frozen = objectives.frozen
+    trained = {}
+    for name, freeze in (("frozen", frozen), ("textbook", lambda module: contextlib.nullcontext())):
+        monkeypatch.setattr(objectives, "frozen", freeze)
+        torch.manual_seed(0)
+        cfg = TrainConfig(dataset="mnist", model=model_id, width=8, amp=False, n_critic=1,
+                          **(dict(aux_classifier=1.0, twin_classifier=True) if model_id == "cdcgan" else {})).resolve()
+        generator, discriminator = build_model(model_id, (1, 28, 28), 10, cfg.latent_dim, cfg.width,
+                                               class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier)
+        objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+        calls = []
+        discriminator.register_forward_hook(lambda module, args, out: calls.append(
+            all(p.requires_grad for p in module.parameters())))
+        for _ in range(2):
+            objective.step(x, y)
+        trained[name] = {**generator.state_dict(), **{f"D.{k}": v for k, v in discriminator.state_dict().items()}}
+        assert all(p.requires_grad for p in discriminator.parameters())  # given back after each generator step
+        if name == "frozen":
+            assert False in calls and True in calls  # out of autograd in the generator's step only
+    assert all(torch.equal(trained["frozen"][k], trained["textbook"][k]) for k in trained["frozen"])
+
+
 def test_aux_classifier_is_refused_for_models_without_a_class_head():
     with pytest.raises(ValueError, match="aux_classifier applies to the conditional DCGAN"):
         TrainConfig(model="cvae", aux_classifier=1.0).resolve()

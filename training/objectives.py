@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from .augment import DiffAugment
 from .config import TrainConfig
@@ -59,6 +60,25 @@ def in_batch_pairs(fake: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, t
     pairs = fake.shape[0] // 2
     first = fake.shape[0] - pairs
     return fake[:pairs], fake[first:], z[:pairs], z[first:]
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module):
+    """The block runs with `module`'s parameters out of autograd: the generator's step backpropagates through D
+    only to reach G, and D's weight gradients there would be computed to be thrown away (the next D step
+    starts from zeroed gradients). Under DistributedDataParallel the block also skips D's gradient sync, which
+    would otherwise wait for gradients that never come. The losses and G's gradients are unchanged."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    wrapped = getattr(module, "_orig_mod", module)  # torch.compile(DDP(D)) -> DDP(D)
+    sync = wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else contextlib.nullcontext()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        with sync:
+            yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _logged_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, losses: dict, key: str) -> torch.Tensor:
@@ -218,19 +238,20 @@ class GANObjective(Objective):
         for opt in d_optimizers:
             opt.step()
 
-        with self.autocast():
-            d_gen, classes_gen, twin_gen = self._discriminate(fake, y_fake)
-            d_gen = d_gen.float()
-            diversity = None
-            if in_batch:
-                diversity = mode_seeking_term(*in_batch_pairs(fake, z)).float()
-            elif self.cfg.mode_seeking:
-                z2 = torch.randn_like(z)
-                diversity = mode_seeking_term(fake, self.G(z2, y_fake), z, z2).float()
-        loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses)
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        with frozen(self.D):
+            with self.autocast():
+                d_gen, classes_gen, twin_gen = self._discriminate(fake, y_fake)
+                d_gen = d_gen.float()
+                diversity = None
+                if in_batch:
+                    diversity = mode_seeking_term(*in_batch_pairs(fake, z)).float()
+                elif self.cfg.mode_seeking:
+                    z2 = torch.randn_like(z)
+                    diversity = mode_seeking_term(fake, self.G(z2, y_fake), z, z2).float()
+            loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            opt_g.step()
         return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
                 "d_real": torch.sigmoid(d_real).mean().item(), "d_fake": torch.sigmoid(d_fake).mean().item(), **losses}
 
@@ -264,10 +285,11 @@ class WGANGPObjective(Objective):
             z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
             with self.autocast():
                 fake = self.G(z, y)
-            loss_g = -self.D(fake.float(), y).mean()
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
+            with frozen(self.D):
+                loss_g = -self.D(fake.float(), y).mean()
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
             self.last_loss_g = loss_g.item()
         return {"loss_c": loss_c.item(), "wasserstein": -wasserstein.item(), "gp": gp.item(), "loss_g": self.last_loss_g}
 

@@ -175,3 +175,24 @@ def test_a_bad_setting_stops_serve_naming_the_variable(exported_dir, tmp_path):
     code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir),
                                                SYNTHGEN_MAX_N="lots")
     assert code not in (None, 0) and "SYNTHGEN_MAX_N" in output
+
+
+def test_the_readme_override_turns_off_bentomls_access_log_and_the_default_keeps_it(server, http, exported_dir,
+                                                                                   tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    override = re.search(r"BENTOML_CONFIG_OVERRIDES='([^']+)'", readme).group(1)
+    body = {"dataset": "mnist", "model": "cdcgan", "n": 1, "seed": 1}
+    assert http.post("/generate", json=body).status_code == 200
+    time.sleep(0.5)  # the access line is written after the response
+    assert "path=/generate" in server.log.read_text(errors="replace")  # on by default
+    quiet = start(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir), BENTOML_CONFIG_OVERRIDES=override)
+    try:
+        for _ in range(3):
+            assert httpx.post(f"{quiet.url}/generate", json=body, timeout=60).status_code == 200
+        time.sleep(0.5)
+        assert "path=/generate" not in quiet.log.read_text(errors="replace")
+    finally:
+        quiet.stop()

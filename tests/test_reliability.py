@@ -9,6 +9,7 @@ and a 4 KiB body limit. The healthy models must keep working; a manifest that ca
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import time
@@ -17,7 +18,7 @@ import httpx
 import pytest
 
 from service import encoders
-from service_harness import run_serve_expecting_failure, start
+from service_harness import REPO, run_serve_expecting_failure, start
 
 TOKEN = "test-token-3f9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -179,14 +180,12 @@ def test_a_bad_setting_stops_serve_naming_the_variable(exported_dir, tmp_path):
 
 def test_the_readme_override_turns_off_bentomls_access_log_and_the_default_keeps_it(server, http, exported_dir,
                                                                                    tmp_path):
-    import re
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    override = re.search(r"BENTOML_CONFIG_OVERRIDES='([^']+)'", readme).group(1)
+    override = re.search(r"BENTOML_CONFIG_OVERRIDES='([^']+)'", (REPO / "README.md").read_text()).group(1)
     body = {"dataset": "mnist", "model": "cdcgan", "n": 1, "seed": 1}
     assert http.post("/generate", json=body).status_code == 200
-    time.sleep(0.5)  # the access line is written after the response
+    deadline = time.monotonic() + 10  # the access line is written after the response
+    while "path=/generate" not in server.log.read_text(errors="replace") and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert "path=/generate" in server.log.read_text(errors="replace")  # on by default
     quiet = start(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir), BENTOML_CONFIG_OVERRIDES=override)
     try:

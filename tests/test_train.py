@@ -333,6 +333,17 @@ def test_in_batch_mode_seeking_is_refused_where_there_is_no_mode_seeking_term():
     assert TrainConfig(model="cdcgan").resolve().mode_seeking == 0.25
 
 
+def test_in_batch_mode_seeking_is_the_default_wherever_there_is_a_mode_seeking_term_and_can_be_turned_off():
+    from training.train import parse_args
+
+    assert TrainConfig(model="cdcgan").resolve().mode_seeking_in_batch is True
+    assert TrainConfig(model="dcgan", mode_seeking=0.5).resolve().mode_seeking_in_batch is True
+    for overrides in (dict(model="cdcgan", mode_seeking=0.0), dict(model="dcgan"), dict(model="cwgan_gp"), dict(model="cvae")):
+        assert TrainConfig(**overrides).resolve().mode_seeking_in_batch is False, overrides
+    assert parse_args(["--model", "cdcgan"])[0].mode_seeking_in_batch is True
+    assert parse_args(["--model", "cdcgan", "--no-mode-seeking-in-batch"])[0].mode_seeking_in_batch is False  # the shipped cDCGANs
+
+
 @pytest.mark.parametrize("model_id", ["cdcgan", "cwgan_gp"])
 def test_the_generator_step_skips_the_discriminators_weight_gradients_and_trains_the_same_weights(model_id, data_dir,
                                                                                                   monkeypatch):

@@ -151,7 +151,9 @@ def targets(result: dict) -> list[dict]:
         for subject, _, gain in _n1_gains(s.get("wrk", []), many):
             add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN)
     for r in result.get("training", []):
-        for key, flags in (("ratio", ""), ("ratio_compiled", ", --compile")):
+        for key, flags in (("ratio", ""), ("ratio_compiled", ", --compile"),
+                           ("ratio_in_batch_pairs", ", --mode-seeking-in-batch"),
+                           ("ratio_in_batch_pairs_compiled", ", --mode-seeking-in-batch, --compile")):
             if key in r:
                 add(f"training images/s vs reference loop{flags}", f"{r['dataset']}/{r['model']}", r[key], TRAINING_GAIN)
     return rows
@@ -209,8 +211,8 @@ def markdown(result: dict) -> str:
                                 ("ours_compiled", "ours with --compile (torch.compile)"),
                                 ("ours_fp32", "ours in fp32 (diagnostic)"),
                                 ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
-                                ("ours_second_pass", "ours, mode seeking by a 2nd G pass (--no-mode-seeking-in-batch; diagnostic)"),
-                                ("ours_second_pass_compiled", "the same with --compile (diagnostic)"),
+                                ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),
+                                ("ours_in_batch_pairs_compiled", "the same with --compile"),
                                 ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
                 if name not in r:
                     continue

@@ -2,10 +2,9 @@
 
 ours       what training/train.py does: the split held as one uint8 tensor, each batch an index slice of a
            random permutation, `.float().div_(255)`, then `GANObjective.step` (training/objectives.py) with the
-           resolved default config (batch 128; conditional models add the mode-seeking term, weight 0.25, on
-           pairs within the batch, so the generator runs once per step as in the reference); its generator step
-           leaves D's weights out of autograd, so it skips the D weight gradients the textbook step computes and
-           throws away.
+           resolved default config (batch 128; conditional models add the mode-seeking term, weight 0.25); its
+           generator step leaves D's weights out of autograd, so it skips the D weight gradients the textbook
+           step computes and throws away.
 reference  the style of the reference projects: a torchvision-style Dataset whose __getitem__ turns one
            uint8 image into a PIL image and applies ToTensor + Normalize(0.5, 0.5), a torch DataLoader
            (batch 64, shuffle, num_workers=0), and the textbook DCGAN step (D on real, D on fake.detach(),
@@ -17,9 +16,7 @@ shared machine hits both alike. images/s = batch / median seconds per batch, whe
 getting its data (the slice, or the DataLoader's next()); the data share of that time is reported too.
 Ours trains in bf16 autocast where the CPU computes bf16 natively (`training_precision`); `ours_fp32` is
 the same loop in fp32, a diagnostic of what bf16 buys; `ours_compiled` is ours with `--compile`
-(torch.compile of both networks, as train.py does; the warm-up step pays the compilation);
-`ours_second_pass` (and `_compiled`) computes the mode-seeking term with a second generator pass
-(`--no-mode-seeking-in-batch`, how the shipped cDCGANs were trained), `ours_no_mode_seeking` without the term.
+(torch.compile of both networks, as train.py does; the warm-up step pays the compilation).
 
 The compute ceiling: each loop's arithmetic per training image (forward and backward matmul/convolution
 FLOPs of one step, counted by torch's FlopCounterMode) and the machine's dense matmul rate at the same thread
@@ -213,12 +210,13 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
             loops["ours_fp32"] = Ours(dataset, model, w, images, labels, amp=False)
         if compile:
             loops["ours_compiled"] = Ours(dataset, model, w, images, labels, compile=True)
-        if ours.cfg.mode_seeking:  # diagnostics: the term without in-batch pairs (a 2nd generator pass), no term
+        if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
             loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0)
-            loops["ours_second_pass"] = Ours(dataset, model, w, images, labels, mode_seeking_in_batch=False)
+            # The same term on pairs within the batch (--mode-seeking-in-batch): no second generator pass.
+            loops["ours_in_batch_pairs"] = Ours(dataset, model, w, images, labels, mode_seeking_in_batch=True)
             if compile:
-                loops["ours_second_pass_compiled"] = Ours(dataset, model, w, images, labels, compile=True,
-                                                          mode_seeking_in_batch=False)
+                loops["ours_in_batch_pairs_compiled"] = Ours(dataset, model, w, images, labels, compile=True,
+                                                             mode_seeking_in_batch=True)
         per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
         times = {k: [] for k in loops}
         data = {k: [] for k in loops}
@@ -226,7 +224,7 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
         for name, loop in loops.items():  # warm-up (first-call allocations, oneDNN primitive caches), then count
             loop.step()
             # The compiled step does ours' arithmetic (the counter would only see the compiled graph's calls).
-            compiled_twin = {"ours_compiled": "ours", "ours_second_pass_compiled": "ours_second_pass"}.get(name)
+            compiled_twin = {"ours_compiled": "ours", "ours_in_batch_pairs_compiled": "ours_in_batch_pairs"}.get(name)
             flops[name] = flops[compiled_twin] if compiled_twin else flops_per_image(loop)
         for _ in range(steps):
             for name, loop in loops.items():
@@ -246,7 +244,7 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
                          "share_of_peak": gflops / peak[loop.precision]}
         row["ours"]["mode_seeking"] = ours.cfg.mode_seeking
         row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
-        for name in ("ours_compiled", "ours_second_pass", "ours_second_pass_compiled"):  # ratio_compiled, ...
+        for name in ("ours_compiled", "ours_in_batch_pairs", "ours_in_batch_pairs_compiled"):  # ratio_compiled, ...
             if name in row:
                 row[f"ratio_{name.removeprefix('ours_')}"] = row[name]["images_per_s"] / row["reference"]["images_per_s"]
         # The most any loop doing the reference's fp32 arithmetic could gain over it on this machine.

@@ -333,15 +333,13 @@ def test_in_batch_mode_seeking_is_refused_where_there_is_no_mode_seeking_term():
     assert TrainConfig(model="cdcgan").resolve().mode_seeking == 0.25
 
 
-def test_in_batch_mode_seeking_is_the_default_wherever_there_is_a_mode_seeking_term_and_can_be_turned_off():
+def test_the_mode_seeking_term_takes_a_second_generator_pass_unless_in_batch_pairs_are_asked_for():
+    """The second pass trained every shipped cDCGAN; in-batch pairs measured worse FID on two of three datasets."""
     from training.train import parse_args
 
-    assert TrainConfig(model="cdcgan").resolve().mode_seeking_in_batch is True
-    assert TrainConfig(model="dcgan", mode_seeking=0.5).resolve().mode_seeking_in_batch is True
-    for overrides in (dict(model="cdcgan", mode_seeking=0.0), dict(model="dcgan"), dict(model="cwgan_gp"), dict(model="cvae")):
-        assert TrainConfig(**overrides).resolve().mode_seeking_in_batch is False, overrides
-    assert parse_args(["--model", "cdcgan"])[0].mode_seeking_in_batch is True
-    assert parse_args(["--model", "cdcgan", "--no-mode-seeking-in-batch"])[0].mode_seeking_in_batch is False  # the shipped cDCGANs
+    assert TrainConfig(model="cdcgan").resolve().mode_seeking_in_batch is False
+    assert parse_args(["--model", "cdcgan"])[0].mode_seeking_in_batch is False
+    assert parse_args(["--model", "cdcgan", "--mode-seeking-in-batch"])[0].mode_seeking_in_batch is True
 
 
 @pytest.mark.parametrize("model_id", ["cdcgan", "cwgan_gp"])

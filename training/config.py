@@ -42,7 +42,7 @@ class TrainConfig:
     gp_weight: float = 10.0  # WGAN-GP gradient-penalty weight
     label_smoothing: float = 0.0  # GAN: real targets become 1 - label_smoothing
     mode_seeking: float | None = None  # GAN mode-seeking weight (MSGAN); cdcgan 0.25, others 0 (WGAN-GP: no such term)
-    mode_seeking_in_batch: bool | None = None  # the mode-seeking pairs from the batch halves, no second G pass (None: on wherever there is a mode-seeking term)
+    mode_seeking_in_batch: bool = False  # the mode-seeking pairs from the batch halves, no second G pass (MNIST cdcgan: 28% less arithmetic)
     ema_decay: float | None = None  # generator weight EMA, the exported copy (GANs 0.999; VAEs 0 = off)
     aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
@@ -70,10 +70,7 @@ class TrainConfig:
                 setattr(self, key, value)
         if self.mode_seeking is None:
             self.mode_seeking = 0.25 if family.conditional and family.objective == "gan" else 0.0  # WGAN-GP has no such term
-        has_mode_seeking = family.objective == "gan" and self.mode_seeking > 0
-        if self.mode_seeking_in_batch is None:
-            self.mode_seeking_in_batch = has_mode_seeking  # the same quality for a third less arithmetic (README, Training)
-        if self.mode_seeking_in_batch and not has_mode_seeking:
+        if self.mode_seeking_in_batch and not (family.objective == "gan" and self.mode_seeking > 0):
             raise ValueError("mode_seeking_in_batch pairs the images of the mode-seeking term: it needs a GAN trained with BCE "
                              f"(mlp_gan, dcgan, cdcgan) and mode_seeking > 0; got {self.model!r}, mode_seeking={self.mode_seeking}")
         if self.ema_decay is None:

@@ -77,7 +77,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
-        if field.type in ("bool", "bool | None"):
+        if field.type == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)

@@ -38,9 +38,6 @@ class ZooRun:
 
 
 SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
-# The shipped cDCGANs computed the mode-seeking term with a second generator pass, the trainer's default until
-# --mode-seeking-in-batch became it (the same quality in the comparisons of docs/zoo-experiments.md).
-SECOND_PASS = dict(mode_seeking_in_batch=False)
 
 # In training order: the models the service is most often asked for first.
 # The BreastMNIST cDCGAN was trained before the trainer had a generator EMA (a fresh `train` keeps the EMA
@@ -55,18 +52,18 @@ SECOND_PASS = dict(mode_seeking_in_batch=False)
 # command in bf16 measured CAS 48.7% and FID 4.15 against the shipped fp32 run's 49.5% and 3.34 (one run each).
 SHIPPED = [
     ZooRun("mnist", "cdcgan", dict(epochs=30, lr_decay_epochs=8, width=48, disc_width=96, aux_classifier=1.0,
-                                   twin_classifier=True, compile=True, sample_every=5, **SECOND_PASS)),
-    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, aux_classifier=0.3, sample_every=10, **SMALL, **SECOND_PASS)),
+                                   twin_classifier=True, compile=True, sample_every=5)),
+    ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, aux_classifier=0.3, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cdcgan", dict(epochs=300, aux_classifier=1.0, diff_augment="translation,cutout", amp=False,
-                                         sample_every=25, **SMALL, **SECOND_PASS)),
-    ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL, **SECOND_PASS)),
+                                         sample_every=25, **SMALL)),
+    ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_vae", dict(epochs=10, sample_every=2)),
     ZooRun("mnist", "cvae", dict(epochs=8, sample_every=2)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=60, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("fashion_mnist", "cvae", dict(epochs=8, sample_every=2)),
     ZooRun("fashion_mnist", "cdcgan", dict(epochs=33, width=48, aux_classifier=0.3, twin_classifier=True, compile=True,
-                                          sample_every=5, **SECOND_PASS)),
+                                          sample_every=5)),
     ZooRun("mnist", "conv_vae", dict(epochs=8, sample_every=2)),
     ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_gan", dict(epochs=10, sample_every=2)),

@@ -334,7 +334,7 @@ def test_in_batch_mode_seeking_is_refused_where_there_is_no_mode_seeking_term():
 
 
 def test_the_mode_seeking_term_takes_a_second_generator_pass_unless_in_batch_pairs_are_asked_for():
-    """The second pass trained every shipped cDCGAN; in-batch pairs measured worse FID on two of three datasets."""
+    """The second pass trained every shipped cDCGAN; in-batch pairs measured worse FID on two of the four datasets compared."""
     from training.train import parse_args
 
     assert TrainConfig(model="cdcgan").resolve().mode_seeking_in_batch is False

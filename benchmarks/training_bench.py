@@ -117,15 +117,13 @@ class Ours:
     """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
 
     def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None, amp: bool = True,
-                 compile: bool = False, mode_seeking_in_batch: bool | None = None):
+                 compile: bool = False, mode_seeking_in_batch: bool = False):
         from training.objectives import build_objective
 
         self.cfg, generator, discriminator, conditional = _models(dataset, model, width)
         if mode_seeking is not None:
             self.cfg.mode_seeking = mode_seeking
-        if mode_seeking_in_batch is not None:
-            self.cfg.mode_seeking_in_batch = mode_seeking_in_batch
-        self.cfg.amp, self.cfg.compile = amp, compile
+        self.cfg.amp, self.cfg.compile, self.cfg.mode_seeking_in_batch = amp, compile, mode_seeking_in_batch
         if compile:  # as train.py does with --compile
             generator, discriminator = torch.compile(generator), torch.compile(discriminator)
         self.batch = self.cfg.batch_size

@@ -4,9 +4,11 @@
      "detail": [{"loc": ["<field>"], "msg": "<one sentence>", "type": "<kind>", "allowed": [...]}],
      ...extra keys, e.g. "datasets" on a 404}
 
-BentoML answers schema violations (wrong type, n out of range, unknown format, extra fields) itself with
-status 400 and {"error": "...", "detail": [{"loc": [...], "msg": "...", "type": "..."}]}, so a client reads
-`detail[*].loc` and `detail[*].msg` the same way for both. Bodies never carry stack traces.
+`allowed` is a list of values (datasets, models, class names, formats, field names) or a field's JSON-schema
+range ({"type": "integer", "minimum": 1, "maximum": 10000}). BentoML answers schema violations (wrong type,
+n out of range, unknown format, extra fields) itself, with one entry per pydantic union branch tried and no
+`allowed`; `middleware.ErrorBodies` rewrites those with `validation_error_body` below, so a client reads every
+4xx the same way. Bodies never carry stack traces.
 """
 
 from __future__ import annotations
@@ -37,3 +39,70 @@ class ApiError(Exception):
 
 def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+MAX_DETAIL = 10  # entries of one error body: a 10,000-item labels list of floats is one mistake, not 10,000
+
+
+def _allowed(prop: dict) -> list | dict:
+    """What a field accepts, from its JSON schema: the list of values of an enum, else the schema itself
+    (type and bounds) without its title, description and default; an optional field's null is dropped."""
+    if "enum" in prop:
+        return list(prop["enum"])
+    branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+    if len(branches) == 1:
+        prop = branches[0]
+    return {k: v for k, v in prop.items() if k not in ("title", "description", "default")}
+
+
+def _rule(field: str, allowed) -> str:
+    """A field's rule in words, for the sentence of an error."""
+    if isinstance(allowed, list):
+        return f"{field} must be one of {', '.join(repr(v) for v in allowed)}"
+    if allowed.get("type") == "integer":
+        return f"{field} must be an integer in {allowed.get('minimum', '-inf')}..{allowed.get('maximum', 'inf')}"
+    if allowed.get("type") == "string":
+        return f"{field} must be a string of at most {allowed['maxLength']} characters" if "maxLength" in allowed \
+            else f"{field} must be a string"
+    if field == "labels":
+        return ("labels must be 'balanced', one class id (integer) or class name (string), or a list of n of them "
+                f"(at most {allowed['oneOf'][-1].get('maxItems')} items)")
+    if field == "label":
+        return "label must be a class id (integer) or a class name (string)"
+    return f"{field} is not valid"
+
+
+def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
+    """BentoML's 400 for a request that fails its pydantic model ("N validation error for ...IODescriptor",
+    one `detail` entry per union branch tried) as this module's format: one entry per field, its loc the field
+    (and the list index for a bad item of `labels`), a sentence that states the field's rule, and `allowed`."""
+    fields = request_schema.get("properties", {})
+    items: dict[tuple, dict] = {}
+    for error in errors:
+        loc = list(error.get("loc") or ["body"])
+        field, kind = str(loc[0]), error.get("type", "value_error")
+        if kind == "extra_forbidden":
+            key, msg, allowed = (field,), f"unknown field {field[:64]!r}; fields: {', '.join(fields)}", list(fields)
+        elif field not in fields:
+            key, msg, allowed = (field,), f"{field[:64]}: {error.get('msg', 'invalid')}", None
+        else:
+            allowed = _allowed(fields[field])
+            index = next((p for p in loc[1:] if isinstance(p, int)), None)
+            key = (field,) if index is None else (field, index)
+            if kind == "missing":
+                msg = f"{field} is required; {_rule(field, allowed)}"
+            elif kind == "too_long":
+                msg = _rule(field, allowed)
+            elif index is not None:
+                msg = f"{field}[{index}] must be a class id (integer) or a class name (string)"
+            else:
+                msg = _rule(field, allowed)
+        if key in items and kind != "too_long":
+            continue  # the other branches of a union: one sentence per field is enough
+        if key[:1] in items and len(key) > 1 or kind == "too_long":
+            items.pop(key[:1], None)  # a list item's or length's error is more precise than the field's
+        items[key] = {"loc": list(key), "msg": msg, "type": kind, **({"allowed": allowed} if allowed is not None else {})}
+    detail = list(items.values())[:MAX_DETAIL]
+    more = len(items) - len(detail)
+    message = "; ".join(item["msg"] for item in detail) or "invalid request"
+    return {"error": message + (f"; and {more} more" if more else ""), "detail": detail}

@@ -1,4 +1,5 @@
-"""The guard in front of the API routes: bearer-token auth, JSON-only bodies, and a request-size limit.
+"""The guard in front of the API routes (bearer-token auth, JSON-only bodies, a request-size limit) and the
+rewriter that gives every error response of those routes the format of `service.errors`.
 
 It runs before BentoML reads the body, so an oversized or unauthorised request is refused without parsing
 anything or allocating images: 401 (missing or wrong token, when SYNTHGEN_API_TOKEN is set), 415 (a body
@@ -9,8 +10,12 @@ while reading). Health, metrics and docs routes stay open: probes and scrapers c
 from __future__ import annotations
 
 import hmac
+import json
+import re
 
 from starlette.responses import JSONResponse
+
+from .errors import validation_error_body
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
@@ -26,7 +31,7 @@ class GuardMiddleware:
 
     def __init__(self, app, token: str | None, max_body_bytes: int):
         self.app = app
-        self.expected = f"Bearer {token}".encode() if token else None
+        self.expected = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope, receive, send):
@@ -35,7 +40,9 @@ class GuardMiddleware:
         headers = dict(scope["headers"])
         if self.expected is not None:
             given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
+            scheme, _, credentials = given.partition(b" ")
+            # RFC 7235: the scheme name is case-insensitive ("bearer" is "Bearer"); the token is compared as is.
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.expected):
                 reason = "missing" if not given else "wrong"
                 return await _reject(401, f"{reason} bearer token: send 'Authorization: Bearer <token>'",
                                      {"WWW-Authenticate": 'Bearer realm="synthgen"'})(scope, receive, send)
@@ -78,3 +85,71 @@ class GuardMiddleware:
     async def _too_large(self, scope, receive, send):
         return await _reject(413, f"request body is larger than {self.max_body_bytes} bytes "
                                   "(SYNTHGEN_MAX_BODY_BYTES)")(scope, receive, send)
+
+
+VALIDATION_ERROR = re.compile(r"^\d+ validation errors? for ")
+REWRITTEN = (400, 404, 405)
+
+
+class ErrorBodies:
+    """ASGI middleware: the error responses that BentoML and Starlette write themselves get this service's
+    error format (`service.errors`) too, so a client reads every 4xx the same way.
+
+    - BentoML's 400 for a request that fails its pydantic model: one entry per field with the field's rule
+      and `allowed` (its values or its JSON-schema bounds), instead of one entry per union branch tried.
+    - BentoML's 4xx written as a one-element JSON list: the object itself.
+    - Starlette's plain-text 404 (no such route) and 405 (wrong method): JSON naming the routes or the method.
+    `request_schemas` maps an API route to the JSON schema of its request model.
+    """
+
+    def __init__(self, app, request_schemas: dict[str, dict]):
+        self.app = app
+        self.request_schemas = request_schemas
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
+            return await self.app(scope, receive, send)
+        start, chunks = None, []
+
+        async def capture(message):
+            nonlocal start
+            if message["type"] == "http.response.start" and message["status"] in REWRITTEN:
+                start = message
+                return
+            if start is None:
+                return await send(message)
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                status, headers, body = self._rewrite(scope, start, b"".join(chunks))
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+
+        return await self.app(scope, receive, capture)
+
+    def _rewrite(self, scope, start, body: bytes) -> tuple[int, list, bytes]:
+        status, headers = start["status"], list(start.get("headers", []))
+        content_type = dict(headers).get(b"content-type", b"").split(b";")[0].strip()
+        new = None
+        if content_type == b"application/json":
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
+                new = parsed[0]
+            schema = self.request_schemas.get(scope["path"])
+            if (status == 400 and schema is not None and isinstance(parsed, dict)
+                    and VALIDATION_ERROR.match(str(parsed.get("error", ""))) and isinstance(parsed.get("detail"), list)):
+                new = validation_error_body(parsed["detail"], schema)
+        elif status == 404:
+            new = {"error": f"no route {scope['path'][:64]!r}; the API is POST {', POST '.join(self.request_schemas)}, "
+                            "GET or POST /models, and GET /livez, /readyz, /metrics, /docs.json"}
+        elif status == 405:
+            allow = dict(headers).get(b"allow", b"").decode("latin-1") or "another method"
+            new = {"error": f"method {scope['method']} is not allowed on {scope['path'][:64]}; use {allow}"}
+        if new is None:
+            return status, headers, body
+        body = json.dumps(new).encode()
+        headers = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        return status, headers, body

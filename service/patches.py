@@ -30,6 +30,8 @@ async def _call_with_cancelled_timer(self, scope, receive, send) -> None:
         await send(message)
 
     task = asyncio.ensure_future(self.app(scope, receive, _send))
+    # An app that returns without sending anything (a client that went away mid-upload) ends the wait too.
+    task.add_done_callback(lambda _: waiter.done() or waiter.set_result(None))
     try:
         try:
             await waiter

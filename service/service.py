@@ -41,7 +41,7 @@ from .catalog import CatalogEntry, ManifestError, load_catalog
 from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
 from .errors import ApiError
 from .memory import pin_mmap_threshold
-from .middleware import GuardMiddleware
+from .middleware import ErrorBodies, GuardMiddleware
 from .sampling import class_id, interpolation_latents, latents, resolve_labels
 
 logger = logging.getLogger("bentoml.synthgen")
@@ -197,6 +197,11 @@ class SyntheticImages:
     def _entry(self, dataset: str, model: str | None) -> CatalogEntry:
         """The usable catalog entry for a request's names: 404 listing what exists, or 503 saying why not."""
         available = self.catalog.datasets()
+        failed = [e for e in self.catalog.failed() if e.dataset == dataset]
+        if dataset not in available and failed:
+            raise ApiError(503, f"dataset {dataset!r} is not served: every model of it failed to load at start-up ("
+                           + "; ".join(f"{e.model}: {e.error}" for e in failed) + ")", field="dataset",
+                           allowed=list(available), kind="unavailable", extra={"datasets": available})
         if dataset not in available:
             raise ApiError(404, f"unknown dataset {dataset[:64]!r}; available: {', '.join(available)}",
                            field="dataset", allowed=list(available), kind="not_found",
@@ -217,7 +222,11 @@ class SyntheticImages:
                       stem: str, columns: int | None = None) -> Response:
         card = entry.card
         async with self.budget.reserve(request_bytes(len(z), card)):
-            images = await self.batchers[(entry.dataset, entry.model)].generate(z, labels)
+            try:
+                images = await self.batchers[(entry.dataset, entry.model)].generate(z, labels)
+            except Exception as exc:  # the model call itself failed (logged by the batcher): not the request's fault
+                return ApiError(503, f"model {entry.dataset}/{entry.model} failed to compute this batch "
+                                     f"({type(exc).__name__}); retry, or see the server log").response()
             batch = Batch(images=images, labels=labels, class_names=list(card.classes), meta=meta)
             if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
                 body = encode(batch, fmt)
@@ -285,3 +294,5 @@ class SyntheticImages:
 
 
 SyntheticImages.add_asgi_middleware(GuardMiddleware, token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)
+SyntheticImages.add_asgi_middleware(ErrorBodies, request_schemas={
+    "/generate": schemas.GenerateRequest.model_json_schema(), "/interpolate": schemas.InterpolateRequest.model_json_schema()})

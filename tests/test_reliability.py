@@ -82,9 +82,12 @@ def test_a_damaged_model_gives_503_saying_why(http):
     assert response.status_code == 503 and "sha256" in response.json()["error"]
 
 
-def test_a_dataset_whose_only_model_is_damaged_is_unknown(http):
-    body = http.post("/generate", json={"dataset": "pneumoniamnist", "n": 1}).json()
-    assert "unknown dataset" in body["error"] and "pneumoniamnist" not in body["datasets"]
+def test_a_dataset_whose_only_model_is_damaged_gives_503_saying_why(http):
+    for path in ("/generate", "/interpolate"):
+        response = http.post(path, json={"dataset": "pneumoniamnist"})
+        body = response.json()
+        assert response.status_code == 503 and "not served" in body["error"] and "cvae" in body["error"]
+        assert "sha256" in body["error"] and "pneumoniamnist" not in body["datasets"]
 
 
 # --- limits -------------------------------------------------------------------------------------------------
@@ -122,12 +125,20 @@ def test_a_small_chunked_body_is_served(http):
 # --- auth ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
-                                     {"Authorization": f"Basic {TOKEN}"}])
+                                     {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer{TOKEN}"},
+                                     {"Authorization": f"Bearer {TOKEN}x"}])
 def test_missing_or_wrong_token_gives_401(server, headers):
     for method, path in (("POST", "/generate"), ("POST", "/models"), ("GET", "/models"), ("POST", "/interpolate")):
         response = httpx.request(method, server.url + path, json={"dataset": "mnist"}, headers=headers)
         assert response.status_code == 401 and response.headers["www-authenticate"].startswith("Bearer")
         assert "token" in response.json()["error"] and TOKEN not in response.text
+
+
+def test_the_auth_scheme_name_is_case_insensitive(server):
+    for scheme in ("bearer", "BEARER"):
+        response = httpx.post(server.url + "/generate", json={"dataset": "mnist", "n": 1},
+                              headers={"Authorization": f"{scheme} {TOKEN}"})
+        assert response.status_code == 200
 
 
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics", "/docs.json"])

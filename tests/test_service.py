@@ -243,9 +243,35 @@ def test_path_like_names_are_just_unknown(http):
     ({"labels": 10}, "labels"), ({"labels": "eleven"}, "labels"), ({"labels": [1, 2]}, "labels"),
     ({"labels": 1.5}, "labels"), ({"labels": -1}, "labels"), ({"label": 3}, "label"), ({"dataset": None}, "dataset"),
 ])
-def test_invalid_fields_give_400_naming_the_field(http, change, field):
+def test_invalid_fields_give_400_naming_the_field_and_what_it_allows(http, change, field):
     body = error(generate(http, **{**MNIST, "n": 3, **change}), 400)
-    assert field in named_fields(body)
+    assert field in named_fields(body) and field in body["error"]
+    assert all(item.get("allowed") for item in body["detail"]), body
+
+
+def test_a_number_out_of_range_gives_its_range(http):
+    body = error(generate(http, **MNIST, n=10_001), 400)
+    assert body["detail"] == [{"loc": ["n"], "msg": "n must be an integer in 1..10000", "type": "less_than_equal",
+                               "allowed": {"type": "integer", "minimum": 1, "maximum": 10_000}}]
+
+
+def test_a_bad_labels_item_is_one_error_at_its_index_not_one_per_union_branch(http):
+    body = error(generate(http, **MNIST, n=2, labels=[1, 2.5]), 400)
+    assert [item["loc"] for item in body["detail"]] == [["labels", 1]]
+    body = error(generate(http, **MNIST, n=2, labels={"a": 1}), 400)
+    assert [item["loc"] for item in body["detail"]] == [["labels"]] and "balanced" in body["error"]
+
+
+def test_an_unknown_field_lists_the_fields(http):
+    body = error(generate(http, **MNIST, lables=[1]), 400)
+    assert body["detail"][0]["allowed"] == ["dataset", "model", "n", "labels", "seed", "format"]
+
+
+def test_wrong_methods_and_unknown_routes_get_json_errors(http):
+    body = error(http.get("/generate"), 405)
+    assert "GET" in body["error"] and "POST" in body["error"]
+    error(http.put("/interpolate", json={}), 405)
+    assert "/generate" in error(http.get("/no-such-route"), 404)["error"]
 
 
 def test_bad_class_name_lists_the_allowed_names(http):

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -430,6 +431,18 @@ def test_a_request_without_a_response_start_in_time_still_gets_504():
 
     sent = asyncio.run(_call(_timeout_middleware(slow, timeout=0.05)))
     assert sent[0]["status"] == 504
+
+
+def test_an_app_that_returns_without_responding_is_not_held_until_the_timeout():
+    async def gone(scope, receive, send):  # what the guard does when a client leaves mid-upload
+        return None
+
+    async def scenario():
+        started = time.perf_counter()
+        await asyncio.wait_for(_call(_timeout_middleware(gone, timeout=300)), timeout=5)
+        return time.perf_counter() - started
+
+    assert asyncio.run(scenario()) < 1
 
 
 def test_onnx_runtime_speed_settings_give_the_same_bytes(exported_dir):

@@ -70,3 +70,22 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     text = bench.markdown(result)
     for heading in ("In-process", "HTTP `POST /generate`", "paired", "Training throughput", "Targets"):
         assert heading in text
+
+
+def test_the_profiler_reports_every_node_and_its_rewrite_computes_the_same_images(exported_dir):
+    import onnx
+    import onnxruntime as ort
+
+    from benchmarks import ort_layers
+
+    model = onnx.load(str(exported_dir / "bloodmnist_64" / "dcgan" / "generator.onnx"))
+    rewritten = ort_layers.projection_as_gemm(model)
+    assert [n.op_type for n in rewritten.graph.node].count("ConvTranspose") == \
+        [n.op_type for n in model.graph.node].count("ConvTranspose") - 1
+    shipped, gemm = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (model, rewritten))
+    feeds = ort_layers.feeds_for(shipped, 5)
+    assert abs(shipped.run(None, feeds)[0] - gemm.run(None, feeds)[0]).max() < 1e-5
+
+    text = ort_layers.report(exported_dir / "bloodmnist_64" / "dcgan", n=4, threads=1)
+    assert text.count("| ConvTranspose |") == 5 and "first layer as Gemm + Reshape" in text
+    assert "No stride-1 ConvTranspose" in ort_layers.report(exported_dir / "mnist" / "mlp_vae", n=4, threads=1)

@@ -2,7 +2,7 @@
 
     python -m training.train --dataset mnist --model cdcgan --epochs 10 --data-dir ../shared/data
     python -m training.train --dataset bloodmnist_64 --model cdcgan --epochs 30
-    python -m training.train --dataset pathmnist_gray --model mlp_gan --epochs 50
+    python -m training.train --dataset pathmnist_gray --model mlp_gan --epochs 20
     torchrun --nproc_per_node=2 -m training.train --dataset mnist --model dcgan --epochs 5   # DDP (gloo on CPU, nccl on GPU)
 
 A run directory (default runs/<dataset>/<model>) gets: config.json (the resolved config), checkpoint.pt
@@ -13,7 +13,8 @@ that changes a training setting (say, more epochs with --aux-classifier) is reco
 `resumes` and from there on the model card.
 
 Speed: the dataset is held as one uint8 tensor on the device, batches are index slices of it (no
-DataLoader, no per-sample Python work); on CUDA, bf16 autocast (--amp, default on) and --compile.
+DataLoader, no per-sample Python work); bf16 autocast (--amp, default on) on CUDA and on CPUs that compute bf16
+natively (fp32 elsewhere), and --compile.
 """
 
 from __future__ import annotations

@@ -13,17 +13,11 @@ import hmac
 import json
 import re
 
-from starlette.responses import JSONResponse
-
-from .errors import validation_error_body
+from .errors import error_response, validation_error_body
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
 JSON_TYPES = ("application/json", "")
-
-
-def _reject(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 class GuardMiddleware:
@@ -44,18 +38,18 @@ class GuardMiddleware:
             # RFC 7235: the scheme name is case-insensitive ("bearer" is "Bearer"); the token is compared as is.
             if scheme.lower() != b"bearer" or not hmac.compare_digest(credentials.strip(), self.expected):
                 reason = "missing" if not given else "wrong"
-                return await _reject(401, f"{reason} bearer token: send 'Authorization: Bearer <token>'",
+                return await error_response(401, f"{reason} bearer token: send 'Authorization: Bearer <token>'",
                                      {"WWW-Authenticate": 'Bearer realm="synthgen"'})(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
         if content_type not in JSON_TYPES:
-            return await _reject(415, f"request bodies are JSON: send 'Content-Type: application/json', "
+            return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
                                       f"not {content_type!r}")(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                return await _reject(400, "Content-Length is not a number")(scope, receive, send)
+                return await error_response(400, "Content-Length is not a number")(scope, receive, send)
             if int(length) > self.max_body_bytes:
                 return await self._too_large(scope, receive, send)
             return await self.app(scope, receive, send)
@@ -83,7 +77,7 @@ class GuardMiddleware:
         return await self.app(scope, replay, send)
 
     async def _too_large(self, scope, receive, send):
-        return await _reject(413, f"request body is larger than {self.max_body_bytes} bytes "
+        return await error_response(413, f"request body is larger than {self.max_body_bytes} bytes "
                                   "(SYNTHGEN_MAX_BODY_BYTES)")(scope, receive, send)
 
 

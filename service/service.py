@@ -197,12 +197,13 @@ class SyntheticImages:
     def _entry(self, dataset: str, model: str | None) -> CatalogEntry:
         """The usable catalog entry for a request's names: 404 listing what exists, or 503 saying why not."""
         available = self.catalog.datasets()
-        failed = [e for e in self.catalog.failed() if e.dataset == dataset]
-        if dataset not in available and failed:
-            raise ApiError(503, f"dataset {dataset!r} is not served: every model of it failed to load at start-up ("
-                           + "; ".join(f"{e.model}: {e.error}" for e in failed) + ")", field="dataset",
-                           allowed=list(available), kind="unavailable", extra={"datasets": available})
         if dataset not in available:
+            failed = [e for e in self.catalog.failed() if e.dataset == dataset]
+            if failed:
+                raise ApiError(503, f"dataset {dataset!r} is not served: every model of it failed to load at "
+                               "start-up (" + "; ".join(f"{e.model}: {e.error}" for e in failed) + ")",
+                               field="dataset", allowed=list(available), kind="unavailable",
+                               extra={"datasets": available})
             raise ApiError(404, f"unknown dataset {dataset[:64]!r}; available: {', '.join(available)}",
                            field="dataset", allowed=list(available), kind="not_found",
                            extra={"datasets": available})

@@ -39,6 +39,12 @@ def test_the_shipped_list_is_what_exported_holds():
     assert {p.parent.relative_to(exported).as_posix() for p in exported.glob("*/*/card.json")} == {r.key for r in SHIPPED}
 
 
+def test_the_shipped_models_fit_the_80_mb_budget_of_exported():
+    exported = REPO / "exported"
+    total = sum(p.stat().st_size for p in exported.rglob("*") if p.is_file())
+    assert total < 80e6, f"exported/ holds {total / 1e6:.2f} MB, over its 80 MB budget"
+
+
 def test_the_readme_model_table_is_what_the_shipped_cards_say():
     from training.zoo import model_table
 

@@ -13,8 +13,9 @@
                                                                            capped by a cgroup v2 CPU quota)
     SYNTHGEN_ORT_SPINNING      1: idle ONNX Runtime threads spin (faster    1
                                large calls; 0 where idle CPU is billed)
-    SYNTHGEN_ORT_ARENA         1: ONNX Runtime keeps its memory arena        0
-                               (faster large calls, RSS keeps the peak)
+    SYNTHGEN_ORT_ARENA         1: the models share one ONNX Runtime arena   1
+                               (faster large calls; RSS keeps about the
+                               largest call's memory); 0: none
     SYNTHGEN_MEMORY_BUDGET_MB  image memory of requests in flight          1024 (further requests wait)
     SYNTHGEN_API_TOKEN         bearer token for the API routes             unset: no auth
 
@@ -86,7 +87,7 @@ class Settings:
     workers: int = 1
     ort_threads: int = 1
     ort_spinning: bool = True
-    ort_arena: bool = False
+    ort_arena: bool = True
     memory_budget_bytes: int = 1 << 30
     api_token: str | None = None
 
@@ -109,7 +110,7 @@ class Settings:
             workers=workers,
             ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", max(1, _cpu_count() // workers), 1, 1024),
             ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", True),
-            ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", False),
+            ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", True),
             memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", 1024, 64, 1 << 20) << 20,
             api_token=env.get("SYNTHGEN_API_TOKEN") or None,
         )

@@ -89,3 +89,17 @@ def test_the_profiler_reports_every_node_and_its_rewrite_computes_the_same_image
     text = ort_layers.report(exported_dir / "bloodmnist_64" / "dcgan", n=4, threads=1)
     assert text.count("| ConvTranspose |") == 5 and "first layer as Gemm + Reshape" in text
     assert "No stride-1 ConvTranspose" in ort_layers.report(exported_dir / "mnist" / "mlp_vae", n=4, threads=1)
+
+
+def test_the_memory_benchmark_serves_every_model_with_and_without_the_arena(exported_dir, tmp_path, capsys):
+    from benchmarks import memory
+
+    rows = memory.main(["--quick", "--exported", str(exported_dir), "--out", str(tmp_path / "memory.json")])
+
+    assert [r["arena"] for r in rows] == [False, True]
+    served = len(json.loads((exported_dir / "manifest.json").read_text())["models"])
+    for r in rows:
+        assert r["models"] == served and r["large_s"] > 0
+        assert r["rss_idle"] > 0 and r["rss_after_large"] > 0, r  # the worker processes were found
+    assert json.loads((tmp_path / "memory.json").read_text())["rows"] == json.loads(json.dumps(rows))
+    assert "| shared |" in capsys.readouterr().out

@@ -137,8 +137,8 @@ def test_bad_settings_fail_naming_the_variable(env, name):
 
 def test_settings_defaults():
     s = Settings.from_env({})
-    assert (s.ort_spinning, s.ort_arena) == (True, False)
-    assert Settings.from_env({"SYNTHGEN_ORT_SPINNING": "0", "SYNTHGEN_ORT_ARENA": "true"}).ort_arena
+    assert (s.ort_spinning, s.ort_arena) == (True, True)
+    assert not Settings.from_env({"SYNTHGEN_ORT_SPINNING": "0", "SYNTHGEN_ORT_ARENA": "false"}).ort_arena
     assert (s.backend, s.max_n, s.max_body_bytes, s.api_token) == ("onnxruntime", 10_000, 1 << 20, None)
     assert s.exported_dir == REPO / "exported"
 
@@ -449,6 +449,62 @@ def test_onnx_runtime_speed_settings_give_the_same_bytes(exported_dir):
     entry = load_catalog(exported_dir).entries[("mnist", "cdcgan")]
     z = latents(7, 300, entry.card.latent_dim)
     labels = np.arange(300, dtype=np.int64) % 10
-    plain = load_runner(entry, "onnxruntime", threads=2, spinning=False).run(z, labels)
+    plain = load_runner(entry, "onnxruntime", threads=2, spinning=False, arena=False).run(z, labels)
     fast = load_runner(entry, "onnxruntime", threads=2, spinning=True, arena=True).run(z, labels)
     assert np.array_equal(plain, fast)
+
+
+# Two sessions of a graph whose call needs 64 MiB of activations at n=256 (z [n, 8] -> [n, 65536] -> a
+# mean per row), in a fresh process: the ONNX Runtime environment and RSS are process-wide.
+ARENA_PROBE = """
+import sys
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from service.backends import OnnxRuntimeRunner
+from service.catalog import ModelCard
+from service.memory import pin_mmap_threshold
+
+path, arena = sys.argv[1], sys.argv[2] == "1"
+w = np.random.default_rng(0).standard_normal((8, 65536)).astype(np.float32)
+graph = helper.make_graph(
+    [helper.make_node("MatMul", ["z", "w"], ["h"]), helper.make_node("Sigmoid", ["h"], ["s"]),
+     helper.make_node("ReduceMean", ["s", "axes"], ["m"], keepdims=1),
+     helper.make_node("Reshape", ["m", "shape"], ["images"])],
+    "probe", [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 8])],
+    [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 1, 1, 1])],
+    [onnx.numpy_helper.from_array(w, "w"), onnx.numpy_helper.from_array(np.array([1], np.int64), "axes"),
+     onnx.numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape")])
+onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+card = ModelCard("probe", "probe", "", ("x",), False, (1, 1, 1), 8, {}, {})
+
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) << 10
+
+pin_mmap_threshold()
+first, second = (OnnxRuntimeRunner(path, card, threads=1, spinning=False, arena=arena) for _ in range(2))
+z = np.ones((256, 8), np.float32)
+before = rss()
+for runner in (first, first):
+    runner.run(z, None)
+after_first = rss()
+for runner in (second, second):
+    runner.run(z, None)
+print(after_first - before, rss() - after_first)
+"""
+
+
+@pytest.mark.parametrize("arena", [True, False])
+def test_every_model_shares_one_arena_or_none(tmp_path, arena):
+    """With the arena (the default) a large call's pages stay for the next call of any model, not once per
+    model; without it they go back to the OS when the call ends."""
+    done = subprocess.run([sys.executable, "-c", ARENA_PROBE, str(tmp_path / "probe.onnx"), str(int(arena))],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    kept_by_first, added_by_second = (int(v) for v in done.stdout.split())
+    mb = 2**20
+    if arena:
+        assert kept_by_first > 48 * mb, f"the first call kept {kept_by_first / mb:.0f} MiB: no arena"
+    else:
+        assert kept_by_first < 16 * mb, f"the first call kept {kept_by_first / mb:.0f} MiB without an arena"
+    assert added_by_second < 16 * mb, f"the second model's call added {added_by_second / mb:.0f} MiB"

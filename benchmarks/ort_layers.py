@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from service.backends import session_options
+from service.config import Settings
+
 from .common import fmt, interleaved, median, table
 
 ONNX_FILE = "generator.onnx"
@@ -30,10 +33,8 @@ ONNX_FILE = "generator.onnx"
 def _session(model_bytes: bytes, threads: int, profile_dir: str | None = None):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.enable_cpu_mem_arena = False  # the service's defaults
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+    defaults = Settings()
+    options = session_options(threads, defaults.ort_spinning, defaults.ort_arena)  # the service's, by default
     options.log_severity_level = 3
     if profile_dir:
         options.enable_profiling = True

@@ -33,33 +33,41 @@ def register_shared_arena() -> None:
     ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({}))
 
 
+def session_options(threads: int, spinning: bool, arena: bool):
+    """The service's ONNX Runtime settings for one model's session (benchmarks/ort_layers.py profiles with them)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # arena=True: every session of the process draws from one shared arena, which keeps the pages of the
+    # largest model call (bounded by SYNTHGEN_BATCH_ROWS) instead of faulting in fresh ones on every call.
+    # A per-session arena (ORT's default) gave the same speed but kept every model's peak. Without ORT's
+    # memory pattern (one block per call for all of a graph's activations) the arena reuses each freed
+    # tensor's chunk, at the same speed. RSS of 19 shipped models called at mixed sizes up to 1024 rows:
+    # 2.5 GB with per-session arenas, 0.59 GB shared, 0.42 GB shared without the pattern, 0.12 GB with
+    # no arena, whose large calls each fault in fresh pages (1.2x slower; see SYNTHGEN_ORT_ARENA).
+    options.enable_cpu_mem_arena = False
+    if arena:
+        register_shared_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        options.enable_mem_pattern = False
+    # spinning=True (the default): idle intra-op threads spin briefly instead of sleeping, so the threads
+    # meet at every op without a wake-up: n=1024 calls 1.6x faster on 2 cores (MNIST cDCGAN 111 -> 68 ms),
+    # while n=1 requests/s at 1 and 16 connections did not change (benchmarks/README.md). The spin costs
+    # idle CPU after each call: SYNTHGEN_ORT_SPINNING=0 where that CPU is billed or throttled.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return options
+
+
 class OnnxRuntimeRunner:
     backend = "onnxruntime"
 
     def __init__(self, path, card: ModelCard, threads: int, spinning: bool, arena: bool):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # arena=True: every session of the process draws from one shared arena, which keeps the pages of the
-        # largest model call (bounded by SYNTHGEN_BATCH_ROWS) instead of faulting in fresh ones on every call.
-        # A per-session arena (ORT's default) gave the same speed but kept every model's peak. Without ORT's
-        # memory pattern (one block per call for all of a graph's activations) the arena reuses each freed
-        # tensor's chunk, at the same speed. RSS of 19 shipped models called at mixed sizes up to 1024 rows:
-        # 2.5 GB with per-session arenas, 0.59 GB shared, 0.42 GB shared without the pattern, 0.12 GB with
-        # no arena, whose large calls each fault in fresh pages (1.2x slower; see SYNTHGEN_ORT_ARENA).
-        options.enable_cpu_mem_arena = False
-        if arena:
-            register_shared_arena()
-            options.add_session_config_entry("session.use_env_allocators", "1")
-            options.enable_mem_pattern = False
-        # spinning=True (the default): idle intra-op threads spin briefly instead of sleeping, so the threads
-        # meet at every op without a wake-up: n=1024 calls 1.6x faster on 2 cores (MNIST cDCGAN 111 -> 68 ms),
-        # while n=1 requests/s at 1 and 16 connections did not change (benchmarks/README.md). The spin costs
-        # idle CPU after each call: SYNTHGEN_ORT_SPINNING=0 where that CPU is billed or throttled.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        options = session_options(threads, spinning, arena)
         self.card = card
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -21,19 +21,11 @@ import time
 from pathlib import Path
 
 import httpx
-import psutil
 
 from .common import fmt, machine, machine_line, table
 from .serving import start_server
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def worker_rss(server) -> int:
-    """Bytes resident in the server's worker processes (each loads every model)."""
-    workers = [p for p in psutil.Process(server.process.pid).children(recursive=True)
-               if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
-    return sum(p.memory_info().rss for p in workers)
 
 
 def generate(client: httpx.Client, dataset: str, model: str, n: int) -> None:
@@ -48,15 +40,15 @@ def measure(exported: Path, arena: bool, workdir: Path, n_each: int, n_large: in
         with httpx.Client(base_url=server.url, timeout=600) as client:
             models = client.get("/models").json()["models"]
             largest = max(models, key=lambda m: m["image_shape"][0] * m["image_shape"][1] * m["image_shape"][2])
-            idle = worker_rss(server)
+            idle = server.worker_rss()
             for m in models:
                 generate(client, m["dataset"], m["model"], n_each)
-            after_each = worker_rss(server)
+            after_each = server.worker_rss()
             started = time.perf_counter()
             for _ in range(repeats):
                 generate(client, largest["dataset"], largest["model"], n_large)
             large_s = time.perf_counter() - started
-            after_large = worker_rss(server)
+            after_large = server.worker_rss()
     finally:
         server.stop()
     return {"arena": arena, "models": len(models), "largest": f"{largest['dataset']}/{largest['model']}",

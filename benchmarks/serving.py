@@ -3,7 +3,8 @@
 In-process: the generator as exported (`training.export.inference_module`: generate + clamp) in torch eager
 under inference_mode, and the ONNX Runtime session with the service's own options (`OnnxRuntimeRunner`:
 the service's thread count, spinning and arena settings, read from the same environment as the server); both
-get the same thread count (the service default: usable CPUs / workers). Calls of the two alternate, so drift hits both alike. images/s = n / median call.
+get the same thread count (the service default: usable CPUs / workers). Calls of the two alternate, so drift
+hits both alike. images/s = n / median call.
 
 HTTP: `bentoml serve` on 127.0.0.1 with the benchmark zoo and default settings, driven by an asyncio loop of
 httpx clients on the same machine (client CPU competes with the server: that is the loopback setup the issue

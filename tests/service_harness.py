@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 BENTOML = str(Path(sys.executable).parent / "bentoml")
@@ -46,6 +47,14 @@ class Server:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+
+    def worker_rss(self) -> int:
+        """Bytes resident in the server's worker processes (each loads every model)."""
+        workers = [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                   if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+        if not workers:
+            raise RuntimeError(f"no BentoML worker process under pid {self.process.pid}")
+        return sum(p.memory_info().rss for p in workers)
 
     def stop(self) -> None:
         if self.process.poll() is not None:

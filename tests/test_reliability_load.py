@@ -13,7 +13,6 @@ import random
 import time
 
 import httpx
-import psutil
 import pytest
 
 from service import encoders
@@ -79,22 +78,15 @@ async def run_load(url: str, seconds: float, seed: int) -> tuple[collections.Cou
     return counts, problems
 
 
-def worker_rss(server) -> int:
-    workers = [p for p in psutil.Process(server.process.pid).children(recursive=True)
-               if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
-    assert workers
-    return sum(p.memory_info().rss for p in workers)
-
-
 def test_32_clients_for_20_s_get_no_errors_and_rss_stays_flat(exported_dir, tmp_path):
     server = start(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir))
     try:
         warm_counts, warm_problems = asyncio.run(run_load(server.url, WARMUP_S, seed=1))
         assert not warm_problems, warm_problems[:5]
-        rss_before = worker_rss(server)
+        rss_before = server.worker_rss()
         counts, problems = asyncio.run(run_load(server.url, LOAD_S, seed=2))
         time.sleep(1)
-        rss_after = worker_rss(server)
+        rss_after = server.worker_rss()
         assert httpx.get(f"{server.url}/readyz").status_code == 200
     finally:
         server.stop()

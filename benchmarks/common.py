@@ -74,9 +74,12 @@ def repeat(fn: Callable[[], object], min_calls: int = 3, min_s: float = 1.0, max
 
 
 def interleaved(fns: dict[str, Callable[[], object]], min_rounds: int = 3, min_s: float = 1.0,
-                max_rounds: int = 1000, max_s: float = 30.0, warmup: bool = True) -> dict[str, list[float]]:
+                max_rounds: int = 1000, max_s: float = 30.0, warmup: bool = True,
+                lead_in: bool = False) -> dict[str, list[float]]:
     """Like `repeat` for several functions called in turn (a, b, c, a, b, c, ...), so that drifts of a
-    shared machine's speed hit all of them alike and their ratios stay meaningful."""
+    shared machine's speed hit all of them alike and their ratios stay meaningful. lead_in: one untimed call
+    of the same function right before every timed one, so the timed call runs in that function's steady
+    state (its own threads warm) and not against threads still spinning after another function's call."""
     if warmup:
         for fn in fns.values():
             fn()
@@ -85,6 +88,8 @@ def interleaved(fns: dict[str, Callable[[], object]], min_rounds: int = 3, min_s
     rounds = 0
     while True:
         for name, fn in fns.items():
+            if lead_in:
+                fn()
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)

@@ -1,14 +1,16 @@
-"""Worker memory of the running service, with and without the shared ONNX Runtime arena (SYNTHGEN_ORT_ARENA).
+"""Worker memory of the running service, with and without the shared ONNX Runtime arena (SYNTHGEN_ORT_ARENA),
+and with the arena, model calls in row parts or as one call (SYNTHGEN_ORT_PART_ROWS).
 
-    python -m benchmarks.memory                          # the shipped zoo, about a minute on 2 cores
+    python -m benchmarks.memory                          # the shipped zoo, about 1.5 minutes on 2 cores
     python -m benchmarks.memory --exported DIR --out bench-results/memory.json
     python -m benchmarks.memory --quick                  # small requests, a smoke run (tests/test_benchmarks.py)
 
 For each setting: `bentoml serve` on loopback with the zoo, then the resident memory (RSS) of its worker
 processes, idle; after one npz request of n=1024 to every model; after three of n=10,000 to the model with
 the largest images (and the seconds those three took). With the arena, every model of a worker draws from one
-arena that keeps about the largest model call's memory (SYNTHGEN_BATCH_ROWS bounds a call's rows); without
-it, each call's memory goes back to the OS when the call ends. Prints a Markdown table, writes JSON.
+arena that keeps about the largest model call's memory (SYNTHGEN_BATCH_ROWS bounds a call's rows; in row
+parts, the working memory of the parts running at once); without it, each call's memory goes back to the OS
+when the call ends. Prints a Markdown table, writes JSON.
 """
 
 from __future__ import annotations
@@ -22,10 +24,15 @@ from pathlib import Path
 
 import httpx
 
+from service.config import Settings
+
 from .common import fmt, machine, machine_line, table
 from .serving import start_server
 
 REPO = Path(__file__).resolve().parent.parent
+# (SYNTHGEN_ORT_ARENA, SYNTHGEN_ORT_PART_ROWS) of each measured server: no arena; the shared arena with one call
+# on all threads per model call; the shared arena with calls in row parts (both service defaults).
+SETTINGS = ((False, Settings.ort_part_rows), (True, 0), (True, Settings.ort_part_rows))
 
 
 def generate(client: httpx.Client, dataset: str, model: str, n: int) -> None:
@@ -34,8 +41,9 @@ def generate(client: httpx.Client, dataset: str, model: str, n: int) -> None:
         raise RuntimeError(f"{dataset}/{model} n={n}: HTTP {response.status_code} {response.text[:300]}")
 
 
-def measure(exported: Path, arena: bool, workdir: Path, n_each: int, n_large: int, repeats: int = 3) -> dict:
-    server = start_server(workdir, exported, SYNTHGEN_ORT_ARENA=str(int(arena)))
+def measure(exported: Path, arena: bool, part_rows: int, workdir: Path, n_each: int, n_large: int,
+            repeats: int = 3) -> dict:
+    server = start_server(workdir, exported, SYNTHGEN_ORT_ARENA=str(int(arena)), SYNTHGEN_ORT_PART_ROWS=str(part_rows))
     try:
         with httpx.Client(base_url=server.url, timeout=600) as client:
             models = client.get("/models").json()["models"]
@@ -51,16 +59,16 @@ def measure(exported: Path, arena: bool, workdir: Path, n_each: int, n_large: in
             after_large = server.worker_rss()
     finally:
         server.stop()
-    return {"arena": arena, "models": len(models), "largest": f"{largest['dataset']}/{largest['model']}",
+    return {"arena": arena, "part_rows": part_rows, "models": len(models), "largest": f"{largest['dataset']}/{largest['model']}",
             "n_each": n_each, "n_large": n_large, "repeats": repeats, "rss_idle": idle,
             "rss_after_each": after_each, "rss_after_large": after_large, "large_s": large_s}
 
 
 def format_rows(rows: list[dict]) -> str:
     first, mib = rows[0], 2**20
-    headers = ["arena", "models", "RSS idle MiB", f"after n={first['n_each']} to each, MiB",
+    headers = ["arena", "row parts", "models", "RSS idle MiB", f"after n={first['n_each']} to each, MiB",
                f"after {first['repeats']} x n={first['n_large']} to {first['largest']}, MiB", "their seconds"]
-    return table(headers, [["shared" if r["arena"] else "off", r["models"], fmt(r["rss_idle"] / mib, 0),
+    return table(headers, [["shared" if r["arena"] else "off", r["part_rows"] or "off (one call)", r["models"], fmt(r["rss_idle"] / mib, 0),
                             fmt(r["rss_after_each"] / mib, 0), fmt(r["rss_after_large"] / mib, 0), fmt(r["large_s"], 1)]
                            for r in rows])
 
@@ -74,8 +82,8 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     n_each, n_large = (16, 64) if args.quick else (1024, 10_000)
     with tempfile.TemporaryDirectory(prefix="synthgen-memory-") as tmp:
-        rows = [measure(args.exported.resolve(), arena, Path(tmp) / f"arena{int(arena)}", n_each, n_large)
-                for arena in (False, True)]
+        rows = [measure(args.exported.resolve(), arena, part_rows, Path(tmp) / f"arena{int(arena)}-parts{part_rows}",
+                        n_each, n_large) for arena, part_rows in SETTINGS]
     info = machine()
     print(f"Machine: {machine_line(info)}\n\n{format_rows(rows)}")
     out = Path(args.out)

@@ -91,13 +91,15 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
     service = Settings.from_env()  # the service's settings, as `bentoml serve` below reads them from this env
     threads = service.ort_threads
     t = time.perf_counter()
-    baselines = serving.load_baselines(exported, workdir / "runs", threads, service.ort_spinning, service.ort_arena)
+    baselines = serving.load_baselines(exported, workdir / "runs", threads, service.ort_spinning, service.ort_arena,
+                                       service.ort_part_rows)
     in_process = serving.bench_in_process(baselines, cfg["ns"], min_s=cfg["in_process_s"], log=log)
     wall["in_process"] = time.perf_counter() - t
 
     t = time.perf_counter()
     server = serving.start_server(workdir / "serve", exported, SYNTHGEN_ORT_SPINNING=str(int(service.ort_spinning)),
-                                  SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)))
+                                  SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)),
+                                  SYNTHGEN_ORT_PART_ROWS=str(service.ort_part_rows))
     wall["server_start"] = time.perf_counter() - t
     log(f"server ready at {server.url} after {wall['server_start']:.1f} s")
     try:
@@ -119,7 +121,8 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         raise
     finally:
         server.stop()
-    return {"threads": threads, "ort_spinning": service.ort_spinning, "ort_arena": service.ort_arena,
+    return {"threads": threads, "ort_part_rows": service.ort_part_rows, "ort_spinning": service.ort_spinning,
+            "ort_arena": service.ort_arena,
             "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
 
 
@@ -165,19 +168,21 @@ def markdown(result: dict) -> str:
            + (" QUICK RUN: tiny models and sizes, numbers not meaningful." if result["quick"] else "")]
     s = result.get("serving")
     if s:
-        ort = (f"ONNX Runtime spinning {'on' if s.get('ort_spinning') else 'off'}, arena {'on' if s.get('ort_arena') else 'off'}: "
-               "SYNTHGEN_ORT_SPINNING / SYNTHGEN_ORT_ARENA, the same for the service")
+        ort = (f"ONNX Runtime row parts of {s.get('ort_part_rows', 0)} rows (0: one call), "
+               f"spinning {'on' if s.get('ort_spinning') else 'off'}, arena {'on' if s.get('ort_arena') else 'off'}: "
+               "SYNTHGEN_ORT_PART_ROWS / _SPINNING / _ARENA, the same for the service")
         out.append(f"\n### In-process generator calls ({s['threads']} threads each; {ort})\n")
         by = {}
         for r in s["in_process"]:
             by.setdefault((r["dataset"], r["model"], r["n"]), {})[r["backend"]] = r
         rows = []
         for (dataset, model, n), b in by.items():
-            te, ort = b["torch_eager"], b["onnxruntime"]
+            te, ort, one = b["torch_eager"], b["onnxruntime"], b.get("onnxruntime_one_call")
             rows.append([f"{dataset}/{model}", n, fmt(te["images_per_s"]), fmt(te["median_ms"]),
-                         fmt(ort["images_per_s"]), fmt(ort["median_ms"]),
+                         fmt(one["images_per_s"]) if one else "-", fmt(ort["images_per_s"]), fmt(ort["median_ms"]),
                          f"{ort['images_per_s'] / te['images_per_s']:.2f}x"])
-        out.append(table(["model", "n", "torch eager img/s", "torch ms", "ORT img/s", "ORT ms", "ORT / torch"], rows))
+        out.append(table(["model", "n", "torch eager img/s", "torch ms", "ORT one call img/s", "ORT img/s (service)",
+                          "ORT ms", "ORT / torch"], rows))
 
         out.append("\n### HTTP `POST /generate` over loopback (httpx asyncio clients on the same machine)\n")
         rows = [[f"{r['dataset']}/{r['model']}", r["format"], r["n"], r["clients"], fmt(r["requests_per_s"]),

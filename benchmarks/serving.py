@@ -2,9 +2,12 @@
 
 In-process: the generator as exported (`training.export.inference_module`: generate + clamp) in torch eager
 under inference_mode, and the ONNX Runtime session with the service's own options (`OnnxRuntimeRunner`:
-the service's thread count, spinning and arena settings, read from the same environment as the server); both
-get the same thread count (the service default: usable CPUs / workers). Calls of the two alternate, so drift
-hits both alike. images/s = n / median call.
+the service's thread count, row parts, spinning and arena settings, read from the same environment as the
+server); both get the same thread count (the service default: usable CPUs / workers). Where the service
+splits calls into row parts (SYNTHGEN_ORT_PART_ROWS), a third baseline is the plain ORT session making one
+call on all the threads (`onnxruntime_one_call`), so the table shows what the split gains. Calls alternate,
+so drift hits all alike, each timed right after an untimed call of its own (LEAD_IN) so that none runs
+against the threads still spinning after another. images/s = n / median call.
 
 HTTP: `bentoml serve` on 127.0.0.1 with the benchmark zoo and default settings, driven by an asyncio loop of
 httpx clients on the same machine (client CPU competes with the server: that is the loopback setup the issue
@@ -15,7 +18,8 @@ and checked (200, X-Count == n). req/s and images/s = completed requests / wall 
 are nearest-rank percentiles of per-request latencies (send to last byte read).
 
 The n=1024 npz targets use a separate paired run: one HTTP request (sync httpx client), one in-process ORT
-call, one in-process torch call, in turn, several rounds, so the ratios come from the same minutes.
+call, one in-process torch call, in turn (each with its lead-in call), several rounds, so the ratios come from the
+same minutes.
 """
 
 from __future__ import annotations
@@ -33,13 +37,19 @@ from .common import interleaved, median, percentile
 
 REPO = Path(__file__).resolve().parent.parent
 NS = (1, 64, 1024)
+# Every timed in-process or paired call comes right after an untimed call of the same function (`interleaved`'s
+# lead_in). On 2 cores, threads spinning after one call take the CPU from the next: an n=1024 MLP GAN torch call
+# took 25.7 ms right after a spinning ORT call against 12-13 ms after its own, so without the lead-in call the
+# ratios depended on the order of the calls (benchmarks/README.md, 2026-12-03).
+LEAD_IN = True
 FORMATS = ("npz", "png_grid")
 CLIENTS = (1, 16)
 
 
 @dataclass
 class Baselines:
-    """In-process callables of one model: torch eager and the ORT session, each taking (z, labels)."""
+    """In-process callables of one model: torch eager, the service's ORT runner and (where the runner splits
+    calls into row parts) a plain one-call ORT session, each taking (z, labels)."""
 
     dataset: str
     model: str
@@ -48,6 +58,7 @@ class Baselines:
     conditional: bool
     torch_fn: object
     ort_fn: object
+    ort_one_call_fn: object | None = None
 
     def inputs(self, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         from service.sampling import latents
@@ -55,7 +66,8 @@ class Baselines:
         return latents(seed, n, self.latent_dim), np.arange(n, dtype=np.int64) % self.num_classes
 
 
-def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool, arena: bool) -> list[Baselines]:
+def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool, arena: bool,
+                   part_rows: int) -> list[Baselines]:
     """One `Baselines` per served model of the zoo; torch uses `threads` intra-op threads, as ORT does."""
     import torch
 
@@ -68,7 +80,8 @@ def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool, are
     out = []
     for entry in load_catalog(exported, "onnxruntime").usable():
         card = entry.card
-        runner = OnnxRuntimeRunner(entry.model_path, card, threads, spinning, arena)
+        runner = OnnxRuntimeRunner(entry.model_path, card, threads, spinning, arena, part_rows)
+        one_call = OnnxRuntimeRunner(entry.model_path, card, threads, spinning, arena, 0) if runner.part_rows else None
         model, _ = load_checkpoint(runs / entry.dataset / entry.model)
         module = inference_module(model)
 
@@ -78,7 +91,7 @@ def load_baselines(exported: Path, runs: Path, threads: int, spinning: bool, are
                 return module(*args).numpy()
 
         out.append(Baselines(entry.dataset, entry.model, card.latent_dim, card.num_classes, card.conditional,
-                             torch_fn, runner.run))
+                             torch_fn, runner.run, one_call.run if one_call else None))
     return out
 
 
@@ -88,8 +101,11 @@ def bench_in_process(models: list[Baselines], ns=NS, min_s: float = 1.0, max_s: 
     for m in models:
         for n in ns:
             z, labels = m.inputs(n)
-            times = interleaved({"torch_eager": lambda: m.torch_fn(z, labels),
-                                 "onnxruntime": lambda: m.ort_fn(z, labels)}, min_rounds=3, min_s=min_s, max_s=max_s)
+            calls = {"torch_eager": lambda: m.torch_fn(z, labels)}
+            if m.ort_one_call_fn is not None:
+                calls["onnxruntime_one_call"] = lambda: m.ort_one_call_fn(z, labels)
+            calls["onnxruntime"] = lambda: m.ort_fn(z, labels)
+            times = interleaved(calls, min_rounds=3, min_s=min_s, max_s=max_s, lead_in=LEAD_IN)
             for backend, t in times.items():
                 rows.append({"dataset": m.dataset, "model": m.model, "backend": backend, "n": n, "calls": len(t),
                              "median_ms": median(t) * 1e3, "images_per_s": n / median(t)})
@@ -202,7 +218,7 @@ def bench_paired(url: str, models: list[Baselines], n: int = 1024, fmt: str = "n
 
             times = interleaved({"http": http_call, "onnxruntime": lambda: m.ort_fn(z, labels),
                                  "torch_eager": lambda: m.torch_fn(z, labels)}, min_rounds=min_rounds, min_s=min_s,
-                                max_s=max_s)
+                                max_s=max_s, lead_in=LEAD_IN)
             med = {k: median(v) for k, v in times.items()}
             row = {"dataset": m.dataset, "model": m.model, "n": n, "format": fmt, "rounds": len(times["http"]),
                    "errors": len(bad), **{f"{k}_median_ms": v * 1e3 for k, v in med.items()},

@@ -11,6 +11,9 @@
     SYNTHGEN_WORKERS           server processes, each loads every model    1
     SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs / workers (affinity,
                                                                            capped by a cgroup v2 CPU quota)
+    SYNTHGEN_ORT_PART_ROWS     ONNX Runtime calls of more rows run in      128
+                               parts side by side, one thread each
+                               (0: one call on all the threads)
     SYNTHGEN_ORT_SPINNING      1: idle ONNX Runtime threads spin (faster    1
                                large calls; 0 where idle CPU is billed)
     SYNTHGEN_ORT_ARENA         1: the models share one ONNX Runtime arena   1
@@ -86,6 +89,7 @@ class Settings:
     batch_rows: int = 1024
     workers: int = 1
     ort_threads: int = 1
+    ort_part_rows: int = 128
     ort_spinning: bool = True
     ort_arena: bool = True
     memory_budget_bytes: int = 1 << 30
@@ -109,6 +113,7 @@ class Settings:
             batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
             workers=workers,
             ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", max(1, _cpu_count() // workers), 1, 1024),
+            ort_part_rows=_int(env, "SYNTHGEN_ORT_PART_ROWS", 128, 0, 1_000_000),
             ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", True),
             ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", True),
             memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", 1024, 64, 1 << 20) << 20,

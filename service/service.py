@@ -126,7 +126,8 @@ class SyntheticImages:
         for entry in self.catalog.usable():
             try:
                 entry.runner = load_runner(entry, self.settings.backend, self.settings.ort_threads,
-                                           self.settings.device, self.settings.ort_spinning, self.settings.ort_arena)
+                                           self.settings.device, self.settings.ort_spinning, self.settings.ort_arena,
+                                           self.settings.ort_part_rows)
             except BackendLoadError as exc:
                 entry.error = str(exc)
                 logger.error("model %s/%s is not served: %s", entry.dataset, entry.model, exc)

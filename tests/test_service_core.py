@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service import encoders, schemas
-from service.backends import load_runner
+from service.backends import load_runner, row_parts
 from service.batching import MicroBatcher
 from service.catalog import ManifestError, load_catalog
 from service.config import ConfigError, Settings
@@ -129,6 +129,7 @@ def test_a_card_that_disagrees_with_the_model_is_refused(exported_dir, tmp_path)
     ({"SYNTHGEN_MAX_BODY_BYTES": "-1"}, "SYNTHGEN_MAX_BODY_BYTES"),
     ({"SYNTHGEN_ORT_SPINNING": "yes"}, "SYNTHGEN_ORT_SPINNING"),
     ({"SYNTHGEN_ORT_ARENA": "2"}, "SYNTHGEN_ORT_ARENA"),
+    ({"SYNTHGEN_ORT_PART_ROWS": "-1"}, "SYNTHGEN_ORT_PART_ROWS"),
 ])
 def test_bad_settings_fail_naming_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
@@ -137,7 +138,7 @@ def test_bad_settings_fail_naming_the_variable(env, name):
 
 def test_settings_defaults():
     s = Settings.from_env({})
-    assert (s.ort_spinning, s.ort_arena) == (True, True)
+    assert (s.ort_spinning, s.ort_arena, s.ort_part_rows) == (True, True, 128)
     assert not Settings.from_env({"SYNTHGEN_ORT_SPINNING": "0", "SYNTHGEN_ORT_ARENA": "false"}).ort_arena
     assert (s.backend, s.max_n, s.max_body_bytes, s.api_token) == ("onnxruntime", 10_000, 1 << 20, None)
     assert s.exported_dir == REPO / "exported"
@@ -203,6 +204,39 @@ def test_batched_requests_are_byte_identical_to_unbatched(catalog, runners, key)
     for a, b in zip(alone, together):
         assert a.dtype == np.uint8 and a.shape[1:] == (card.image_shape[1], card.image_shape[2], card.image_shape[0])
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("n, threads, part_rows, expected", [
+    (1, 2, 128, [(0, 1)]),
+    (20, 2, 128, [(0, 20)]),  # two parts would each have under MIN_PART_ROWS (16)
+    (64, 2, 128, [(0, 32), (32, 64)]),  # one part per thread
+    (300, 2, 128, [(0, 100), (100, 200), (200, 300)]),  # none over part_rows
+    (1024, 2, 128, [(i, i + 128) for i in range(0, 1024, 128)]),
+    (1024, 1, 128, [(0, 1024)]),  # one thread: one call
+    (1024, 4, 0, [(0, 1024)]),  # 0: never split
+])
+def test_row_parts_cover_every_row_once_in_order(n, threads, part_rows, expected):
+    assert row_parts(n, threads, part_rows) == expected
+
+
+@pytest.mark.parametrize("key", [("mnist", "cdcgan"), ("mnist", "mlp_vae"), ("bloodmnist_64", "dcgan"),
+                                 ("pneumoniamnist", "cvae")])
+def test_row_parallel_calls_give_the_bytes_of_one_call(catalog, key):
+    card = catalog.entries[key].card
+    z, labels = latents(3, 150, card.latent_dim), np.arange(150, dtype=np.int64) % card.num_classes
+    one_call = load_runner(catalog.entries[key], "onnxruntime", threads=2, part_rows=0)
+    in_parts = load_runner(catalog.entries[key], "onnxruntime", threads=2, part_rows=32)  # 5 parts of 30 rows
+    assert (one_call.part_rows, in_parts.part_rows) == (0, 32)
+    assert one_call.run(z, labels).tobytes() == in_parts.run(z, labels).tobytes()
+
+
+def test_a_failing_row_part_fails_the_whole_call(catalog):
+    entry = catalog.entries[("mnist", "cdcgan")]
+    runner = load_runner(entry, "onnxruntime", threads=2, part_rows=32)
+    labels = np.arange(150, dtype=np.int64) % 10
+    labels[100] = 10**6  # out of the embedding's range: only the part holding row 100 fails
+    with pytest.raises(Exception, match="(?i)index|indices|out of"):
+        runner.run(latents(3, 150, entry.card.latent_dim), labels)
 
 
 def test_onnxruntime_models_pass_the_row_independence_check(runners):
@@ -368,7 +402,7 @@ def test_default_serving_path_never_imports_torch_or_training(exported_dir):
 import sys, numpy as np
 import service.service, service.client
 from service.catalog import load_catalog
-from service.backends import load_runner
+from service.backends import load_runner, row_parts
 catalog = load_catalog({str(exported_dir)!r})
 for entry in catalog.usable():
     load_runner(entry, "onnxruntime", threads=1).run(np.zeros((2, entry.card.latent_dim), np.float32), np.zeros(2, np.int64))
@@ -449,8 +483,8 @@ def test_onnx_runtime_speed_settings_give_the_same_bytes(exported_dir):
     entry = load_catalog(exported_dir).entries[("mnist", "cdcgan")]
     z = latents(7, 300, entry.card.latent_dim)
     labels = np.arange(300, dtype=np.int64) % 10
-    plain = load_runner(entry, "onnxruntime", threads=2, spinning=False, arena=False).run(z, labels)
-    fast = load_runner(entry, "onnxruntime", threads=2, spinning=True, arena=True).run(z, labels)
+    plain = load_runner(entry, "onnxruntime", threads=2, spinning=False, arena=False, part_rows=0).run(z, labels)
+    fast = load_runner(entry, "onnxruntime", threads=2, spinning=True, arena=True, part_rows=128).run(z, labels)
     assert np.array_equal(plain, fast)
 
 

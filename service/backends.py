@@ -13,11 +13,13 @@ computes one image at a time, so a single call on several intra-op threads leave
 on 2 cores, n=1024 of the MNIST cDCGAN ran 7,400 images/s as one call and 12,200 in parts of 128 rows
 (the 64x64 DCGAN 2,700 -> 4,100; the MLP GAN, all GEMMs, 111,000 -> 114,000; benchmarks/README.md). Rows
 are independent in every exported graph (checked at start-up), so the bytes are the same either way.
+`run_into` hands each part to the caller on the thread that computed it (the service quantizes it there).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -111,18 +113,25 @@ class OnnxRuntimeRunner:
                                    f"{'conditional' if card.conditional else 'unconditional'} card")
 
     def run(self, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+        parts: dict[int, np.ndarray] = {}
+        self.run_into(z, labels, lambda a, b, images: parts.__setitem__(a, images))
+        # Joined as the graph returned them (never broadcast into a shape taken from the card).
+        return parts[0] if len(parts) == 1 else np.concatenate([parts[a] for a in sorted(parts)])
+
+    def run_into(self, z: np.ndarray, labels: np.ndarray | None, sink: Callable[[int, int, np.ndarray], None]) -> None:
+        """Like `run`, but hands each row part's images to sink(a, b, images of rows a..b) on the thread that
+        computed it, so the caller's per-row work (the service quantizes) runs in parallel too."""
         parts = row_parts(len(z), self.threads, self.part_rows)
-        if len(parts) == 1:
-            return self._call(z, labels)
-        images = np.empty((len(z), *self.card.image_shape), dtype=np.float32)
 
         def run_part(rows: tuple[int, int]) -> None:
             a, b = rows
-            images[a:b] = self._call(z[a:b], None if labels is None else labels[a:b])
+            sink(a, b, self._call(z[a:b], None if labels is None else labels[a:b]))
 
+        if len(parts) == 1:
+            run_part(parts[0])
+            return
         for _ in part_pool(self.threads).map(run_part, parts):  # re-raises a part's exception here
             pass
-        return images
 
     def _call(self, z: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
         feeds = {"z": z}
@@ -154,6 +163,9 @@ class TorchScriptRunner:
             if self.card.conditional:
                 args.append(torch.from_numpy(labels).to(self.device))
             return self.module(*args).float().cpu().numpy()
+
+    def run_into(self, z: np.ndarray, labels: np.ndarray | None, sink: Callable[[int, int, np.ndarray], None]) -> None:
+        sink(0, len(z), self.run(z, labels))  # one part: torch spreads a call over its own threads
 
 
 def rows_are_independent(runner, card: ModelCard, n: int = 96) -> bool:

@@ -3,7 +3,8 @@
 Every request becomes a job (its latents, labels, and a preallocated uint8 N x H x W x C output). Each model
 has a FIFO of jobs and one asyncio task that, whenever the inference thread is free, takes up to
 `batch_rows` rows from the head of the FIFO - the tails of large jobs and whole small ones alike -
-concatenates them into one model call, and writes each job's slice of the result into that job's output.
+concatenates them into one model call, and writes each job's slice of the result into that job's output
+(quantized to uint8 part by part, on the runner's threads, as each row part of the call is computed).
 All models share ONE inference thread, so calls never compete for the CPU and the event loop stays free.
 
 No waiting window: a lone request runs at once (lowest latency), and requests that arrive while a call is
@@ -96,18 +97,24 @@ class MicroBatcher:
         return pieces
 
     def _call(self, pieces: list[tuple[Job, int, int]]) -> None:
-        """Runs on the inference thread: one model call for all pieces, results quantized into each job."""
+        """Runs on the inference thread: one model call for all pieces, results quantized into each job (by
+        the runner's part threads, each part as soon as it is computed)."""
         if len(pieces) == 1:
             job, a, b = pieces[0]
             z, labels = job.z[a:b], job.labels[a:b]
         else:
             z = np.concatenate([job.z[a:b] for job, a, b in pieces])
             labels = np.concatenate([job.labels[a:b] for job, a, b in pieces])
-        images = self.runner.run(z, labels)
-        offset = 0
-        for job, a, b in pieces:
-            quantize_into(images[offset:offset + b - a], job.out[a:b])
-            offset += b - a
+        starts = np.cumsum([0] + [b - a for _, a, b in pieces[:-1]]).tolist()  # each piece's first row in the call
+
+        def quantize_part(lo: int, hi: int, images: np.ndarray) -> None:
+            """Call rows lo..hi, into the jobs whose pieces they belong to."""
+            for (job, a, b), start in zip(pieces, starts):
+                first, last = max(lo, start), min(hi, start + b - a)
+                if first < last:
+                    quantize_into(images[first - lo:last - lo], job.out[a + first - start:a + last - start])
+
+        self.runner.run_into(z, labels, quantize_part)
 
     async def _worker(self) -> None:
         while True:

@@ -239,6 +239,24 @@ def test_a_failing_row_part_fails_the_whole_call(catalog):
         runner.run(latents(3, 150, entry.card.latent_dim), labels)
 
 
+@pytest.mark.parametrize("key", [("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")])
+def test_requests_merged_into_calls_in_row_parts_get_the_bytes_of_lone_calls(catalog, runners, key):
+    """Each row part is quantized into its requests as soon as it is computed: part and request boundaries
+    cross here (calls of up to 16 rows, parts of up to 5)."""
+    card = catalog.entries[key].card
+    sizes = [1, 3, 1, 40, 2, 1, 17, 1]
+    jobs = [(latents(seed, n, card.latent_dim), np.arange(n, dtype=np.int64) % card.num_classes)
+            for seed, n in enumerate(sizes)]
+    in_parts = load_runner(catalog.entries[key], "onnxruntime", threads=2, part_rows=5)
+    with ThreadPoolExecutor(1) as pool:
+        alone = [asyncio.run(_generate_all(MicroBatcher(runners[key], pool, 1024, card.image_shape), [job]))[0]
+                 for job in jobs]
+        merged = MicroBatcher(in_parts, pool, 16, card.image_shape)
+        together = asyncio.run(_generate_all(merged, jobs))
+    assert merged.calls < len(jobs) and merged.rows == sum(sizes)
+    assert [a.tobytes() for a in alone] == [b.tobytes() for b in together]
+
+
 def test_onnxruntime_models_pass_the_row_independence_check(runners):
     assert all(runner.row_independent for runner in runners.values())
 
@@ -265,11 +283,11 @@ def test_a_failing_model_call_fails_its_requests_not_the_batcher(catalog, runner
     class Flaky:
         calls = 0
 
-        def run(self, z, labels):
+        def run_into(self, z, labels, sink):
             Flaky.calls += 1
             if Flaky.calls == 1:
                 raise RuntimeError("boom")
-            return runners[("mnist", "mlp_vae")].run(z, labels)
+            runners[("mnist", "mlp_vae")].run_into(z, labels, sink)
 
     async def scenario():
         batcher = MicroBatcher(Flaky(), pool, 1024, card.image_shape)

@@ -72,7 +72,8 @@ def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_m
             t = time.perf_counter()
             result["training"] = training_bench.bench_training(
                 training_models, steps=cfg["train_steps"], data_dir=None if quick else data_dir,
-                n_random=cfg["n_random"], width=cfg["train_width"], compile=not quick, log=log)
+                n_random=cfg["n_random"], width=cfg["train_width"], compile=not quick,
+                data_parallel=1 if quick else min(2, result["machine"]["usable_cpus"]), log=log)
             result["wall_s"]["training"] = time.perf_counter() - t
     result["targets"] = targets(result)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -156,7 +157,10 @@ def targets(result: dict) -> list[dict]:
     for r in result.get("training", []):
         for key, flags in (("ratio", ""), ("ratio_compiled", ", --compile"),
                            ("ratio_in_batch_pairs", ", --mode-seeking-in-batch"),
-                           ("ratio_in_batch_pairs_compiled", ", --mode-seeking-in-batch, --compile")):
+                           ("ratio_in_batch_pairs_compiled", ", --mode-seeking-in-batch, --compile"),
+                           ("ratio_ddp", ", 2 processes (torchrun)"),
+                           ("ratio_ddp_compiled", ", 2 processes, --compile"),
+                           ("ratio_ddp_in_batch_pairs_compiled", ", 2 processes, --mode-seeking-in-batch, --compile")):
             if key in r:
                 add(f"training images/s vs reference loop{flags}", f"{r['dataset']}/{r['model']}", r[key], TRAINING_GAIN)
     return rows
@@ -218,6 +222,9 @@ def markdown(result: dict) -> str:
                                 ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
                                 ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),
                                 ("ours_in_batch_pairs_compiled", "the same with --compile"),
+                                ("ours_ddp", "ours on 2 single-threaded processes (torchrun, DDP over gloo)"),
+                                ("ours_ddp_compiled", "the same with --compile"),
+                                ("ours_ddp_in_batch_pairs_compiled", "the same with --mode-seeking-in-batch too"),
                                 ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
                 if name not in r:
                     continue

@@ -117,20 +117,25 @@ class Ours:
     """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
 
     def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None, amp: bool = True,
-                 compile: bool = False, mode_seeking_in_batch: bool = False):
+                 compile: bool = False, mode_seeking_in_batch: bool = False, world: int = 1, rank: int = 0):
+        from torch.nn.parallel import DistributedDataParallel
+
         from training.objectives import build_objective
 
         self.cfg, generator, discriminator, conditional = _models(dataset, model, width)
         if mode_seeking is not None:
             self.cfg.mode_seeking = mode_seeking
         self.cfg.amp, self.cfg.compile, self.cfg.mode_seeking_in_batch = amp, compile, mode_seeking_in_batch
+        if world > 1:  # as train.py does under torchrun: the default batch split over the processes
+            generator = DistributedDataParallel(generator, broadcast_buffers=False)
+            discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
         if compile:  # as train.py does with --compile
             generator, discriminator = torch.compile(generator), torch.compile(discriminator)
-        self.batch = self.cfg.batch_size
+        self.batch = self.cfg.batch_size // world
         self.objective = build_objective(self.cfg, torch.device("cpu"), generator, discriminator, conditional)
         self.precision = self.objective.precision
         self.images, self.labels = images, labels
-        self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1))
+        self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1 + rank))
         self.i = 0
 
     def step(self) -> float:
@@ -145,6 +150,102 @@ class Ours:
         data_s = time.perf_counter() - t
         self.objective.step(x, y)
         return data_s
+
+
+def _data_parallel_worker(rank: int, world: int, port: int, data: tuple, args: tuple, kwargs: dict, commands,
+                          results) -> None:
+    """One process of `DataParallelOurs`: one thread, its share of the batch, steps on command. It loads the
+    images itself: a tensor over numpy memory (the real split) cannot be moved into shared memory to pass."""
+    import os
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        images, labels, _ = load_images(*data)
+        loop = Ours(args[0], args[1], args[2], images, labels, **kwargs, world=world, rank=rank)
+        results.put(("ready", rank, loop.precision))
+        while (steps := commands.get()) is not None:
+            times, data = [], []
+            for _ in range(steps):
+                t = time.perf_counter()
+                data.append(loop.step())
+                times.append(time.perf_counter() - t)
+            results.put(("done", rank, (times, data)))
+    except BaseException as exc:  # reported to the parent, which would otherwise wait forever
+        results.put(("error", rank, repr(exc)))
+    finally:
+        dist.destroy_process_group()
+
+
+class DataParallelOurs:
+    """Ours on `world` processes of one thread each, the batch (128) split over them, gradients all-reduced by
+    DistributedDataParallel over gloo: what `OMP_NUM_THREADS=1 torchrun --nproc_per_node=2 -m training.train`
+    runs. On a 2-core CPU one process's convolutions on 2 intra-op threads leave a core idle for part of every
+    layer; two single-threaded processes keep both busy. Driven from this process: `step` runs one batch on
+    every process and returns its data seconds; `last_step_s` is its time on the processes' own clock, so the
+    hand-off is not counted. Each `step` runs two batches and times the second: the first absorbs threads
+    still spinning after the loop timed before it."""
+
+    def __init__(self, world: int, dataset: str, model: str, width: int, data_dir: str | None, n_random: int,
+                 **kwargs):
+        import socket
+
+        import torch.multiprocessing as mp
+
+        from training.config import TrainConfig
+
+        ctx = mp.get_context("spawn")
+        with socket.socket() as sock:  # a free loopback port for the process group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.commands, self.results = [ctx.Queue() for _ in range(world)], ctx.Queue()
+        self.processes = [ctx.Process(target=_data_parallel_worker, daemon=True,
+                                      args=(rank, world, port, (dataset, data_dir, n_random), (dataset, model, width),
+                                            kwargs, self.commands[rank], self.results))
+                          for rank in range(world)]
+        for process in self.processes:
+            process.start()
+        self.world, self.batch, self.last_step_s = world, TrainConfig.batch_size, 0.0  # the batch of all processes
+        self.precision = self._collect("ready")[0]
+
+    def _collect(self, kind: str) -> list:
+        """Every process's answer of `kind`, in rank order; fails as soon as a process fails or dies."""
+        import queue
+
+        answers = {}
+        while len(answers) < self.world:
+            try:
+                got, rank, value = self.results.get(timeout=1)
+            except queue.Empty:
+                dead = [rank for rank, process in enumerate(self.processes) if process.exitcode is not None]
+                if dead:
+                    self.close()
+                    raise RuntimeError(f"data-parallel benchmark process(es) {dead} exited without a result") from None
+                continue
+            if got == "error":
+                self.close()
+                raise RuntimeError(f"data-parallel benchmark process {rank} failed: {value}")
+            assert got == kind, (got, kind)
+            answers[rank] = value
+        return [answers[rank] for rank in range(self.world)]
+
+    def step(self) -> float:
+        for queue in self.commands:
+            queue.put(2)
+        (times, data), *_ = self._collect("done")  # rank 0's: every rank waits for the others' gradients
+        self.last_step_s = times[-1]
+        return data[-1]
+
+    def close(self) -> None:
+        for queue in self.commands:
+            queue.put(None)
+        for process in self.processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
 
 
 class Reference:
@@ -189,9 +290,10 @@ class Reference:
 
 
 def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None = None, n_random: int = 4096,
-                   width: int | None = None, compile: bool = True, log=print) -> list[dict]:
+                   width: int | None = None, compile: bool = True, data_parallel: int = 1, log=print) -> list[dict]:
     """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after 1 warm-up each.
-    compile: also time ours with --compile (`ours_compiled`; its warm-up step compiles, under a minute per model)."""
+    compile: also time ours with --compile (`ours_compiled`; its warm-up step compiles, under a minute per model).
+    data_parallel > 1: also ours on that many single-threaded processes (`ours_ddp`, and compiled)."""
     rows = []
     peak = {"fp32": matmul_peak(torch.float32)}
     from training.objectives import cpu_has_bf16
@@ -215,41 +317,64 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
             if compile:
                 loops["ours_in_batch_pairs_compiled"] = Ours(dataset, model, w, images, labels, compile=True,
                                                              mode_seeking_in_batch=True)
-        per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
-        times = {k: [] for k in loops}
-        data = {k: [] for k in loops}
-        flops = {}
-        for name, loop in loops.items():  # warm-up (first-call allocations, oneDNN primitive caches), then count
-            loop.step()
-            # The compiled step does ours' arithmetic (the counter would only see the compiled graph's calls).
-            compiled_twin = {"ours_compiled": "ours", "ours_in_batch_pairs_compiled": "ours_in_batch_pairs"}.get(name)
-            flops[name] = flops[compiled_twin] if compiled_twin else flops_per_image(loop)
-        for _ in range(steps):
-            for name, loop in loops.items():
-                for _ in range(per[name]):
-                    t = time.perf_counter()
-                    data[name].append(loop.step())
-                    times[name].append(time.perf_counter() - t)
-        row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "threads": torch.get_num_threads(),
-               "matmul_peak_gflops": peak}
-        for name, loop in loops.items():
-            med = median(times[name])
-            gflops = flops[name] * loop.batch / med / 1e9
-            row[name] = {"batch": loop.batch, "steps": len(times[name]), "median_step_s": med,
-                         "images_per_s": loop.batch / med, "total_s": sum(times[name]),
-                         "data_share": sum(data[name]) / sum(times[name]), "precision": loop.precision,
-                         "flops_per_image": flops[name], "gflops": gflops,
-                         "share_of_peak": gflops / peak[loop.precision]}
-        row["ours"]["mode_seeking"] = ours.cfg.mode_seeking
-        row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
-        for name in ("ours_compiled", "ours_in_batch_pairs", "ours_in_batch_pairs_compiled"):  # ratio_compiled, ...
-            if name in row:
-                row[f"ratio_{name.removeprefix('ours_')}"] = row[name]["images_per_s"] / row["reference"]["images_per_s"]
-        # The most any loop doing the reference's fp32 arithmetic could gain over it on this machine.
-        row["fp32_ceiling_vs_reference"] = 1 / row["reference"]["share_of_peak"]
-        rows.append(row)
-        log(f"training {dataset}/{model}: ours ({ours.precision}) {row['ours']['images_per_s']:,.0f} img/s, "
-            f"reference {row['reference']['images_per_s']:,.0f} img/s, {row['ratio']:.2f}x; the reference runs at "
-            f"{100 * row['reference']['share_of_peak']:.0f}% of the fp32 matmul peak")
+        if data_parallel > 1:  # ours on that many single-threaded processes (torchrun's DDP)
+            same_data = (data_parallel, dataset, model, w, data_dir, n_random)
+            loops["ours_ddp"] = DataParallelOurs(*same_data)
+            if compile:
+                loops["ours_ddp_compiled"] = DataParallelOurs(*same_data, compile=True)
+                if ours.cfg.mode_seeking:
+                    loops["ours_ddp_in_batch_pairs_compiled"] = DataParallelOurs(*same_data, compile=True,
+                                                                                 mode_seeking_in_batch=True)
+        try:
+            rows.append(_bench_model(loops, ours, steps, peak, dataset, model, w, data_what, log))
+        finally:
+            for loop in loops.values():
+                if isinstance(loop, DataParallelOurs):
+                    loop.close()
     return rows
 
+
+# What each loop computes, for the ones whose arithmetic the counter cannot see in this process (compiled
+# graphs, other processes): the loop with the same step.
+SAME_ARITHMETIC = {"ours_compiled": "ours", "ours_in_batch_pairs_compiled": "ours_in_batch_pairs", "ours_ddp": "ours",
+                   "ours_ddp_compiled": "ours", "ours_ddp_in_batch_pairs_compiled": "ours_in_batch_pairs"}
+
+
+def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, model: str, w: int, data_what: str,
+                 log) -> dict:
+    per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
+    times = {k: [] for k in loops}
+    data = {k: [] for k in loops}
+    flops = {}
+    for name, loop in loops.items():  # warm-up (first-call allocations, oneDNN primitive caches), then count
+        loop.step()
+        flops[name] = flops[SAME_ARITHMETIC[name]] if name in SAME_ARITHMETIC else flops_per_image(loop)
+    for _ in range(steps):
+        for name, loop in loops.items():
+            for _ in range(per[name]):
+                t = time.perf_counter()
+                data[name].append(loop.step())
+                elapsed = time.perf_counter() - t
+                times[name].append(loop.last_step_s if isinstance(loop, DataParallelOurs) else elapsed)
+    row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "threads": torch.get_num_threads(),
+           "matmul_peak_gflops": peak}
+    for name, loop in loops.items():
+        med = median(times[name])
+        gflops = flops[name] * loop.batch / med / 1e9
+        row[name] = {"batch": loop.batch, "steps": len(times[name]), "median_step_s": med,
+                     "images_per_s": loop.batch / med, "total_s": sum(times[name]),
+                     "data_share": sum(data[name]) / sum(times[name]), "precision": loop.precision,
+                     "flops_per_image": flops[name], "gflops": gflops,
+                     "share_of_peak": gflops / peak[loop.precision]}
+    row["ours"]["mode_seeking"] = ours.cfg.mode_seeking
+    row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
+    for name in ("ours_compiled", "ours_in_batch_pairs", "ours_in_batch_pairs_compiled", "ours_ddp",
+                 "ours_ddp_compiled", "ours_ddp_in_batch_pairs_compiled"):  # ratio_compiled, ...
+        if name in row:
+            row[f"ratio_{name.removeprefix('ours_')}"] = row[name]["images_per_s"] / row["reference"]["images_per_s"]
+    # The most any loop doing the reference's fp32 arithmetic could gain over it on this machine.
+    row["fp32_ceiling_vs_reference"] = 1 / row["reference"]["share_of_peak"]
+    log(f"training {dataset}/{model}: ours ({ours.precision}) {row['ours']['images_per_s']:,.0f} img/s, "
+        f"reference {row['reference']['images_per_s']:,.0f} img/s, {row['ratio']:.2f}x; the reference runs at "
+        f"{100 * row['reference']['share_of_peak']:.0f}% of the fp32 matmul peak")
+    return row

@@ -106,3 +106,27 @@ def test_the_memory_benchmark_serves_every_model_with_and_without_the_arena(expo
         assert r["rss_idle"] > 0 and r["rss_after_large"] > 0, r  # the worker processes were found
     assert json.loads((tmp_path / "memory.json").read_text())["rows"] == json.loads(json.dumps(rows))
     assert "| shared |" in capsys.readouterr().out
+
+
+def test_the_data_parallel_training_loop_runs_our_batch_on_two_processes():
+    from benchmarks import training_bench
+
+    (row,) = training_bench.bench_training(models=(("mnist", "cdcgan", 8),), steps=1, n_random=512, compile=False,
+                                           data_parallel=2, log=lambda *_: None)
+    ddp = row["ours_ddp"]
+    assert ddp["batch"] == row["ours"]["batch"] == 128 and ddp["steps"] == row["ours"]["steps"]
+    assert ddp["flops_per_image"] == row["ours"]["flops_per_image"] and ddp["precision"] == row["ours"]["precision"]
+    assert ddp["images_per_s"] > 0 and row["ratio_ddp"] > 0
+
+
+def test_a_failing_data_parallel_process_fails_the_benchmark_instead_of_hanging_it():
+    import time
+
+    import pytest
+
+    from benchmarks import training_bench
+
+    started = time.perf_counter()
+    with pytest.raises(RuntimeError, match="process"):
+        training_bench.DataParallelOurs(2, "mnist", "no_such_model", 8, data_dir=None, n_random=64)
+    assert time.perf_counter() - started < 120

@@ -10,8 +10,8 @@ only when the TorchScript backend is selected, so the default serving path (and 
 ONNX Runtime calls are row-parallel: a call of many rows is split into contiguous parts that run side by
 side on the worker's threads, one thread each (`row_parts`, SYNTHGEN_ORT_PART_ROWS). ORT's CPU ConvTranspose
 computes one image at a time, so a single call on several intra-op threads leaves most of them waiting:
-on 2 cores, n=1024 of the MNIST cDCGAN ran 7,400 images/s as one call and 12,200 in parts of 128 rows
-(the 64x64 DCGAN 2,700 -> 4,100; the MLP GAN, all GEMMs, 111,000 -> 114,000; benchmarks/README.md). Rows
+on 2 cores, n=1024 of the MNIST cDCGAN ran 7,400 images/s as one call and 13,100 in parts of 128 rows
+(the 64x64 DCGAN 2,800 -> 4,400; the MLP GAN, all GEMMs, 118,000 -> 113,000; benchmarks/README.md). Rows
 are independent in every exported graph (checked at start-up), so the bytes are the same either way.
 `run_into` hands each part to the caller on the thread that computed it (the service quantizes it there).
 """

@@ -100,7 +100,8 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
     t = time.perf_counter()
     server = serving.start_server(workdir / "serve", exported, SYNTHGEN_ORT_SPINNING=str(int(service.ort_spinning)),
                                   SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)),
-                                  SYNTHGEN_ORT_PART_ROWS=str(service.ort_part_rows))
+                                  SYNTHGEN_ORT_PART_ROWS=str(service.ort_part_rows), SYNTHGEN_WORKERS=str(service.workers),
+                                  SYNTHGEN_ORT_THREADS=str(threads))
     wall["server_start"] = time.perf_counter() - t
     log(f"server ready at {server.url} after {wall['server_start']:.1f} s")
     try:
@@ -122,7 +123,7 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         raise
     finally:
         server.stop()
-    return {"threads": threads, "ort_part_rows": service.ort_part_rows, "ort_spinning": service.ort_spinning,
+    return {"threads": threads, "workers": service.workers, "ort_part_rows": service.ort_part_rows, "ort_spinning": service.ort_spinning,
             "ort_arena": service.ort_arena,
             "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
 

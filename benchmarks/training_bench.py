@@ -152,7 +152,7 @@ class Ours:
         return data_s
 
 
-def _data_parallel_worker(rank: int, world: int, port: int, data: tuple, args: tuple, kwargs: dict, commands,
+def _data_parallel_worker(rank: int, world: int, port: int, images_from: tuple, args: tuple, kwargs: dict, commands,
                           results) -> None:
     """One process of `DataParallelOurs`: one thread, its share of the batch, steps on command. It loads the
     images itself: a tensor over numpy memory (the real split) cannot be moved into shared memory to pass."""
@@ -164,8 +164,8 @@ def _data_parallel_worker(rank: int, world: int, port: int, data: tuple, args: t
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        images, labels, _ = load_images(*data)
-        loop = Ours(args[0], args[1], args[2], images, labels, **kwargs, world=world, rank=rank)
+        images, labels, _ = load_images(*images_from)
+        loop = Ours(*args, images, labels, **kwargs, world=world, rank=rank)
         results.put(("ready", rank, loop.precision))
         while (steps := commands.get()) is not None:
             times, data = [], []

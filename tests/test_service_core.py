@@ -420,7 +420,7 @@ def test_default_serving_path_never_imports_torch_or_training(exported_dir):
 import sys, numpy as np
 import service.service, service.client
 from service.catalog import load_catalog
-from service.backends import load_runner, row_parts
+from service.backends import load_runner
 catalog = load_catalog({str(exported_dir)!r})
 for entry in catalog.usable():
     load_runner(entry, "onnxruntime", threads=1).run(np.zeros((2, entry.card.latent_dim), np.float32), np.zeros(2, np.int64))

@@ -3,6 +3,9 @@
     python -m benchmarks.run                          # full run (a few minutes), JSON to bench-results/bench.json
     python -m benchmarks.run --quick                  # smoke run: tiny models and sizes, numbers not meaningful
     python -m benchmarks.run --parts serving --out bench-results/serving.json
+    python -m benchmarks.run --parts training --device cuda --out bench-results/gpu.json   # on a GPU host
+
+The training part needs torch (and torchvision) only, so it runs on a GPU host without the serving stack.
 
 Tables go to stdout (paste them into the README), progress to stderr. Everything is measured in this one run
 on this machine: the benchmark trains its own zoo (1 step on random data, the shipped sizes) in a temp dir,
@@ -22,9 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import serving, training_bench
+import torch
+
+from . import training_bench
 from .common import fmt, machine, machine_line, table
-from .zoo import SERVING_MODELS, build_zoo
+from .zoo import SERVING_MODELS
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("serving", "training")
@@ -34,7 +39,8 @@ HTTP_VS_ORT = 0.9
 HTTP_VS_TORCH = 1.5
 P50_N1_MS = 5.0
 CONCURRENCY_GAIN = 3.0
-TRAINING_GAIN = 3.0
+TRAINING_GAIN = 3.0  # on CPU
+GPU_TRAINING_IMAGES_PER_S = 100_000  # MNIST cDCGAN
 
 
 def log(message: str) -> None:
@@ -48,18 +54,27 @@ def default_data_dir() -> str | None:
     return None
 
 
-def settings(quick: bool) -> dict:
-    if quick:
-        return dict(ns=(1, 64), clients=(1, 2), formats=serving.FORMATS, http_s=0.2, in_process_s=0.05,
-                    paired_n=64, paired_rounds=3, paired_s=0.1, train_steps=1, train_width=8, n_random=256)
-    return dict(ns=serving.NS, clients=serving.CLIENTS, formats=serving.FORMATS, http_s=1.5, in_process_s=1.0,
-                paired_n=1024, paired_rounds=5, paired_s=4.0, train_steps=6, train_width=None, n_random=4096)
+def settings(quick: bool, parts=PARTS) -> dict:
+    """Sizes and durations of a run; the serving ones only when it benchmarks serving, whose module needs the
+    serving stack (httpx, BentoML): the training part runs without it, on a GPU host with torch alone."""
+    cfg = dict(train_steps=1, train_width=8, n_random=256) if quick else dict(train_steps=6, train_width=None,
+                                                                               n_random=4096)
+    if "serving" in parts:
+        from . import serving
+
+        if quick:
+            cfg.update(ns=(1, 64), clients=(1, 2), formats=serving.FORMATS, http_s=0.2, in_process_s=0.05,
+                       paired_n=64, paired_rounds=3, paired_s=0.1)
+        else:
+            cfg.update(ns=serving.NS, clients=serving.CLIENTS, formats=serving.FORMATS, http_s=1.5, in_process_s=1.0,
+                       paired_n=1024, paired_rounds=5, paired_s=4.0)
+    return cfg
 
 
 def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_models=SERVING_MODELS,
-        training_models=training_bench.TRAINING_MODELS, workdir: Path | None = None) -> dict:
-    """All benchmarks of `parts`; returns the results (what --out holds)."""
-    cfg = settings(quick)
+        training_models=training_bench.TRAINING_MODELS, workdir: Path | None = None, device: str = "cpu") -> dict:
+    """All benchmarks of `parts`; returns the results (what --out holds). device: where training runs."""
+    cfg = settings(quick, parts)
     t_start = time.perf_counter()
     result: dict = {"format": "synthgen-bench/1", "quick": quick, "machine": machine(), "settings": cfg,
                     "wall_s": {}}
@@ -73,7 +88,8 @@ def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_m
             result["training"] = training_bench.bench_training(
                 training_models, steps=cfg["train_steps"], data_dir=None if quick else data_dir,
                 n_random=cfg["n_random"], width=cfg["train_width"], compile=not quick,
-                data_parallel=1 if quick else min(2, result["machine"]["usable_cpus"]), log=log)
+                data_parallel=1 if quick else min(2, result["machine"]["usable_cpus"]), device=torch.device(device),
+                log=log)
             result["wall_s"]["training"] = time.perf_counter() - t
     result["targets"] = targets(result)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -83,6 +99,9 @@ def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_m
 
 def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> dict:
     from service.config import Settings
+
+    from . import serving
+    from .zoo import build_zoo
 
     t = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the trainer prints its epoch rows
@@ -156,6 +175,13 @@ def targets(result: dict) -> list[dict]:
         for subject, _, gain in _n1_gains(s.get("wrk", []), many):
             add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN)
     for r in result.get("training", []):
+        if r.get("device", "cpu") != "cpu":  # the GPU target is a rate; the 3x-the-reference one is the CPU's
+            if (r["dataset"], r["model"]) == ("mnist", "cdcgan"):
+                for name in ("ours", "ours_compiled", f"ours_batch{training_bench.GPU_LARGE_BATCH}_compiled"):
+                    if name in r:
+                        add(f"GPU training images/s, {name} (batch {r[name]['batch']})", f"mnist/cdcgan on {r['device']}",
+                            r[name]["images_per_s"], GPU_TRAINING_IMAGES_PER_S)
+            continue
         for key, flags in (("ratio", ""), ("ratio_compiled", ", --compile"),
                            ("ratio_in_batch_pairs", ", --mode-seeking-in-batch"),
                            ("ratio_in_batch_pairs_compiled", ", --mode-seeking-in-batch, --compile"),
@@ -214,11 +240,14 @@ def markdown(result: dict) -> str:
         out.append(table(["model", "n", "format", "HTTP img/s", "ORT img/s", "torch img/s", "HTTP / ORT",
                           "HTTP / torch", "rounds"], rows))
     if result.get("training"):
-        out.append("\n### Training throughput (CPU)\n")
+        where = result["training"][0].get("device", "cpu")
+        out.append(f"\n### Training throughput ({'CPU' if where == 'cpu' else where})\n")
         rows = []
         for r in result["training"]:
             for name, label in (("ours", "ours: uint8 tensor + index slices, GANObjective.step"),
                                 ("ours_compiled", "ours with --compile (torch.compile)"),
+                                (f"ours_batch{training_bench.GPU_LARGE_BATCH}_compiled",
+                                 f"ours at batch {training_bench.GPU_LARGE_BATCH} with --compile (quality not measured)"),
                                 ("ours_fp32", "ours in fp32 (diagnostic)"),
                                 ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
                                 ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),
@@ -231,13 +260,14 @@ def markdown(result: dict) -> str:
                     continue
                 x = r[name]
                 rows.append([f"{r['dataset']}/{r['model']}", label, x["precision"], x["batch"], x["steps"],
-                             fmt(x["images_per_s"]), fmt(x["median_step_s"] * 1e3), f"{x['data_share'] * 100:.1f}%",
+                             fmt(x["images_per_s"]), fmt(x["epoch_s"]), fmt(x["median_step_s"] * 1e3),
+                             f"{x['data_share'] * 100:.1f}%",
                              fmt(x["flops_per_image"] / 1e6), f"{fmt(x['gflops'])} ({100 * x['share_of_peak']:.0f}%)",
                              f"{x['images_per_s'] / r['reference']['images_per_s']:.2f}x"])
-        out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "ms/step", "data share",
+        out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "s/epoch", "ms/step", "data share",
                           "MFLOP/img", "GFLOP/s (of peak)", "vs reference"], rows))
         peak = result["training"][0]["matmul_peak_gflops"]
-        out.append("\nMatmul peak at the same threads (2048x2048): "
+        out.append(f"\nMatmul peak {'at the same threads (2048x2048)' if where == 'cpu' else '(8192x8192)'}: "
                    + ", ".join(f"{k} {fmt(v)} GFLOP/s" for k, v in peak.items())
                    + ". Most a loop doing the reference's arithmetic in fp32 could gain over it: "
                    + ", ".join(f"{r['dataset']}/{r['model']} {r['fp32_ceiling_vs_reference']:.2f}x"
@@ -263,12 +293,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--data-dir", default=None,
                         help="folder holding MNIST/raw for the training benchmark (default: $SYNTHGEN_DATA_DIR, "
                              "./data, ../shared/data; random data of MNIST's shape when none has it)")
+    parser.add_argument("--training-models", default=None,
+                        help="comma-separated subset of the training benchmark's models: "
+                             + ", ".join(f"{d}/{m}" for d, m, _ in training_bench.TRAINING_MODELS) + " (default: all)")
+    parser.add_argument("--device", default="auto",
+                        help="where the training part runs: cpu, cuda, cuda:N, or auto (cuda when there is one; default)")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; known: {', '.join(PARTS)}")
-    result = run(quick=args.quick, parts=parts, data_dir=args.data_dir or default_data_dir())
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {device}: this torch sees no CUDA device; use --device cpu")
+    training_models = training_bench.TRAINING_MODELS
+    if args.training_models:
+        known = {f"{d}/{m}": (d, m, w) for d, m, w in training_bench.TRAINING_MODELS}
+        asked = [name.strip() for name in args.training_models.split(",") if name.strip()]
+        if not asked or set(asked) - set(known):
+            parser.error(f"--training-models {args.training_models!r}: known: {', '.join(known)}")
+        training_models = tuple(known[name] for name in asked)
+    result = run(quick=args.quick, parts=parts, data_dir=args.data_dir or default_data_dir(), device=device,
+                 training_models=training_models)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -18,6 +18,12 @@ Ours trains in bf16 autocast where the CPU computes bf16 natively (`training_pre
 the same loop in fp32, a diagnostic of what bf16 buys; `ours_compiled` is ours with `--compile`
 (torch.compile of both networks, as train.py does; the warm-up step pays the compilation).
 
+On a GPU (`device="cuda"`, `python -m benchmarks.run --parts training --device cuda`) the same loops run there: ours
+with the split on the GPU, the reference with its DataLoader on the CPU and each batch copied over, as the
+reference projects do; every timed step ends with a device synchronisation, so a step's time is its compute.
+There it also times ours at a large batch with --compile (`ours_batch1024_compiled`: throughput only, the
+quality of a model trained at that batch is not measured here), and skips the multi-process CPU loops.
+
 The compute ceiling: each loop's arithmetic per training image (forward and backward matmul/convolution
 FLOPs of one step, counted by torch's FlopCounterMode) and the machine's dense matmul rate at the same thread
 count (`matmul_peak`, fp32 and bf16), so the table says what share of the CPU's peak each loop reaches and
@@ -37,6 +43,14 @@ from .common import median
 # (dataset, model, width) of the training benchmark, at their zoo widths.
 TRAINING_MODELS = tuple((d, m, zoo_width(d, m)) for d, m in (("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")))
 SHAPES = {"mnist": ((1, 28, 28), 10), "bloodmnist_64": ((3, 64, 64), 8)}
+TRAIN_SPLIT = {"mnist": 60_000, "bloodmnist_64": 11_959}  # images in an epoch of the real training split
+GPU_LARGE_BATCH = 1024
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the work queued on the device: CUDA runs ahead of Python, so a step is timed to its end."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class ReferenceDataset(torch.utils.data.Dataset):
@@ -81,7 +95,7 @@ def load_images(dataset: str, data_dir: str | None, n_random: int,
     return images, labels, f"random uint8 {c}x{h}x{w}, {classes} classes ({n_random:,} images)"
 
 
-def _models(dataset: str, model: str, width: int, seed: int = 0):
+def _models(dataset: str, model: str, width: int, seed: int = 0, device: torch.device = torch.device("cpu")):
     from training.config import TrainConfig
     from training.models import MODEL_FAMILIES, build_model
 
@@ -89,17 +103,22 @@ def _models(dataset: str, model: str, width: int, seed: int = 0):
     cfg = TrainConfig(dataset=dataset, model=model, width=width).resolve()
     torch.manual_seed(seed)
     generator, discriminator = build_model(model, shape, classes, cfg.latent_dim, width)
-    return cfg, generator, discriminator, MODEL_FAMILIES[model].conditional
+    return cfg, generator.to(device), discriminator.to(device), MODEL_FAMILIES[model].conditional
 
 
-def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, calls: int = 5) -> float:
-    """GFLOP/s of a dense size x size matmul at torch's current thread count: the ceiling of this CPU."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+def matmul_peak(dtype: torch.dtype = torch.float32, size: int = 2048, calls: int = 5,
+                device: torch.device = torch.device("cpu")) -> float:
+    """GFLOP/s of a dense size x size matmul at torch's current thread count (or on the GPU): the device's ceiling."""
+    if device.type == "cuda":
+        size, calls = 8192, 20
+    a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
     a @ b
     times = []
     for _ in range(calls):
+        sync(device)
         t = time.perf_counter()
         a @ b
+        sync(device)
         times.append(time.perf_counter() - t)
     return 2 * size**3 / median(times) / 1e9
 
@@ -117,12 +136,15 @@ class Ours:
     """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
 
     def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None, amp: bool = True,
-                 compile: bool = False, mode_seeking_in_batch: bool = False, world: int = 1, rank: int = 0):
+                 compile: bool = False, mode_seeking_in_batch: bool = False, world: int = 1, rank: int = 0,
+                 device: torch.device = torch.device("cpu"), batch_size: int | None = None):
         from torch.nn.parallel import DistributedDataParallel
 
         from training.objectives import build_objective
 
-        self.cfg, generator, discriminator, conditional = _models(dataset, model, width)
+        self.cfg, generator, discriminator, conditional = _models(dataset, model, width, device=device)
+        if batch_size is not None:
+            self.cfg.batch_size = batch_size
         if mode_seeking is not None:
             self.cfg.mode_seeking = mode_seeking
         self.cfg.amp, self.cfg.compile, self.cfg.mode_seeking_in_batch = amp, compile, mode_seeking_in_batch
@@ -130,12 +152,12 @@ class Ours:
             generator = DistributedDataParallel(generator, broadcast_buffers=False)
             discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
         if compile:  # as train.py does with --compile
-            generator, discriminator = torch.compile(generator), torch.compile(discriminator)
+            generator, discriminator = torch.compile(generator, dynamic=False), torch.compile(discriminator, dynamic=False)
         self.batch = self.cfg.batch_size // world
-        self.objective = build_objective(self.cfg, torch.device("cpu"), generator, discriminator, conditional)
+        self.objective = build_objective(self.cfg, device, generator, discriminator, conditional)
         self.precision = self.objective.precision
-        self.images, self.labels = images, labels
-        self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1 + rank))
+        self.images, self.labels = images.to(device), labels.to(device)  # the split on the device, as train.py holds it
+        self.order = torch.randperm(len(images), generator=torch.Generator().manual_seed(1 + rank)).to(device)
         self.i = 0
 
     def step(self) -> float:
@@ -254,9 +276,9 @@ class Reference:
     batch = 64
     precision = "fp32"
 
-    def __init__(self, dataset, model, width, images, labels):
-        cfg, self.G, self.D, self.conditional = _models(dataset, model, width)
-        self.latent_dim = cfg.latent_dim
+    def __init__(self, dataset, model, width, images, labels, device: torch.device = torch.device("cpu")):
+        cfg, self.G, self.D, self.conditional = _models(dataset, model, width, device=device)
+        self.latent_dim, self.device = cfg.latent_dim, device
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.loader = torch.utils.data.DataLoader(ReferenceDataset(images, labels), batch_size=self.batch,
@@ -270,14 +292,15 @@ class Reference:
         except StopIteration:
             self.it = iter(self.loader)
             real, y = next(self.it)
+        real, y = real.to(self.device), y.to(self.device)  # the reference projects' `.to(device)` of each batch
         data_s = time.perf_counter() - t
         y = y if self.conditional else None
         b = real.shape[0]
-        ones, zeros = torch.ones(b), torch.zeros(b)
+        ones, zeros = torch.ones(b, device=self.device), torch.zeros(b, device=self.device)
         self.D.zero_grad()
         err_real = F.binary_cross_entropy_with_logits(self.D(real, y), ones)
         err_real.backward()
-        fake = self.G(torch.randn(b, self.latent_dim), y)
+        fake = self.G(torch.randn(b, self.latent_dim, device=self.device), y)
         err_fake = F.binary_cross_entropy_with_logits(self.D(fake.detach(), y), zeros)
         err_fake.backward()
         self.opt_d.step()
@@ -290,33 +313,44 @@ class Reference:
 
 
 def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None = None, n_random: int = 4096,
-                   width: int | None = None, compile: bool = True, data_parallel: int = 1, log=print) -> list[dict]:
-    """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after 1 warm-up each.
+                   width: int | None = None, compile: bool = True, data_parallel: int = 1,
+                   device: torch.device = torch.device("cpu"), log=print) -> list[dict]:
+    """`steps` of ours and 2 x `steps` of the reference (same images) per model, interleaved, after a warm-up.
     compile: also time ours with --compile (`ours_compiled`; its warm-up step compiles, under a minute per model).
-    data_parallel > 1: also ours on that many single-threaded processes (`ours_ddp`, and compiled)."""
-    rows = []
-    peak = {"fp32": matmul_peak(torch.float32)}
+    data_parallel > 1: also ours on that many single-threaded processes (`ours_ddp`, and compiled; CPU only).
+    device cuda: at least 50 steps, and ours at batch GPU_LARGE_BATCH with --compile too."""
     from training.objectives import cpu_has_bf16
 
-    if cpu_has_bf16():
-        peak["bf16"] = matmul_peak(torch.bfloat16)
+    rows = []
+    peak = {"fp32": matmul_peak(torch.float32, device=device)}
+    if device.type == "cuda" or cpu_has_bf16():
+        peak["bf16"] = matmul_peak(torch.bfloat16, device=device)
     log("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:,.0f}" for k, v in peak.items()))
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as train.py sets it on CUDA
+        steps, data_parallel = max(steps, 50), 1
     for dataset, model, model_width in models:
         w = width or model_width
         images, labels, data_what = load_images(dataset, data_dir, n_random)
-        ours, ref = Ours(dataset, model, w, images, labels), Reference(dataset, model, w, images, labels)
+        on = dict(device=device)
+        ours, ref = Ours(dataset, model, w, images, labels, **on), Reference(dataset, model, w, images, labels, **on)
         loops = {"ours": ours, "reference": ref}
+        same_arithmetic = dict(SAME_ARITHMETIC)
         if ours.precision != "fp32":  # a diagnostic: what bf16 autocast buys
-            loops["ours_fp32"] = Ours(dataset, model, w, images, labels, amp=False)
+            loops["ours_fp32"] = Ours(dataset, model, w, images, labels, amp=False, **on)
         if compile:
-            loops["ours_compiled"] = Ours(dataset, model, w, images, labels, compile=True)
+            loops["ours_compiled"] = Ours(dataset, model, w, images, labels, compile=True, **on)
+            if device.type == "cuda":  # a GPU is far from busy at batch 128: what a large batch reaches
+                name = f"ours_batch{GPU_LARGE_BATCH}_compiled"
+                loops[name] = Ours(dataset, model, w, images, labels, compile=True, batch_size=GPU_LARGE_BATCH, **on)
+                same_arithmetic[name] = "ours"
         if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
-            loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0)
+            loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0, **on)
             # The same term on pairs within the batch (--mode-seeking-in-batch): no second generator pass.
-            loops["ours_in_batch_pairs"] = Ours(dataset, model, w, images, labels, mode_seeking_in_batch=True)
+            loops["ours_in_batch_pairs"] = Ours(dataset, model, w, images, labels, mode_seeking_in_batch=True, **on)
             if compile:
                 loops["ours_in_batch_pairs_compiled"] = Ours(dataset, model, w, images, labels, compile=True,
-                                                             mode_seeking_in_batch=True)
+                                                             mode_seeking_in_batch=True, **on)
         if data_parallel > 1:  # ours on that many single-threaded processes (torchrun's DDP)
             same_data = (data_parallel, dataset, model, w, data_dir, n_random)
             loops["ours_ddp"] = DataParallelOurs(*same_data)
@@ -326,7 +360,8 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
                     loops["ours_ddp_in_batch_pairs_compiled"] = DataParallelOurs(*same_data, compile=True,
                                                                                  mode_seeking_in_batch=True)
         try:
-            rows.append(_bench_model(loops, ours, steps, peak, dataset, model, w, data_what, log))
+            rows.append(_bench_model(loops, ours, steps, peak, dataset, model, w, data_what, device, same_arithmetic,
+                                     log))
         finally:
             for loop in loops.values():
                 if isinstance(loop, DataParallelOurs):
@@ -341,36 +376,40 @@ SAME_ARITHMETIC = {"ours_compiled": "ours", "ours_in_batch_pairs_compiled": "our
 
 
 def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, model: str, w: int, data_what: str,
-                 log) -> dict:
+                 device: torch.device, same_arithmetic: dict, log) -> dict:
     per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
     times = {k: [] for k in loops}
     data = {k: [] for k in loops}
     flops = {}
-    for name, loop in loops.items():  # warm-up (first-call allocations, oneDNN primitive caches), then count
-        loop.step()
-        flops[name] = flops[SAME_ARITHMETIC[name]] if name in SAME_ARITHMETIC else flops_per_image(loop)
+    for name, loop in loops.items():  # warm-up (first-call allocations, primitive caches, compiling), then count
+        for _ in range(3 if device.type == "cuda" else 1):  # cuDNN's algorithm search and CUDA graphs take a few
+            loop.step()
+        sync(device)
+        flops[name] = flops[same_arithmetic[name]] if name in same_arithmetic else flops_per_image(loop)
     for _ in range(steps):
         for name, loop in loops.items():
             for _ in range(per[name]):
                 t = time.perf_counter()
                 data[name].append(loop.step())
+                sync(device)
                 elapsed = time.perf_counter() - t
                 times[name].append(loop.last_step_s if isinstance(loop, DataParallelOurs) else elapsed)
-    row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "threads": torch.get_num_threads(),
-           "matmul_peak_gflops": peak}
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "device": where,
+           "threads": torch.get_num_threads(), "matmul_peak_gflops": peak}
     for name, loop in loops.items():
         med = median(times[name])
         gflops = flops[name] * loop.batch / med / 1e9
         row[name] = {"batch": loop.batch, "steps": len(times[name]), "median_step_s": med,
-                     "images_per_s": loop.batch / med, "total_s": sum(times[name]),
+                     "images_per_s": loop.batch / med, "epoch_s": TRAIN_SPLIT[dataset] * med / loop.batch,
+                     "total_s": sum(times[name]),
                      "data_share": sum(data[name]) / sum(times[name]), "precision": loop.precision,
                      "flops_per_image": flops[name], "gflops": gflops,
                      "share_of_peak": gflops / peak[loop.precision]}
     row["ours"]["mode_seeking"] = ours.cfg.mode_seeking
     row["ratio"] = row["ours"]["images_per_s"] / row["reference"]["images_per_s"]
-    for name in ("ours_compiled", "ours_in_batch_pairs", "ours_in_batch_pairs_compiled", "ours_ddp",
-                 "ours_ddp_compiled", "ours_ddp_in_batch_pairs_compiled"):  # ratio_compiled, ...
-        if name in row:
+    for name in loops:  # ratio_compiled, ratio_in_batch_pairs, ...
+        if name.startswith("ours_") and name not in ("ours_fp32", "ours_no_mode_seeking"):
             row[f"ratio_{name.removeprefix('ours_')}"] = row[name]["images_per_s"] / row["reference"]["images_per_s"]
     # The most any loop doing the reference's fp32 arithmetic could gain over it on this machine.
     row["fp32_ceiling_vs_reference"] = 1 / row["reference"]["share_of_peak"]

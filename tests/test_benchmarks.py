@@ -5,6 +5,7 @@ smoke run on a shared machine mean nothing."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from benchmarks import run as bench
 
@@ -47,10 +48,10 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
             "http_vs_torch_eager"} <= set(paired)
 
     (train,) = result["training"]
-    assert (train["dataset"], train["model"]) == ("mnist", "cdcgan")
+    assert (train["dataset"], train["model"], train["device"]) == ("mnist", "cdcgan", "cpu")
     for loop in ("ours", "ours_no_mode_seeking", "ours_in_batch_pairs", "reference"):  # cdcgan is conditional: mode-seeking is on
-        assert {"batch", "steps", "median_step_s", "images_per_s", "data_share", "precision", "flops_per_image",
-                "gflops", "share_of_peak"} <= set(train[loop])
+        assert {"batch", "steps", "median_step_s", "images_per_s", "epoch_s", "data_share", "precision",
+                "flops_per_image", "gflops", "share_of_peak"} <= set(train[loop])
         assert train[loop]["flops_per_image"] > 0 and train[loop]["share_of_peak"] > 0
     assert train["reference"]["precision"] == "fp32" and ("ours_fp32" in train) == (train["ours"]["precision"] == "bf16")
     # The mode-seeking term's second generator pass is arithmetic the reference does not do.
@@ -73,6 +74,38 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     text = bench.markdown(result)
     for heading in ("In-process", "HTTP `POST /generate`", "paired", "Training throughput", "Targets"):
         assert heading in text
+
+
+def test_the_training_benchmark_runs_with_torch_alone_as_on_a_gpu_host(tmp_path):
+    """The device machine has torch but no httpx, BentoML or medmnist: the training part must not need them."""
+    import subprocess
+    import sys
+
+    blocked = ("httpx", "bentoml", "medmnist", "onnx", "service")
+    script = (f"import sys, runpy\nfor m in {blocked!r}: sys.modules[m] = None\n"
+              f"sys.argv = ['benchmarks.run', '--quick', '--parts', 'training', '--training-models', 'mnist/cdcgan', "
+              f"'--device', 'cpu', '--out', {str(tmp_path / 'gpu.json')!r}]\n"
+              "runpy.run_module('benchmarks.run', run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    assert "serving" not in result and [(r["dataset"], r["model"]) for r in result["training"]] == [("mnist", "cdcgan")]
+
+
+def test_on_a_gpu_the_training_target_is_the_rate_of_the_mnist_cdcgan_not_the_cpu_ratio():
+    def loop(images_per_s, batch=128):
+        return {"images_per_s": images_per_s, "batch": batch}
+
+    gpu = {"dataset": "mnist", "model": "cdcgan", "device": "NVIDIA H200", "ours": loop(80_000),
+           "ours_compiled": loop(150_000), "ours_batch1024_compiled": loop(900_000, 1024), "ratio": 9.0}
+    rows = bench.targets({"training": [gpu]})
+    assert [(r["target"], r["met"]) for r in rows] == [
+        ("GPU training images/s, ours (batch 128)", False), ("GPU training images/s, ours_compiled (batch 128)", True),
+        ("GPU training images/s, ours_batch1024_compiled (batch 1024)", True)]
+    assert all(r["threshold"] == 100_000 and r["subject"] == "mnist/cdcgan on NVIDIA H200" for r in rows)
+    cpu = dict(gpu, device="cpu")
+    assert [r["target"] for r in bench.targets({"training": [cpu]})] == ["training images/s vs reference loop"]
 
 
 def test_the_profiler_reports_every_node_and_its_rewrite_computes_the_same_images(exported_dir):

@@ -34,6 +34,44 @@ def test_a_few_steps_of_each_objective_lower_its_loss(model_id, key, data_dir):
     assert sum(losses[-5:]) / 5 < losses[0], losses  # adversarial losses move both ways; below the start they must be
 
 
+def test_a_step_leaves_its_losses_on_the_device_unread_and_wgan_gp_has_loss_g_only_on_generator_steps(data_dir):
+    """Reading a loss (.item()) makes the CPU wait for a GPU: a step returns detached tensors, the trainer reads
+    their epoch sums once."""
+    torch.manual_seed(0)
+    data = load_dataset("mnist", "train", data_dir)
+    x, y = data.images[:16].float() / 255, data.labels[:16]
+    for model_id in ("cdcgan", "cvae", "cwgan_gp"):
+        cfg = TrainConfig(dataset="mnist", model=model_id, width=8, aux_classifier=1.0 if model_id == "cdcgan" else 0.0,
+                          n_critic=2).resolve()
+        generator, discriminator = build_model(model_id, (1, 28, 28), 10, cfg.latent_dim, cfg.width,
+                                               class_head=model_id == "cdcgan")
+        objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+        steps = [objective.step(x, y) for _ in range(4)]
+        for losses in steps:
+            assert all(isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad for v in losses.values())
+        if model_id == "cwgan_gp":
+            assert ["loss_g" in losses for losses in steps] == [False, True, False, True]
+
+
+def test_the_generator_ema_averages_every_weight_and_copies_the_buffers():
+    from training.ema import GeneratorEMA
+
+    torch.manual_seed(0)
+    generator = DCGANGenerator(latent_dim=4, image_shape=(1, 28, 28), ngf=4)
+    ema = GeneratorEMA(generator, decay=0.5)  # first update: min(0.5, 2 / 11) = 0.18 of the old, 0.82 of the new
+    before = [p.detach().clone() for p in ema.model.parameters()]
+    with torch.no_grad():
+        for p in generator.parameters():
+            p.add_(1.0)
+        for b in generator.buffers():
+            b.add_(2)
+    ema.update(generator)
+    decay = 2 / 11
+    for old, new, live in zip(before, ema.model.parameters(), generator.parameters()):
+        torch.testing.assert_close(new, decay * old + (1 - decay) * live, rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(ema.model.buffers(), generator.buffers()))
+
+
 def test_a_run_leaves_config_checkpoint_logs_curve_and_samples(data_dir, tmp_path):
     out = train_tiny(data_dir, tmp_path / "run", "pneumoniamnist", "cdcgan", steps=4)
     config = json.loads((out / "config.json").read_text())
@@ -320,7 +358,7 @@ def test_in_batch_mode_seeking_pairs_the_batch_halves_by_label_and_runs_the_gene
         generator.register_forward_hook(lambda module, args, out: asked.append(args[1].clone()))
         objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
         losses = objective.step(x, y)
-        assert len(asked) == generator_calls and all(torch.isfinite(torch.tensor(v)) for v in losses.values())
+        assert len(asked) == generator_calls and all(torch.isfinite(v) for v in losses.values())
         assert torch.equal(asked[0], paired_labels(y) if in_batch else y)
 
 

@@ -25,8 +25,8 @@ class GeneratorEMA:
     def update(self, generator: nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for ema_p, p in zip(self.model.parameters(), generator.parameters()):
-            ema_p.lerp_(p.detach(), 1 - decay)
+        # One fused update for all weights (a launch per tensor would cost more than the arithmetic on a GPU).
+        torch._foreach_lerp_(list(self.model.parameters()), [p.detach() for p in generator.parameters()], 1 - decay)
         for ema_b, b in zip(self.model.buffers(), generator.buffers()):
             ema_b.copy_(b)
 

@@ -1,8 +1,9 @@
 """The three training objectives, one class each: VAE ELBO, GAN with BCE, WGAN-GP.
 
 An objective owns its optimisers and does one optimisation step on a batch of real images in [0, 1]
-(N, C, H, W) with labels (N,); it returns the step's losses as floats. The trainer (`training/train.py`)
-does everything else. Models may be wrapped in DistributedDataParallel: the objective does not care.
+(N, C, H, W) with labels (N,); it returns the step's losses as detached 0-dim tensors, which the trainer
+reads once an epoch: reading a float every step (`.item()`) would make the CPU wait for a GPU at every step.
+The trainer (`training/train.py`) does everything else. Models may be wrapped in DistributedDataParallel: the objective does not care.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def frozen(module: nn.Module):
 def _logged_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, losses: dict, key: str) -> torch.Tensor:
     """Cross-entropy of class logits (computed in fp32) against labels, its value also logged as losses[key]."""
     loss = F.cross_entropy(logits.float(), labels)
-    losses[key] = loss.item()
+    losses[key] = loss.detach()
     return loss
 
 
@@ -144,7 +145,7 @@ class VAEObjective(Objective):
         self.vae, self.conditional = vae, conditional
         self.optimizers = {"vae": _adam(vae, cfg)}
 
-    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         y = labels if self.conditional else None
         with self.autocast():
             recon, mu, logvar = self.vae(x, y)
@@ -153,7 +154,7 @@ class VAEObjective(Objective):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        return {"loss": loss.item(), "recon": reconstruction.item(), "kl": kl.item()}
+        return {"loss": loss.detach(), "recon": reconstruction.detach(), "kl": kl.detach()}
 
 
 class GANObjective(Objective):
@@ -212,7 +213,7 @@ class GANObjective(Objective):
             loss_g = loss_g - self.aux * _logged_cross_entropy(twin_gen, labels, losses, "twin_loss_gen")
         return loss_g
 
-    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         in_batch = self.cfg.mode_seeking_in_batch and self.cfg.mode_seeking > 0
         fake_labels = paired_labels(labels) if in_batch else labels  # what G is asked for, what D's heads judge
         y, y_fake = (labels, fake_labels) if self.conditional else (None, None)
@@ -252,21 +253,21 @@ class GANObjective(Objective):
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
-        return {"loss_d": loss_d.item(), "loss_g": loss_g.item(),
-                "d_real": torch.sigmoid(d_real).mean().item(), "d_fake": torch.sigmoid(d_fake).mean().item(), **losses}
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": torch.sigmoid(d_real.detach()).mean(),
+                "d_fake": torch.sigmoid(d_fake.detach()).mean(), **losses}
 
 
 class WGANGPObjective(Objective):
-    """WGAN-GP: the critic minimises D(G(z)) - D(x) + lambda * GP every batch; G minimises -D(G(z)) every n_critic."""
+    """WGAN-GP: the critic minimises D(G(z)) - D(x) + lambda * GP every batch; G minimises -D(G(z)) every n_critic
+    (so loss_g is among a step's losses only on those steps)."""
 
     def __init__(self, cfg, device, generator: nn.Module, critic: nn.Module, conditional: bool):
         super().__init__(cfg, device)
         self.G, self.D, self.conditional = generator, critic, conditional
         self.optimizers = {"generator": _adam(generator, cfg), "critic": _adam(critic, cfg)}
         self.steps = 0
-        self.last_loss_g = float("nan")
 
-    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         y = labels if self.conditional else None
         real = x * 2 - 1
         opt_g, opt_c = self.optimizers["generator"], self.optimizers["critic"]
@@ -280,6 +281,7 @@ class WGANGPObjective(Objective):
         loss_c.backward()
         opt_c.step()
 
+        losses = {"loss_c": loss_c.detach(), "wasserstein": -wasserstein.detach(), "gp": gp.detach()}
         self.steps += 1
         if self.steps % self.cfg.n_critic == 0:
             z = torch.randn(x.shape[0], self.cfg.latent_dim, device=x.device)
@@ -290,8 +292,8 @@ class WGANGPObjective(Objective):
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
-            self.last_loss_g = loss_g.item()
-        return {"loss_c": loss_c.item(), "wasserstein": -wasserstein.item(), "gp": gp.item(), "loss_g": self.last_loss_g}
+            losses["loss_g"] = loss_g.detach()
+        return losses
 
 
 def build_objective(cfg: TrainConfig, device, generator, discriminator, conditional: bool) -> Objective:

@@ -292,6 +292,24 @@ def test_disc_width_widens_the_discriminator_alone_so_the_exported_generator_kee
             TrainConfig(model=model_id, disc_width=64).resolve()
 
 
+def test_embed_dim_sizes_the_conditional_generators_label_embedding_and_its_checkpoint_rebuilds_it(data_dir,
+                                                                                                     tmp_path):
+    from training.train import load_checkpoint, main
+
+    g, _ = build_model("cdcgan", (1, 28, 28), 10, 64, 8, embed_dim=10)
+    assert g.label_embedding.embed.weight.shape == (10, 10) and g.net[0].weight.shape[0] == 64 + 10
+    for model_id in ("dcgan", "cvae", "mlp_gan"):
+        with pytest.raises(ValueError, match="embed_dim applies to the conditional DCGAN generators"):
+            TrainConfig(model=model_id, embed_dim=10).resolve()
+    out = train_tiny(data_dir, tmp_path / "run", "mnist", "cdcgan", steps=2, latent_dim=16, embed_dim=10)
+    generator, _ = load_checkpoint(out)
+    assert generator.label_embedding.embed.weight.shape == (10, 10) and generator.net[0].weight.shape[0] == 26
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", epochs=2, batch_size=16, width=8, latent_dim=16,
+                      data_dir=str(data_dir), out_dir=str(out)).resolve()
+    with pytest.raises(ValueError, match="--embed-dim 10"):
+        main(cfg, resume=True)
+
+
 def test_a_resume_that_would_change_the_weight_shapes_is_refused_naming_the_flag(data_dir, tmp_path):
     from training.train import main
 

@@ -47,6 +47,7 @@ class TrainConfig:
     aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
+    embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
@@ -91,6 +92,11 @@ class TrainConfig:
         if self.class_norm and self.model not in CONDITIONAL_DCGAN_MODELS:
             raise ValueError(f"class_norm applies to the conditional DCGAN generators ({', '.join(CONDITIONAL_DCGAN_MODELS)}), "
                              f"not {self.model!r}")
+        if self.embed_dim != TrainConfig.embed_dim and self.model not in CONDITIONAL_DCGAN_MODELS:
+            raise ValueError(f"embed_dim applies to the conditional DCGAN generators ({', '.join(CONDITIONAL_DCGAN_MODELS)}), "
+                             f"not {self.model!r}")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be at least 1, not {self.embed_dim}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

@@ -126,7 +126,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
                                            class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier,
-                                           disc_width=cfg.disc_width, class_norm=cfg.class_norm)
+                                           disc_width=cfg.disc_width, class_norm=cfg.class_norm, embed_dim=cfg.embed_dim)
     generator = generator.to(device)
     discriminator = discriminator.to(device) if discriminator is not None else None
 
@@ -236,7 +236,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-SHAPE_FIELDS = ("latent_dim", "width", "disc_width", "class_norm")  # a resume cannot change these: they shape the weights
+SHAPE_FIELDS = ("latent_dim", "width", "disc_width", "class_norm", "embed_dim")  # a resume cannot change these: they shape the weights
 
 
 def _check_shapes_match(state: dict, cfg: TrainConfig) -> None:
@@ -345,7 +345,7 @@ def load_checkpoint(run_dir: str | Path, device="cpu"):
     info = state["dataset_info"]
     image_shape = (info["channels"], info["size"], info["size"])
     generator, _ = build_model(cfg.model, image_shape, len(info["classes"]), cfg.latent_dim, cfg.width,
-                               class_norm=cfg.class_norm)
+                               class_norm=cfg.class_norm, embed_dim=cfg.embed_dim)
     weights = state["generator_ema"]["model"] if "generator_ema" in state else state["models"]["generator"]
     generator.load_state_dict(weights)
     return generator.to(device).eval(), state

@@ -40,7 +40,8 @@ MODEL_FAMILIES = {
 
 def build_model(model: str, image_shape, num_classes: int, latent_dim: int, width: int,
                 class_head: bool = False, twin_head: bool = False,
-                disc_width: int | None = None, class_norm: bool = False) -> tuple[nn.Module, nn.Module | None]:
+                disc_width: int | None = None, class_norm: bool = False,
+                embed_dim: int = 50) -> tuple[nn.Module, nn.Module | None]:
     """(generator or VAE, discriminator or critic or None) for a family, a data shape and its class count.
 
     `num_classes` is used only by conditional families. `width` is ngf/ndf for GANs and the first
@@ -49,7 +50,9 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
     `twin_head` its TAC-GAN twin (`--twin-classifier`). `disc_width` is the DCGAN discriminator's ndf when it
     differs from the generator's (`--disc-width`; None = width): only the generator is exported, so a wider
     discriminator costs training time, not bytes in `exported/`. `class_norm` makes the (conditional DCGAN)
-    generator's batch norms class-conditional (`--class-norm`).
+    generator's batch norms class-conditional (`--class-norm`). `embed_dim` is the size of the conditional DCGAN
+    generator's label embedding (`--embed-dim`): its first layer has (latent_dim + embed_dim) x 16 x 4 ngf weights
+    for 28x28, most of the generator, so a smaller embedding leaves bytes for width.
     """
     if model not in MODEL_FAMILIES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_FAMILIES)}")
@@ -62,7 +65,7 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
     if model in ("conv_vae", "cvae"):
         return ConvVAE(latent_dim, image_shape, width, num_classes=k), None
     norm = "none" if family.objective == "wgan_gp" else "batch"
-    generator = DCGANGenerator(latent_dim, image_shape, width, num_classes=k, class_norm=class_norm)
+    generator = DCGANGenerator(latent_dim, image_shape, width, num_classes=k, embed_dim=embed_dim, class_norm=class_norm)
     discriminator = DCGANDiscriminator(image_shape, disc_width or width, num_classes=k, norm=norm, minibatch_std=norm == "batch",
                                        class_head=class_head, twin_head=twin_head)
     generator.apply(init_dcgan_weights)

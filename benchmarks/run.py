@@ -308,7 +308,7 @@ def main(argv=None) -> dict:
         parser.error(f"--device {device}: this torch sees no CUDA device; use --device cpu")
     training_models = training_bench.TRAINING_MODELS
     if args.training_models:
-        known = {f"{d}/{m}": (d, m, w) for d, m, w in training_bench.TRAINING_MODELS}
+        known = {f"{d}/{m}": (d, m, sizes) for d, m, sizes in training_bench.TRAINING_MODELS}
         asked = [name.strip() for name in args.training_models.split(",") if name.strip()]
         if not asked or set(asked) - set(known):
             parser.error(f"--training-models {args.training_models!r}: known: {', '.join(known)}")

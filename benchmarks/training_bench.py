@@ -36,12 +36,12 @@ import time
 import torch
 import torch.nn.functional as F
 
-from training.zoo import zoo_width
+from training.zoo import zoo_sizes
 
 from .common import median
 
-# (dataset, model, width) of the training benchmark, at their zoo widths.
-TRAINING_MODELS = tuple((d, m, zoo_width(d, m)) for d, m in (("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")))
+# (dataset, model, sizes) of the training benchmark, at their zoo sizes (width, latent_dim, embed_dim).
+TRAINING_MODELS = tuple((d, m, zoo_sizes(d, m)) for d, m in (("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")))
 SHAPES = {"mnist": ((1, 28, 28), 10), "bloodmnist_64": ((3, 64, 64), 8)}
 TRAIN_SPLIT = {"mnist": 60_000, "bloodmnist_64": 11_959}  # images in an epoch of the real training split
 GPU_LARGE_BATCH = 1024
@@ -95,14 +95,14 @@ def load_images(dataset: str, data_dir: str | None, n_random: int,
     return images, labels, f"random uint8 {c}x{h}x{w}, {classes} classes ({n_random:,} images)"
 
 
-def _models(dataset: str, model: str, width: int, seed: int = 0, device: torch.device = torch.device("cpu")):
+def _models(dataset: str, model: str, sizes: dict, seed: int = 0, device: torch.device = torch.device("cpu")):
     from training.config import TrainConfig
     from training.models import MODEL_FAMILIES, build_model
 
     shape, classes = SHAPES[dataset]
-    cfg = TrainConfig(dataset=dataset, model=model, width=width).resolve()
+    cfg = TrainConfig(dataset=dataset, model=model, **sizes).resolve()
     torch.manual_seed(seed)
-    generator, discriminator = build_model(model, shape, classes, cfg.latent_dim, width)
+    generator, discriminator = build_model(model, shape, classes, cfg.latent_dim, cfg.width, embed_dim=cfg.embed_dim)
     return cfg, generator.to(device), discriminator.to(device), MODEL_FAMILIES[model].conditional
 
 
@@ -135,14 +135,14 @@ def flops_per_image(loop) -> float:
 class Ours:
     """train.py's inner loop: index slices of the uint8 tensor, GANObjective.step."""
 
-    def __init__(self, dataset, model, width, images, labels, mode_seeking: float | None = None, amp: bool = True,
+    def __init__(self, dataset, model, sizes, images, labels, mode_seeking: float | None = None, amp: bool = True,
                  compile: bool = False, mode_seeking_in_batch: bool = False, world: int = 1, rank: int = 0,
                  device: torch.device = torch.device("cpu"), batch_size: int | None = None):
         from torch.nn.parallel import DistributedDataParallel
 
         from training.objectives import build_objective
 
-        self.cfg, generator, discriminator, conditional = _models(dataset, model, width, device=device)
+        self.cfg, generator, discriminator, conditional = _models(dataset, model, sizes, device=device)
         if batch_size is not None:
             self.cfg.batch_size = batch_size
         if mode_seeking is not None:
@@ -211,7 +211,7 @@ class DataParallelOurs:
     hand-off is not counted. Each `step` runs two batches and times the second: the first absorbs threads
     still spinning after the loop timed before it."""
 
-    def __init__(self, world: int, dataset: str, model: str, width: int, data_dir: str | None, n_random: int,
+    def __init__(self, world: int, dataset: str, model: str, sizes: dict, data_dir: str | None, n_random: int,
                  **kwargs):
         import socket
 
@@ -225,7 +225,7 @@ class DataParallelOurs:
             port = sock.getsockname()[1]
         self.commands, self.results = [ctx.Queue() for _ in range(world)], ctx.Queue()
         self.processes = [ctx.Process(target=_data_parallel_worker, daemon=True,
-                                      args=(rank, world, port, (dataset, data_dir, n_random), (dataset, model, width),
+                                      args=(rank, world, port, (dataset, data_dir, n_random), (dataset, model, sizes),
                                             kwargs, self.commands[rank], self.results))
                           for rank in range(world)]
         for process in self.processes:
@@ -276,8 +276,8 @@ class Reference:
     batch = 64
     precision = "fp32"
 
-    def __init__(self, dataset, model, width, images, labels, device: torch.device = torch.device("cpu")):
-        cfg, self.G, self.D, self.conditional = _models(dataset, model, width, device=device)
+    def __init__(self, dataset, model, sizes, images, labels, device: torch.device = torch.device("cpu")):
+        cfg, self.G, self.D, self.conditional = _models(dataset, model, sizes, device=device)
         self.latent_dim, self.device = cfg.latent_dim, device
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
         self.opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
@@ -329,30 +329,30 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as train.py sets it on CUDA
         steps, data_parallel = max(steps, 50), 1
-    for dataset, model, model_width in models:
-        w = width or model_width
+    for dataset, model, model_sizes in models:
+        sizes = {**model_sizes, "width": width} if width else model_sizes
         images, labels, data_what = load_images(dataset, data_dir, n_random)
         on = dict(device=device)
-        ours, ref = Ours(dataset, model, w, images, labels, **on), Reference(dataset, model, w, images, labels, **on)
+        ours, ref = Ours(dataset, model, sizes, images, labels, **on), Reference(dataset, model, sizes, images, labels, **on)
         loops = {"ours": ours, "reference": ref}
         same_arithmetic = dict(SAME_ARITHMETIC)
         if ours.precision != "fp32":  # a diagnostic: what bf16 autocast buys
-            loops["ours_fp32"] = Ours(dataset, model, w, images, labels, amp=False, **on)
+            loops["ours_fp32"] = Ours(dataset, model, sizes, images, labels, amp=False, **on)
         if compile:
-            loops["ours_compiled"] = Ours(dataset, model, w, images, labels, compile=True, **on)
+            loops["ours_compiled"] = Ours(dataset, model, sizes, images, labels, compile=True, **on)
             if device.type == "cuda":  # a GPU is far from busy at batch 128: what a large batch reaches
                 name = f"ours_batch{GPU_LARGE_BATCH}_compiled"
-                loops[name] = Ours(dataset, model, w, images, labels, compile=True, batch_size=GPU_LARGE_BATCH, **on)
+                loops[name] = Ours(dataset, model, sizes, images, labels, compile=True, batch_size=GPU_LARGE_BATCH, **on)
                 same_arithmetic[name] = "ours"
         if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
-            loops["ours_no_mode_seeking"] = Ours(dataset, model, w, images, labels, mode_seeking=0.0, **on)
+            loops["ours_no_mode_seeking"] = Ours(dataset, model, sizes, images, labels, mode_seeking=0.0, **on)
             # The same term on pairs within the batch (--mode-seeking-in-batch): no second generator pass.
-            loops["ours_in_batch_pairs"] = Ours(dataset, model, w, images, labels, mode_seeking_in_batch=True, **on)
+            loops["ours_in_batch_pairs"] = Ours(dataset, model, sizes, images, labels, mode_seeking_in_batch=True, **on)
             if compile:
-                loops["ours_in_batch_pairs_compiled"] = Ours(dataset, model, w, images, labels, compile=True,
+                loops["ours_in_batch_pairs_compiled"] = Ours(dataset, model, sizes, images, labels, compile=True,
                                                              mode_seeking_in_batch=True, **on)
         if data_parallel > 1:  # ours on that many single-threaded processes (torchrun's DDP)
-            same_data = (data_parallel, dataset, model, w, data_dir, n_random)
+            same_data = (data_parallel, dataset, model, sizes, data_dir, n_random)
             loops["ours_ddp"] = DataParallelOurs(*same_data)
             if compile:
                 loops["ours_ddp_compiled"] = DataParallelOurs(*same_data, compile=True)
@@ -360,8 +360,7 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
                     loops["ours_ddp_in_batch_pairs_compiled"] = DataParallelOurs(*same_data, compile=True,
                                                                                  mode_seeking_in_batch=True)
         try:
-            rows.append(_bench_model(loops, ours, steps, peak, dataset, model, w, data_what, device, same_arithmetic,
-                                     log))
+            rows.append(_bench_model(loops, ours, steps, peak, dataset, model, data_what, device, same_arithmetic, log))
         finally:
             for loop in loops.values():
                 if isinstance(loop, DataParallelOurs):
@@ -375,7 +374,7 @@ SAME_ARITHMETIC = {"ours_compiled": "ours", "ours_in_batch_pairs_compiled": "our
                    "ours_ddp_compiled": "ours", "ours_ddp_in_batch_pairs_compiled": "ours_in_batch_pairs"}
 
 
-def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, model: str, w: int, data_what: str,
+def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, model: str, data_what: str,
                  device: torch.device, same_arithmetic: dict, log) -> dict:
     per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
     times = {k: [] for k in loops}
@@ -395,7 +394,8 @@ def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, 
                 elapsed = time.perf_counter() - t
                 times[name].append(loop.last_step_s if isinstance(loop, DataParallelOurs) else elapsed)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    row = {"dataset": dataset, "model": model, "width": w, "data": data_what, "device": where,
+    row = {"dataset": dataset, "model": model, "width": ours.cfg.width, "latent_dim": ours.cfg.latent_dim,
+           "embed_dim": ours.cfg.embed_dim, "data": data_what, "device": where,
            "threads": torch.get_num_threads(), "matmul_peak_gflops": peak}
     for name, loop in loops.items():
         med = median(times[name])

@@ -2,8 +2,8 @@
 
 Serving speed depends on the architecture and sizes, not on how well a model is trained, so the benchmark
 builds its own zoo in a temp dir instead of depending on what is shipped in exported/. Sizes are the
-shipped ones: each model's width from its zoo entry (`training.zoo.zoo_width`), latent 100. (`quick` shrinks
-the DCGAN width to 8 for the smoke test.)
+shipped ones: each model's width, latent and label-embedding sizes from its zoo entry (`training.zoo.zoo_sizes`).
+(`quick` shrinks the width to 8 for the smoke test.)
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from training.zoo import zoo_width
+from training.zoo import zoo_sizes
 
-# (dataset, model, width): the three served models the issue asks about, at their zoo widths.
-SERVING_MODELS = tuple((d, m, zoo_width(d, m))
+# (dataset, model, sizes): the three served models the issue asks about, at their zoo sizes.
+SERVING_MODELS = tuple((d, m, zoo_sizes(d, m))
                        for d, m in (("mnist", "cdcgan"), ("mnist", "mlp_gan"), ("bloodmnist_64", "dcgan")))
 
 
@@ -59,10 +59,10 @@ def build_zoo(workdir: Path, quick: bool = False, models=SERVING_MODELS, log=pri
     os.environ.setdefault("SYNTHGEN_CACHE_DIR", str(workdir / "cache"))  # decompressed IDX copies stay in the temp dir
     data = write_random_data(workdir / "data")
     exported = workdir / "exported"
-    for dataset, model, width in models:
+    for dataset, model, sizes in models:
         t0 = time.perf_counter()
-        cfg = TrainConfig(dataset=dataset, model=model, epochs=1, batch_size=16, width=8 if quick else width,
-                          max_steps=1, data_dir=str(data), out_dir=str(workdir / "runs" / dataset / model)).resolve()
+        sizes = {**sizes, "width": 8} if quick else sizes
+        cfg = TrainConfig(dataset=dataset, model=model, epochs=1, batch_size=16, **sizes, max_steps=1, data_dir=str(data), out_dir=str(workdir / "runs" / dataset / model)).resolve()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run = train(cfg)

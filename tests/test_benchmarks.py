@@ -9,8 +9,8 @@ from pathlib import Path
 
 from benchmarks import run as bench
 
-SERVING = (("mnist", "mlp_gan", 32),)  # one model keeps the test well under 30 s (zoo export + server start)
-TRAINING = (("mnist", "cdcgan", 32),)
+SERVING = (("mnist", "mlp_gan", {"width": 32}),)  # one model keeps the test well under 30 s (zoo export + server start)
+TRAINING = (("mnist", "cdcgan", {"width": 32}),)
 
 
 def test_quick_benchmark_writes_the_expected_json(tmp_path):
@@ -144,7 +144,7 @@ def test_the_memory_benchmark_serves_every_model_with_and_without_the_arena(expo
 def test_the_data_parallel_training_loop_runs_our_batch_on_two_processes():
     from benchmarks import training_bench
 
-    (row,) = training_bench.bench_training(models=(("mnist", "cdcgan", 8),), steps=1, n_random=512, compile=False,
+    (row,) = training_bench.bench_training(models=(("mnist", "cdcgan", {"width": 8}),), steps=1, n_random=512, compile=False,
                                            data_parallel=2, log=lambda *_: None)
     ddp = row["ours_ddp"]
     assert ddp["batch"] == row["ours"]["batch"] == 128 and ddp["steps"] == row["ours"]["steps"]
@@ -161,5 +161,5 @@ def test_a_failing_data_parallel_process_fails_the_benchmark_instead_of_hanging_
 
     started = time.perf_counter()
     with pytest.raises(RuntimeError, match="process"):
-        training_bench.DataParallelOurs(2, "mnist", "no_such_model", 8, data_dir=None, n_random=64)
+        training_bench.DataParallelOurs(2, "mnist", "no_such_model", {"width": 8}, data_dir=None, n_random=64)
     assert time.perf_counter() - started < 120

@@ -67,3 +67,21 @@ def test_each_shipped_card_was_trained_by_its_zoo_command():
                 assert value or training["precision"] == "fp32", run.key
                 continue
             assert training["config"][key] == value, (run.key, key)
+
+
+def test_the_benchmarks_build_the_served_mnist_models_at_their_shipped_sizes():
+    """benchmarks/ trains its own throwaway zoo from these sizes: its generators must be as large as the shipped ones."""
+    from benchmarks.zoo import SERVING_MODELS
+    from training.config import TrainConfig
+    from training.models import build_model
+
+    for dataset, model, sizes in SERVING_MODELS:
+        card_path = REPO / "exported" / dataset / model / "card.json"
+        if not card_path.exists():  # bloodmnist_64: not shipped (no real files here)
+            continue
+        card = json.loads(card_path.read_text())
+        cfg = TrainConfig(dataset=dataset, model=model, **sizes).resolve()
+        generator, _ = build_model(model, tuple(card["image_shape"]), card["num_classes"], cfg.latent_dim, cfg.width,
+                                   embed_dim=cfg.embed_dim)
+        assert sum(p.numel() for p in generator.parameters()) == card["parameters"], (dataset, model, sizes)
+        assert cfg.latent_dim == card["latent_dim"]

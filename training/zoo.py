@@ -91,12 +91,15 @@ TRAINABLE_NOT_SHIPPED = [
 ]
 
 
-def zoo_width(dataset: str, model: str) -> int:
-    """The width the zoo trains dataset/model at (its override, else TrainConfig's default): what the
-    benchmarks build, so they measure the sizes we ship."""
+GENERATOR_SIZE_FIELDS = ("width", "latent_dim", "embed_dim")  # what sizes a generator's weights and its call
+
+
+def zoo_sizes(dataset: str, model: str) -> dict:
+    """The generator sizes the zoo trains dataset/model at ({"width": ..., and latent_dim / embed_dim where its
+    entry sets them}; TrainConfig's defaults otherwise): what the benchmarks build, so they measure what we ship."""
     for run in SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED:
         if run.key == f"{dataset}/{model}":
-            return run.overrides.get("width", TrainConfig.width)
+            return {"width": TrainConfig.width} | {k: run.overrides[k] for k in GENERATOR_SIZE_FIELDS if k in run.overrides}
     raise KeyError(f"{dataset}/{model} is not in the zoo")
 
 

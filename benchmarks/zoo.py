@@ -62,7 +62,8 @@ def build_zoo(workdir: Path, quick: bool = False, models=SERVING_MODELS, log=pri
     for dataset, model, sizes in models:
         t0 = time.perf_counter()
         sizes = {**sizes, "width": 8} if quick else sizes
-        cfg = TrainConfig(dataset=dataset, model=model, epochs=1, batch_size=16, **sizes, max_steps=1, data_dir=str(data), out_dir=str(workdir / "runs" / dataset / model)).resolve()
+        cfg = TrainConfig(dataset=dataset, model=model, epochs=1, batch_size=16, **sizes, max_steps=1,
+                          data_dir=str(data), out_dir=str(workdir / "runs" / dataset / model)).resolve()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             run = train(cfg)

@@ -3,7 +3,8 @@
 An objective owns its optimisers and does one optimisation step on a batch of real images in [0, 1]
 (N, C, H, W) with labels (N,); it returns the step's losses as detached 0-dim tensors, which the trainer
 reads once an epoch: reading a float every step (`.item()`) would make the CPU wait for a GPU at every step.
-The trainer (`training/train.py`) does everything else. Models may be wrapped in DistributedDataParallel: the objective does not care.
+The trainer (`training/train.py`) does everything else. Models may be wrapped in DistributedDataParallel: the
+objective does not care.
 """
 
 from __future__ import annotations

@@ -36,12 +36,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from training.zoo import zoo_sizes
+from training.zoo import GENERATOR_SIZE_FIELDS, zoo_sizes
 
 from .common import median
 
-# (dataset, model, sizes) of the training benchmark, at their zoo sizes (width, latent_dim, embed_dim).
-TRAINING_MODELS = tuple((d, m, zoo_sizes(d, m)) for d, m in (("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")))
+# (dataset, model, sizes) of the training benchmark, at their zoo sizes (width, latent_dim, embed_dim, disc_width).
+TRAINING_MODELS = tuple((d, m, zoo_sizes(d, m, GENERATOR_SIZE_FIELDS + ("disc_width",)))
+                        for d, m in (("mnist", "cdcgan"), ("bloodmnist_64", "dcgan")))
 SHAPES = {"mnist": ((1, 28, 28), 10), "bloodmnist_64": ((3, 64, 64), 8)}
 TRAIN_SPLIT = {"mnist": 60_000, "bloodmnist_64": 11_959}  # images in an epoch of the real training split
 GPU_LARGE_BATCH = 1024
@@ -102,7 +103,8 @@ def _models(dataset: str, model: str, sizes: dict, seed: int = 0, device: torch.
     shape, classes = SHAPES[dataset]
     cfg = TrainConfig(dataset=dataset, model=model, **sizes).resolve()
     torch.manual_seed(seed)
-    generator, discriminator = build_model(model, shape, classes, cfg.latent_dim, cfg.width, embed_dim=cfg.embed_dim)
+    generator, discriminator = build_model(model, shape, classes, cfg.latent_dim, cfg.width, embed_dim=cfg.embed_dim,
+                                           disc_width=cfg.disc_width)
     return cfg, generator.to(device), discriminator.to(device), MODEL_FAMILIES[model].conditional
 
 
@@ -330,7 +332,7 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
         torch.backends.cudnn.benchmark = True  # as train.py sets it on CUDA
         steps, data_parallel = max(steps, 50), 1
     for dataset, model, model_sizes in models:
-        sizes = {**model_sizes, "width": width} if width else model_sizes
+        sizes = {**model_sizes, "width": width, "disc_width": None} if width else model_sizes
         images, labels, data_what = load_images(dataset, data_dir, n_random)
         on = dict(device=device)
         ours, ref = Ours(dataset, model, sizes, images, labels, **on), Reference(dataset, model, sizes, images, labels, **on)

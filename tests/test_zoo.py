@@ -85,3 +85,17 @@ def test_the_benchmarks_build_the_served_mnist_models_at_their_shipped_sizes():
                                    embed_dim=cfg.embed_dim)
         assert sum(p.numel() for p in generator.parameters()) == card["parameters"], (dataset, model, sizes)
         assert cfg.latent_dim == card["latent_dim"]
+
+
+def test_the_training_benchmark_trains_the_zoo_discriminator_width():
+    """The training benchmark times the networks the zoo trains: the MNIST cDCGAN's discriminator is wider
+    than its generator."""
+    import torch.nn as nn
+
+    from benchmarks.training_bench import TRAINING_MODELS, _models
+
+    entry = next(run for run in SHIPPED if run.key == "mnist/cdcgan")
+    sizes = next(s for d, m, s in TRAINING_MODELS if (d, m) == ("mnist", "cdcgan"))
+    _, _, discriminator, _ = _models("mnist", "cdcgan", sizes)
+    first_conv = next(m for m in discriminator.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.out_channels == entry.overrides["disc_width"] != entry.overrides["width"]

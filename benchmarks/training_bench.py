@@ -335,7 +335,8 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
         sizes = {**model_sizes, "width": width, "disc_width": None} if width else model_sizes
         images, labels, data_what = load_images(dataset, data_dir, n_random)
         on = dict(device=device)
-        ours, ref = Ours(dataset, model, sizes, images, labels, **on), Reference(dataset, model, sizes, images, labels, **on)
+        ours = Ours(dataset, model, sizes, images, labels, **on)
+        ref = Reference(dataset, model, sizes, images, labels, **on)
         loops = {"ours": ours, "reference": ref}
         same_arithmetic = dict(SAME_ARITHMETIC)
         if ours.precision != "fp32":  # a diagnostic: what bf16 autocast buys
@@ -344,7 +345,8 @@ def bench_training(models=TRAINING_MODELS, steps: int = 8, data_dir: str | None 
             loops["ours_compiled"] = Ours(dataset, model, sizes, images, labels, compile=True, **on)
             if device.type == "cuda":  # a GPU is far from busy at batch 128: what a large batch reaches
                 name = f"ours_batch{GPU_LARGE_BATCH}_compiled"
-                loops[name] = Ours(dataset, model, sizes, images, labels, compile=True, batch_size=GPU_LARGE_BATCH, **on)
+                loops[name] = Ours(dataset, model, sizes, images, labels, compile=True, batch_size=GPU_LARGE_BATCH,
+                                   **on)
                 same_arithmetic[name] = "ours"
         if ours.cfg.mode_seeking:  # a diagnostic: what the mode-seeking term (2nd generator pass) costs
             loops["ours_no_mode_seeking"] = Ours(dataset, model, sizes, images, labels, mode_seeking=0.0, **on)

@@ -70,7 +70,8 @@ def test_each_shipped_card_was_trained_by_its_zoo_command():
 
 
 def test_the_benchmarks_build_the_served_mnist_models_at_their_shipped_sizes():
-    """benchmarks/ trains its own throwaway zoo from these sizes: its generators must be as large as the shipped ones."""
+    """benchmarks/ trains its own throwaway zoo from these sizes: its generators must be as large as the shipped
+    ones."""
     from benchmarks.zoo import SERVING_MODELS
     from training.config import TrainConfig
     from training.models import build_model

@@ -398,8 +398,8 @@ def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, 
                 elapsed = time.perf_counter() - t
                 times[name].append(loop.last_step_s if isinstance(loop, DataParallelOurs) else elapsed)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    row = {"dataset": dataset, "model": model, "width": ours.cfg.width, "latent_dim": ours.cfg.latent_dim,
-           "embed_dim": ours.cfg.embed_dim, "data": data_what, "device": where,
+    row = {"dataset": dataset, "model": model, "width": ours.cfg.width, "disc_width": ours.cfg.disc_width,
+           "latent_dim": ours.cfg.latent_dim, "embed_dim": ours.cfg.embed_dim, "data": data_what, "device": where,
            "threads": torch.get_num_threads(), "matmul_peak_gflops": peak}
     for name, loop in loops.items():
         med = median(times[name])

@@ -146,6 +146,7 @@ def test_the_data_parallel_training_loop_runs_our_batch_on_two_processes():
 
     (row,) = training_bench.bench_training(models=(("mnist", "cdcgan", {"width": 8}),), steps=1, n_random=512,
                                            compile=False, data_parallel=2, log=lambda *_: None)
+    assert (row["width"], row["disc_width"]) == (8, 8)  # the row says which networks it timed
     ddp = row["ours_ddp"]
     assert ddp["batch"] == row["ours"]["batch"] == 128 and ddp["steps"] == row["ours"]["steps"]
     assert ddp["flops_per_image"] == row["ours"]["flops_per_image"] and ddp["precision"] == row["ours"]["precision"]

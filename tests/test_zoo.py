@@ -13,12 +13,34 @@ def test_every_zoo_entry_is_a_valid_config_and_its_command_trains_exactly_that()
     from training.train import parse_args
 
     for run in SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED:
-        cfg = run.config(Path("runs"), None)
-        assert dataset_info(cfg.dataset).id == run.dataset
+        configs = run.configs(Path("runs"), None)
+        assert dataset_info(configs[0].dataset).id == run.dataset
         prefix = "python -m training.train "
-        assert command(run).startswith(f"{prefix}--dataset {run.dataset} --model {run.model}")
-        parsed, resume = parse_args(command(run)[len(prefix):].split())
-        assert parsed == cfg and not resume, run.key
+        stages = command(run).split(" && ")
+        assert len(stages) == len(configs) == 1 + len(run.then), run.key
+        for stage, (line, cfg) in enumerate(zip(stages, configs)):
+            assert line.startswith(f"{prefix}--dataset {run.dataset} --model {run.model}")
+            parsed, resume = parse_args(line[len(prefix):].split())
+            assert parsed == cfg and resume == (stage > 0), run.key
+
+
+def test_a_zoo_run_trains_each_stage_and_its_checkpoint_records_what_the_later_one_changed(data_dir, tmp_path):
+    import torch
+
+    from training.zoo import ZooRun, train_run
+
+    run = ZooRun("mnist", "dcgan", dict(epochs=1, width=8, batch_size=16, max_steps=2),
+                 then=(dict(epochs=2, lr=2e-5, max_steps=4),))
+    train_run(run, tmp_path, str(data_dir))
+    checkpoint = tmp_path / "mnist" / "dcgan" / "checkpoint.pt"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    assert (state["epoch"], state["step"]) == (2, 4)
+    assert state["resumes"] == [{"from_epoch": 2, "changed": {"lr": [2e-4, 2e-5]}}]
+    assert state["config"] == vars(run.config(tmp_path, str(data_dir)))
+
+    modified = checkpoint.stat().st_mtime_ns
+    train_run(run, tmp_path, str(data_dir))  # finished: a second call trains nothing
+    assert checkpoint.stat().st_mtime_ns == modified
 
 
 def test_nothing_trained_on_missing_real_files_is_shipped():

@@ -72,18 +72,60 @@ def decode_png(data: bytes) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+class _PreallocatedFile:
+    """A seekable binary file over one bytearray allocated up front. zipfile seeks back to patch each entry's
+    header; an io.BytesIO grown write by write re-allocates and copies a large response several times (at
+    12.6 MB, a BloodMNIST-64 batch of 1024, about 4 ms of the 15 an npz took)."""
+
+    def __init__(self, capacity: int):
+        self._view = memoryview(bytearray(capacity))
+        self._pos = self._end = 0
+
+    def write(self, data) -> int:
+        data = memoryview(data).cast("B")
+        if self._pos + data.nbytes > len(self._view):
+            raise ValueError("_PreallocatedFile: write past the capacity it was sized for")
+        self._view[self._pos:self._pos + data.nbytes] = data
+        self._pos += data.nbytes
+        self._end = max(self._end, self._pos)
+        return data.nbytes
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._pos = offset + {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._end}[whence]
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def getvalue(self) -> bytes:
+        return self._view[:self._end].tobytes()
+
+
+NPZ_HEADROOM = 1024  # bytes per array for its zip headers, central-directory entry and .npy header
+
+
 def encode_npz(batch: Batch) -> bytes:
+    """The batch as an uncompressed .npz, the bytes np.savez's zipfile + numpy.lib.format path writes (with
+    fixed timestamps), but with each array's data written straight from its buffer into one preallocated file."""
     arrays = {"images": batch.images, "labels": batch.labels.astype(np.int64, copy=False),
               "class_names": np.asarray(batch.class_names, dtype=np.str_)}
     arrays.update({key: np.asarray(value) for key, value in batch.meta.items()})
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    arrays = {key: value if value.flags.c_contiguous else value.copy(order="C") for key, value in arrays.items()}
+    out = _PreallocatedFile(sum(value.nbytes + NPZ_HEADROOM for value in arrays.values()) + NPZ_HEADROOM)
+    with zipfile.ZipFile(out, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for key, value in arrays.items():
             # zip64 only where needed: forcing it made Python < 3.11.4 write other header bytes (gh-103861)
             zip64 = value.nbytes + (1 << 20) > zipfile.ZIP64_LIMIT
             with archive.open(_zip_entry(f"{key}.npy"), "w", force_zip64=zip64) as f:
-                np.lib.format.write_array(f, value, allow_pickle=False)
-    return buf.getvalue()
+                np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(value))
+                f.write(value.reshape(-1).view(np.uint8))
+    return out.getvalue()
 
 
 def decode_npz(data: bytes) -> Batch:

@@ -350,6 +350,24 @@ def test_encoders_are_pure_functions(batch):
         assert encoders.encode(batch, fmt) == encoders.encode(batch, fmt)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batches())
+def test_npz_is_byte_for_byte_what_zipfile_and_numpy_write(batch):
+    """encode_npz writes array data straight into a preallocated buffer; the bytes must be those of the plain
+    zipfile + np.lib.format.write_array path (np.savez's, with fixed timestamps), so a seed's bytes never change."""
+    import io
+    import zipfile
+
+    arrays = {"images": batch.images, "labels": batch.labels, "class_names": np.asarray(batch.class_names, np.str_)}
+    arrays.update({key: np.asarray(value) for key, value in batch.meta.items()})
+    reference = io.BytesIO()
+    with zipfile.ZipFile(reference, mode="w", compression=zipfile.ZIP_STORED) as archive:
+        for key, value in arrays.items():
+            with archive.open(encoders._zip_entry(f"{key}.npy"), "w") as f:
+                np.lib.format.write_array(f, value, allow_pickle=False)
+    assert encoders.encode_npz(batch) == reference.getvalue()
+
+
 def test_npz_loads_with_plain_numpy_and_no_pickle(catalog):
     batch = encoders.Batch(images=np.zeros((2, 4, 4, 1), np.uint8), labels=np.array([0, 1]), class_names=["a", "b"],
                            meta={"seed": 5})

@@ -155,7 +155,8 @@ def train_run(run: ZooRun, runs: Path, data_dir: str | None) -> None:
         if done < cfg.epochs:
             print(f"{run.key}: training epochs {done + 1}..{cfg.epochs}", flush=True)
             train(cfg, resume=done > 0)
-    print(f"{run.key}: done ({finished_epoch(Path(run.config(runs, data_dir).out_dir))} epochs)", flush=True)
+            done = finished_epoch(Path(cfg.out_dir))  # what the checkpoint says (--max-steps may stop sooner)
+    print(f"{run.key}: done ({done} epochs)", flush=True)
 
 
 def _pct(metrics: dict, key: str) -> str:

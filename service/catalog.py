@@ -55,6 +55,13 @@ class ModelCard:
         return len(self.classes)
 
     @property
+    def weight_storage(self) -> str:
+        """"float16" when the files store the weights as float16 (cast to float32 in the graph), else "float32"
+        (cards written before the field have none: float32)."""
+        weights = self.raw.get("weights")
+        return "float16" if isinstance(weights, dict) and weights.get("storage") == "float16" else "float32"
+
+    @property
     def image_bytes(self) -> int:
         c, h, w = self.image_shape
         return c * h * w

@@ -187,6 +187,7 @@ class SyntheticImages:
                     conditional=card.conditional, classes=list(card.classes), num_classes=card.num_classes,
                     image_shape=list(card.image_shape), latent_dim=card.latent_dim, metrics=card.metrics,
                     parameters=card.raw.get("parameters") if isinstance(card.raw.get("parameters"), int) else None,
+                    weight_storage=card.weight_storage,
                     merges_requests=entry.runner.row_independent,
                     training={k: training[k] for k in ("epochs", "steps", "wall_time_s", "hardware", "precision")
                               if k in training},

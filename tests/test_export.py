@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import train_tiny
-from training.export import PARITY_ATOL, export_run, inference_module
+from training.export import PARITY_ATOL, export_run, inference_module, store_weights_in_float16
 from training.manifest import sha256_of
 from training.models import MODEL_FAMILIES
 from training.train import load_checkpoint
@@ -46,6 +46,50 @@ def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, overrid
     assert 0 <= images.min() and images.max() <= 1
     scripted = torch.jit.load(str(out / "generator.pt"))
     np.testing.assert_allclose(scripted(*inputs).detach().numpy(), eager, atol=PARITY_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("model_id", ["cdcgan", "conv_vae"])
+def test_float16_weights_halve_the_files_and_the_files_match_the_rounded_model(model_id, data_dir, tmp_path):
+    dataset = DATASET_FOR.get(model_id, "mnist")
+    run = train_tiny(data_dir, tmp_path / "run", dataset, model_id, steps=2)
+    full = export_run(run, tmp_path / "float32")
+    half = export_run(run, tmp_path / "float16", weights="float16")
+    card = json.loads((half / "card.json").read_text())
+    assert card["weights"]["storage"] == "float16" and card["weights"]["compute"] == "float32"
+    assert json.loads((full / "card.json").read_text())["weights"] == {"storage": "float32", "compute": "float32"}
+    scripted = torch.jit.load(str(half / "generator.pt"))
+    assert {p.dtype for p in scripted.parameters()} == {torch.float16}
+    assert (half / "generator.pt").stat().st_size < (full / "generator.pt").stat().st_size  # (its code is the same few KB)
+    # ONNX: the exporter's optimizer folds the casts of small weights back into float32 constants; the large
+    # ones, nearly all the bytes of a real model, stay float16.
+    large = [t for t in onnx.load(str(half / "generator.onnx")).graph.initializer if np.prod(t.dims) >= 16384]
+    assert large and all(t.data_type == onnx.TensorProto.FLOAT16 for t in large)
+    assert (half / "generator.onnx").stat().st_size < 0.7 * (full / "generator.onnx").stat().st_size
+
+    model, _ = load_checkpoint(run)
+    module = inference_module(model)
+    z = torch.randn(5, model.latent_dim)
+    inputs = (z, torch.arange(5) % model.num_classes) if model.num_classes else (z,)
+    with torch.inference_mode():
+        float32 = module(*inputs).numpy()
+        store_weights_in_float16(module)
+        rounded = module(*inputs).numpy()
+    session = ort.InferenceSession(str(half / "generator.onnx"), providers=["CPUExecutionProvider"])
+    (images,) = session.run(None, {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(images, rounded, atol=PARITY_ATOL, rtol=0)
+    np.testing.assert_allclose(scripted(*inputs).detach().numpy(), rounded, atol=PARITY_ATOL, rtol=0)
+    # float16 keeps 11 significant bits: the images move by far less than one uint8 level (1/255)
+    assert 0 < np.abs(rounded - float32).max() <= card["weights"]["max_abs_output_change"] * 4 + 1e-6
+    assert card["weights"]["max_abs_output_change"] < 1 / 255
+
+
+def test_a_weight_beyond_float16_range_is_refused():
+    layer = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        layer.weight[0, 0] = 1e5
+    with pytest.raises(ValueError, match="float16"):
+        store_weights_in_float16(layer)
 
 
 def test_onnx_is_one_file_with_the_documented_contract(exported_dir):

@@ -190,6 +190,8 @@ def test_catalog_lists_every_dataset_model_and_default(http):
     assert all(isinstance(m["metrics"], dict) and m["latent_dim"] > 0 and m["merges_requests"] for m in models.values())
     assert all({"epochs", "steps", "wall_time_s", "hardware", "precision"} <= set(m["training"]) for m in models.values())
     assert {m["training"]["precision"] for m in models.values()} <= {"fp32", "bf16"}
+    assert {key for key, m in models.items() if m["weight_storage"] == "float16"} == {("mnist", "cdcgan")}
+    assert {m["weight_storage"] for m in models.values()} == {"float16", "float32"}
 
 
 def test_default_model_is_used_when_none_is_named(http):

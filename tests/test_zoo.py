@@ -24,6 +24,13 @@ def test_every_zoo_entry_is_a_valid_config_and_its_command_trains_exactly_that()
             assert parsed == cfg and resume == (stage > 0), run.key
 
 
+def test_every_shipped_file_stores_its_weights_the_way_its_zoo_entry_exports_them():
+    for run in SHIPPED:
+        card = json.loads((REPO / "exported" / run.dataset / run.model / "card.json").read_text())
+        assert run.weights in ("float32", "float16"), run.key
+        assert card.get("weights", {"storage": "float32"})["storage"] == run.weights, run.key
+
+
 def test_a_zoo_run_trains_each_stage_and_its_checkpoint_records_what_the_later_one_changed(data_dir, tmp_path):
     import torch
 

@@ -2,6 +2,7 @@
 
     python -m training.export runs/mnist/cdcgan                 # -> exported/mnist/cdcgan/
     python -m training.export runs/mnist/cdcgan --out exported
+    python -m training.export runs/mnist/cdcgan --weights float16   # files half the size, float32 compute
 
 The inference contract, the same for every model:
     inputs   z       float32 [N, latent_dim]   standard normal noise
@@ -9,6 +10,8 @@ The inference contract, the same for every model:
     output   images  float32 [N, C, H, W]      in [0, 1]
 with a dynamic batch axis N. The export checks itself: onnx.checker, and ONNX Runtime and TorchScript
 outputs equal eager outputs within 1e-5 on the same inputs; a failed check raises and writes no card.
+`--weights float16` stores every parameter as float16 in both files and casts it to float32 where it is used
+(compute, inputs and outputs stay float32); the card records it and how far the rounding moved the outputs.
 Writes generator.onnx, generator.pt, samples.png (one row per class), card.json, and updates manifest.json.
 """
 
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .manifest import CARD, sha256_of, write_manifest
 from .models import MODEL_FAMILIES
@@ -33,6 +37,7 @@ from .train import code_version, load_checkpoint
 ONNX_FILE, TORCHSCRIPT_FILE, SAMPLES_FILE = "generator.onnx", "generator.pt", "samples.png"
 PARITY_ATOL = 1e-5
 ONNX_OPSET = 18
+WEIGHT_DTYPES = ("float32", "float16")
 
 
 class ConditionalInference(nn.Module):
@@ -71,6 +76,39 @@ def example_inputs(model: nn.Module, n: int, seed: int = 0) -> tuple[torch.Tenso
     if model.num_classes > 0:
         return z, torch.randint(0, model.num_classes, (n,), generator=g)
     return (z,)
+
+
+class StoredAsFloat16(nn.Module):
+    """Parametrization of a parameter kept as float16 and used as float32 (`store_weights_in_float16`)."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+
+def store_weights_in_float16(module: nn.Module) -> float:
+    """Keep every floating parameter of `module` as float16, cast to float32 where it is used; returns the
+    largest absolute parameter change.
+
+    Why: the files are half the size (the budget of `exported/` is what limits the widest generators), and
+    the exported graphs hold the cast, so ONNX Runtime folds it into float32 weights when it loads the model
+    (the same speed) and TorchScript casts on each call. The ONNX exporter's optimizer folds the casts of
+    small weights (a few thousand values) back into float32 constants; the large ones stay float16. The
+    module itself changes the same way, so the parity check compares the files with the float16-rounded
+    model, and the metrics measured on the files are the shipped model's. Batch-norm statistics (buffers)
+    stay float32.
+    """
+    largest = 0.0
+    for layer in list(module.modules()):
+        for name, param in list(layer.named_parameters(recurse=False)):
+            if not param.is_floating_point():
+                continue
+            stored = param.detach().half()
+            if not torch.isfinite(stored).all():
+                raise ValueError(f"a parameter of {type(layer).__name__}.{name} does not fit float16 (|w| > 65504)")
+            largest = max(largest, float((stored.float() - param.detach()).abs().max()))
+            parametrize.register_parametrization(layer, name, StoredAsFloat16())
+            layer.parametrizations[name].original = nn.Parameter(stored, requires_grad=False)
+    return largest
 
 
 def export_onnx(module: nn.Module, inputs: tuple[torch.Tensor, ...], path: Path) -> None:
@@ -117,8 +155,11 @@ def check_parity(module: nn.Module, onnx_path: Path, ts_path: Path, model: nn.Mo
     return worst
 
 
-def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
-    """Export one run directory to out_root/<dataset>/<model>/ and refresh the manifest; returns that folder."""
+def export_run(run_dir: str | Path, out_root: str | Path = "exported", weights: str = "float32") -> Path:
+    """Export one run directory to out_root/<dataset>/<model>/ and refresh the manifest; returns that folder.
+    weights: how the files store the parameters, "float32" or "float16" (see `store_weights_in_float16`)."""
+    if weights not in WEIGHT_DTYPES:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, not {weights!r}")
     model, state = load_checkpoint(run_dir)
     cfg, info = state["config"], state["dataset_info"]
     family = MODEL_FAMILIES[cfg["model"]]
@@ -127,13 +168,21 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
 
     module = inference_module(model)
     inputs = example_inputs(model, 4)
+    storage = {"storage": weights, "compute": "float32"}
+    if weights == "float16":
+        probe = example_inputs(model, 64, seed=13)
+        with torch.inference_mode():
+            before = module(*probe)
+        storage["max_abs_weight_change"] = store_weights_in_float16(module)
+        with torch.inference_mode():
+            storage["max_abs_output_change"] = float((module(*probe) - before).abs().max())  # 64 samples, [0, 1] scale
     export_onnx(module, inputs, out / ONNX_FILE)
     export_torchscript(module, inputs, out / TORCHSCRIPT_FILE)
     parity = check_parity(module, out / ONNX_FILE, out / TORCHSCRIPT_FILE, model)
 
     per_class = 10
     labels = class_rows(len(info["classes"]), per_class) if family.conditional else None
-    grid = sample(model, len(info["classes"]) * per_class if family.conditional else 64, labels, torch.Generator().manual_seed(0))
+    grid = sample(module.model, len(info["classes"]) * per_class if family.conditional else 64, labels, torch.Generator().manual_seed(0))
     save_grid(grid, out / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
 
     card_path = out / CARD
@@ -158,6 +207,7 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported") -> Path:
         "files": files,
         "sha256": {kind: sha256_of(out / name) for kind, name in files.items()},
         "parameters": sum(p.numel() for p in module.parameters()),  # of the exported graph
+        "weights": storage,
         "parity_max_abs_error": parity,
         "training": {
             "config": cfg,  # as of the last epoch; `resumes` lists the epochs from which a setting changed
@@ -188,9 +238,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="training run directories (holding checkpoint.pt)")
     parser.add_argument("--out", default="exported", help="export root (default: exported)")
+    parser.add_argument("--weights", default="float32", choices=WEIGHT_DTYPES,
+                        help="parameter storage in the files (default: float32; float16 halves them, compute stays float32)")
     args = parser.parse_args()
     for run_dir in args.run_dirs:
-        out = export_run(run_dir, args.out)
+        out = export_run(run_dir, args.out, args.weights)
         card = json.loads((out / CARD).read_text())
         print(f"{out}: parity {card['parity_max_abs_error']}, {card['parameters']} parameters")
 

@@ -31,6 +31,7 @@ class ZooRun:
     model: str
     overrides: dict = field(default_factory=dict)
     then: tuple[dict, ...] = ()
+    weights: str = "float32"  # how `export` stores the parameters (training.export: "float32" or "float16")
 
     @property
     def key(self) -> str:
@@ -201,7 +202,8 @@ def main() -> None:
     if args.action == "list":
         print("shipped:")
         for run in SHIPPED:
-            print(f"  {run.key:28s} {command(run)}")
+            export = f"  (export: --weights {run.weights})" if run.weights != "float32" else ""
+            print(f"  {run.key:28s} {command(run)}{export}")
         print("planned, not trained yet:" + ("" if PLANNED else " none"))
         for run in PLANNED:
             print(f"  {run.key:28s} {command(run)}")
@@ -224,7 +226,7 @@ def main() -> None:
         if finished_epoch(out_dir) < cfg.epochs:
             print(f"{run.key}: not finished, skipped")
             continue
-        out = export_run(out_dir, args.out)
+        out = export_run(out_dir, args.out, run.weights)
         card = json.loads((out / "card.json").read_text())
         print(f"{run.key}: exported, parity {card['parity_max_abs_error']}")
 

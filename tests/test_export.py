@@ -22,6 +22,19 @@ DATASET_FOR = {"cdcgan": "bloodmnist_64", "conv_vae": "breastmnist_64", "cwgan_g
 EXPORT_CASES = [(model_id, {}) for model_id in MODEL_FAMILIES] + [("cdcgan", {"class_norm": True}), ("cwgan_gp", {"class_norm": True})]
 
 
+def eager_module_and_inputs(run, n: int):
+    """The run's exported graph in eager PyTorch, and n fresh inputs for it (labels cycle through the classes)."""
+    model, _ = load_checkpoint(run)
+    z = torch.randn(n, model.latent_dim)
+    return inference_module(model), ((z, torch.arange(n) % model.num_classes) if model.num_classes else (z,))
+
+
+def run_onnx(path, inputs) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (images,) = session.run(None, {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
+    return images
+
+
 @pytest.mark.parametrize("model_id,overrides", EXPORT_CASES, ids=[m + "-class_norm" * bool(o) for m, o in EXPORT_CASES])
 def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, overrides, data_dir, tmp_path):
     dataset = DATASET_FOR.get(model_id, "mnist")
@@ -33,14 +46,10 @@ def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, overrid
     assert max(card["parity_max_abs_error"].values()) <= PARITY_ATOL
 
     # A fresh batch size (the batch axis is dynamic), against eager, independently of export's own check.
-    model, _ = load_checkpoint(run)
-    module = inference_module(model)
-    z = torch.randn(5, model.latent_dim)
-    inputs = (z, torch.arange(5) % model.num_classes) if model.num_classes else (z,)
+    module, inputs = eager_module_and_inputs(run, n=5)
     with torch.inference_mode():
         eager = module(*inputs).numpy()
-    session = ort.InferenceSession(str(out / "generator.onnx"), providers=["CPUExecutionProvider"])
-    (images,) = session.run(None, {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
+    images = run_onnx(out / "generator.onnx", inputs)
     assert images.dtype == np.float32 and images.shape == (5, *card["image_shape"])
     np.testing.assert_allclose(images, eager, atol=PARITY_ATOL, rtol=0)
     assert 0 <= images.min() and images.max() <= 1
@@ -66,16 +75,12 @@ def test_float16_weights_halve_the_files_and_the_files_match_the_rounded_model(m
     assert large and all(t.data_type == onnx.TensorProto.FLOAT16 for t in large)
     assert (half / "generator.onnx").stat().st_size < 0.7 * (full / "generator.onnx").stat().st_size
 
-    model, _ = load_checkpoint(run)
-    module = inference_module(model)
-    z = torch.randn(5, model.latent_dim)
-    inputs = (z, torch.arange(5) % model.num_classes) if model.num_classes else (z,)
+    module, inputs = eager_module_and_inputs(run, n=5)
     with torch.inference_mode():
         float32 = module(*inputs).numpy()
         store_weights_in_float16(module)
         rounded = module(*inputs).numpy()
-    session = ort.InferenceSession(str(half / "generator.onnx"), providers=["CPUExecutionProvider"])
-    (images,) = session.run(None, {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
+    images = run_onnx(half / "generator.onnx", inputs)
     assert images.dtype == np.float32
     np.testing.assert_allclose(images, rounded, atol=PARITY_ATOL, rtol=0)
     np.testing.assert_allclose(scripted(*inputs).detach().numpy(), rounded, atol=PARITY_ATOL, rtol=0)

@@ -15,7 +15,8 @@ Schema (format "synthgen-manifest/1"), every path relative to the manifest's fol
     }
 
 Each model's card.json (format "synthgen-card/1") holds what serving needs (classes, image_shape,
-latent_dim, conditional, the input/output contract) plus the training config and the metrics.
+latent_dim, conditional, the input/output contract) plus the training config, the metrics and `weights` (how the
+files store the parameters: float32, or float16 cast to float32 in the graph; cards older than the field: float32).
 
 The default model of a dataset: conditional models first (the service exists to return labelled images),
 then the lowest FID on the card, then the family order below. `write_manifest` recomputes everything from

@@ -142,9 +142,13 @@ def test_concurrent_requests_share_model_calls_and_stay_byte_identical(http, ser
     requests = [{"n": 1 + i % 3, "seed": i, "labels": i % 10, **MNIST} for i in range(32)]
     alone = [ok(generate(http, **r)).content for r in requests]
     calls_before = model_calls(http)
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+    with concurrent.futures.ThreadPoolExecutor(17) as pool:
         with httpx.Client(base_url=server.url, timeout=60) as client:
+            # A large request to another model first: every model shares one inference thread, so the small
+            # requests queue behind its calls and merge even on a loaded machine where they would not overlap.
+            busy = pool.submit(lambda: ok(generate(client, dataset="bloodmnist_64", n=4096, seed=0, format="npz")))
             together = list(pool.map(lambda r: ok(generate(client, **r)).content, requests))
+            busy.result()
     assert together == alone
     assert model_calls(http) - calls_before < len(requests)  # some requests were merged
 

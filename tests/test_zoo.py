@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 from training.data import dataset_info
+from training.export import WEIGHT_DTYPES
 from training.zoo import PLANNED, SHIPPED, TRAINABLE_NOT_SHIPPED, command
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def test_every_zoo_entry_is_a_valid_config_and_its_command_trains_exactly_that()
 def test_every_shipped_file_stores_its_weights_the_way_its_zoo_entry_exports_them():
     for run in SHIPPED:
         card = json.loads((REPO / "exported" / run.dataset / run.model / "card.json").read_text())
-        assert run.weights in ("float32", "float16"), run.key
+        assert run.weights in WEIGHT_DTYPES, run.key
         assert card.get("weights", {"storage": "float32"})["storage"] == run.weights, run.key
 
 

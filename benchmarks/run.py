@@ -177,7 +177,8 @@ def targets(result: dict) -> list[dict]:
     for r in result.get("training", []):
         if r.get("device", "cpu") != "cpu":  # the GPU target is a rate; the 3x-the-reference one is the CPU's
             if (r["dataset"], r["model"]) == ("mnist", "cdcgan"):
-                for name in ("ours", "ours_compiled", f"ours_batch{training_bench.GPU_LARGE_BATCH}_compiled"):
+                large = [training_bench.large_batch_loop(b) for b in training_bench.GPU_LARGE_BATCHES]
+                for name in ("ours", "ours_compiled", *large):
                     if name in r:
                         add(f"GPU training images/s, {name} (batch {r[name]['batch']})", f"mnist/cdcgan on {r['device']}",
                             r[name]["images_per_s"], GPU_TRAINING_IMAGES_PER_S)
@@ -246,8 +247,9 @@ def markdown(result: dict) -> str:
         for r in result["training"]:
             for name, label in (("ours", "ours: uint8 tensor + index slices, GANObjective.step"),
                                 ("ours_compiled", "ours with --compile (torch.compile)"),
-                                (f"ours_batch{training_bench.GPU_LARGE_BATCH}_compiled",
-                                 f"ours at batch {training_bench.GPU_LARGE_BATCH} with --compile (quality not measured)"),
+                                *((training_bench.large_batch_loop(b),
+                                   f"ours at batch {b} with --compile (quality not measured)")
+                                  for b in training_bench.GPU_LARGE_BATCHES),
                                 ("ours_fp32", "ours in fp32 (diagnostic)"),
                                 ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
                                 ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),

@@ -353,8 +353,9 @@ def test_encoders_are_pure_functions(batch):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batches())
 def test_npz_is_byte_for_byte_what_zipfile_and_numpy_write(batch):
-    """encode_npz writes array data straight into a preallocated buffer; the bytes must be those of the plain
-    zipfile + np.lib.format.write_array path (np.savez's, with fixed timestamps), so a seed's bytes never change."""
+    """encode_npz packs the zip records itself; the bytes must be those of the plain zipfile +
+    np.lib.format.write_array path (np.savez's, with fixed timestamps), so a seed's bytes never change. The
+    zipfile path it keeps for archives over 4 GiB must write them too."""
     import io
     import zipfile
 
@@ -366,6 +367,18 @@ def test_npz_is_byte_for_byte_what_zipfile_and_numpy_write(batch):
             with archive.open(encoders._zip_entry(f"{key}.npy"), "w") as f:
                 np.lib.format.write_array(f, value, allow_pickle=False)
     assert encoders.encode_npz(batch) == reference.getvalue()
+    assert encoders._encode_npz_with_zipfile(encoders._npz_arrays(batch)) == reference.getvalue()
+
+
+def test_npz_member_names_outside_ascii_are_stored_as_zipfile_stores_them():
+    import io
+    import zipfile
+
+    batch = encoders.Batch(images=np.zeros((1, 2, 2, 1), np.uint8), labels=np.array([0]), class_names=["a"],
+                           meta={"größe": 3})
+    data = encoders.encode_npz(batch)
+    assert data == encoders._encode_npz_with_zipfile(encoders._npz_arrays(batch))
+    assert zipfile.ZipFile(io.BytesIO(data)).namelist()[-1] == "größe.npy"
 
 
 def test_npz_loads_with_plain_numpy_and_no_pickle(catalog):

@@ -18,14 +18,17 @@ from starlette.responses import JSONResponse
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, *, field: str | None = None, allowed: list | None = None,
-                 kind: str = "value_error", extra: dict | None = None, headers: dict | None = None):
+                 kind: str = "value_error", extra: dict | None = None, headers: dict | None = None,
+                 details: list[dict] | None = None):
         super().__init__(message)
         self.status, self.message, self.field, self.allowed = status, message, field, allowed
-        self.kind, self.extra, self.headers = kind, extra or {}, headers
+        self.kind, self.extra, self.headers, self.details = kind, extra or {}, headers, details
 
     def body(self) -> dict:
         body = {"error": self.message}
-        if self.field is not None:
+        if self.details is not None:  # several entries, e.g. one per bad item of a labels list
+            body["detail"] = self.details
+        elif self.field is not None:
             item = {"loc": [self.field], "msg": self.message, "type": self.kind}
             if self.allowed is not None:
                 item["allowed"] = self.allowed

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from .catalog import ModelCard
-from .errors import ApiError
+from .errors import MAX_DETAIL, ApiError
 
 UNCONDITIONAL_LABEL = -1
 INTERPOLATION_METHODS = ("slerp", "lerp")
@@ -73,7 +73,16 @@ def resolve_labels(labels, n: int, card: ModelCard) -> np.ndarray:
             raise ApiError(400, f"labels: a list of labels must have exactly n={n} items, it has {len(labels)}",
                            field="labels", allowed=[f"a list of {n} class ids or names", "balanced",
                                                     "one class id or name"])
-        ids = [class_id(v, card, "labels") for v in labels]
+        ids, bad = [], []
+        for i, value in enumerate(labels):
+            try:
+                ids.append(class_id(value, card, f"labels[{i}]"))
+            except ApiError as exc:  # every bad item is reported at its index, not only the first
+                bad.append({"loc": ["labels", i], "msg": exc.message, "type": exc.kind, "allowed": exc.allowed})
+        if bad:
+            shown = bad[:MAX_DETAIL]
+            more = f"; and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+            raise ApiError(400, "; ".join(item["msg"] for item in shown) + more, field="labels", details=shown)
         return np.asarray(ids, dtype=np.int64)
     return np.full(n, class_id(labels, card, "labels"), dtype=np.int64)
 

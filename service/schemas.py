@@ -74,7 +74,7 @@ class ModelInfo(BaseModel):
     conditional: bool
     classes: list[str]
     num_classes: int
-    image_shape: list[int] = Field(description="[C, H, W]")
+    image_shape: list[int] = Field(description="[C, H, W], the model's order; images come as N x H x W x C")
     latent_dim: int
     metrics: dict[str, Any] = Field(description="quality metrics from the model card (fid, precision, ...)")
     parameters: int | None = None
@@ -90,7 +90,7 @@ class DatasetInfo(BaseModel):
     default_model: str
     models: list[str]
     classes: list[str]
-    image_shape: list[int]
+    image_shape: list[int] = Field(description="[C, H, W]")
 
 
 class FailedModel(BaseModel):

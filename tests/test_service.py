@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import time
 
 import httpx
 import numpy as np
@@ -266,6 +267,29 @@ def test_a_bad_labels_item_is_one_error_at_its_index_not_one_per_union_branch(ht
     assert [item["loc"] for item in body["detail"]] == [["labels", 1]]
     body = error(generate(http, **MNIST, n=2, labels={"a": 1}), 400)
     assert [item["loc"] for item in body["detail"]] == [["labels"]] and "balanced" in body["error"]
+
+
+def test_every_bad_item_of_a_labels_list_is_reported_at_its_index(http):
+    body = error(generate(http, **MNIST, n=4, labels=["seven", 1, 10, "3"]), 400)
+    assert [item["loc"] for item in body["detail"]] == [["labels", 0], ["labels", 2]]
+    assert "labels[0]" in body["error"] and "'seven'" in body["error"] and "labels[2]" in body["error"]
+    assert body["detail"][0]["allowed"] == [str(i) for i in range(10)]
+    assert body["detail"][1]["allowed"] == list(range(10))
+    many = error(generate(http, **MNIST, n=50, labels=[99] * 50), 400)
+    assert len(many["detail"]) == 10 and many["error"].endswith("and 40 more")
+
+
+def test_a_rejected_body_is_logged_as_one_line_without_a_traceback(server, http):
+    before = len(server.log.read_text(errors="replace"))
+    error(generate(http, **MNIST, n=2_000, labels=[1.5] * 2_000), 400)
+    error(generate(http, **MNIST, n=0), 400)
+    deadline = time.monotonic() + 10  # the log lines are written after the response
+    while server.log.read_text(errors="replace")[before:].count("Rejected /generate [POST]") < 2 \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    written = server.log.read_text(errors="replace")[before:]
+    assert written.count("Rejected /generate [POST]") == 2, written[-2000:]
+    assert "Traceback" not in written and "ValidationError" not in written and len(written) < 4000
 
 
 def test_an_unknown_field_lists_the_fields(http):

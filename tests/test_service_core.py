@@ -172,6 +172,9 @@ def test_labels_rules(catalog):
         assert info.value.status == 400 and info.value.field == field and info.value.allowed
     with pytest.raises(ApiError, match="unconditional"):
         resolve_labels(3, 2, uncond)
+    with pytest.raises(ApiError) as info:
+        resolve_labels(["covid", 0, 7], 3, cond)
+    assert [item["loc"] for item in info.value.body()["detail"]] == [["labels", 0], ["labels", 2]]
 
 
 def test_quantization_is_round_half_to_even_in_nhwc():
@@ -468,6 +471,38 @@ def test_torchscript_backend_matches_onnxruntime(catalog, runners):
         z = latents(0, 4, entry.card.latent_dim)
         labels = np.arange(4, dtype=np.int64) % entry.card.num_classes
         np.testing.assert_allclose(runner.run(z, labels), runners[key].run(z, labels), atol=1e-5)
+
+
+# --- the log of rejected requests ------------------------------------------------------------------------
+
+def test_a_rejected_body_becomes_one_info_line_and_other_exceptions_keep_their_traceback():
+    import logging
+    import sys
+
+    from pydantic import BaseModel, ValidationError
+
+    from service.patches import QuietClientErrors
+
+    class Body(BaseModel):
+        n: int
+
+    def record(exc: Exception) -> logging.LogRecord:
+        try:
+            raise exc
+        except Exception:
+            info = sys.exc_info()
+        return logging.LogRecord("bentoml", logging.ERROR, __file__, 1, "Exception on %s [%s]", ("/generate", "POST"), info)
+
+    try:
+        Body.model_validate({"n": "x" * 10_000})
+    except ValidationError as exc:
+        rejected = record(exc)
+    assert QuietClientErrors().filter(rejected)
+    assert rejected.levelno == logging.INFO and rejected.exc_info is None
+    assert rejected.getMessage() == "Rejected /generate [POST]: 1 validation error(s), answered 400"
+    crash = record(RuntimeError("boom"))
+    assert QuietClientErrors().filter(crash)
+    assert crash.levelno == logging.ERROR and crash.exc_info is not None
 
 
 # --- the TimeoutMiddleware fix ------------------------------------------------------------------------------

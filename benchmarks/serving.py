@@ -3,7 +3,7 @@
 In-process: the generator as exported (`training.export.inference_module`: generate + clamp) in torch eager
 under inference_mode, and the ONNX Runtime session with the service's own options (`OnnxRuntimeRunner`:
 the service's thread count, row parts, spinning and arena settings, read from the same environment as the
-server); both get the same thread count (the service default: usable CPUs / workers). Where the service
+server); both get the same thread count (the service default: usable CPUs). Where the service
 splits calls into row parts (SYNTHGEN_ORT_PART_ROWS), a third baseline is the plain ORT session making one
 call on all the threads (`onnxruntime_one_call`), so the table shows what the split gains. Calls alternate,
 so drift hits all alike, each timed right after an untimed call of its own (LEAD_IN) so that none runs

@@ -9,8 +9,9 @@
     SYNTHGEN_MAX_BODY_BYTES    largest request body (413 above)            1048576 (1 MiB)
     SYNTHGEN_BATCH_ROWS        rows per model call (merge/split unit)      1024
     SYNTHGEN_WORKERS           server processes, each loads every model    1
-    SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs / workers (affinity,
-                                                                           capped by a cgroup v2 CPU quota)
+    SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs (affinity, capped by
+                               (each worker may use every CPU for one      a cgroup v2 CPU quota)
+                               large call; several workers' calls share)
     SYNTHGEN_ORT_PART_ROWS     ONNX Runtime calls of more rows run in      128
                                parts side by side, one thread each
                                (0: one call on all the threads)
@@ -102,7 +103,6 @@ class Settings:
         if backend not in BACKENDS:
             raise ConfigError(f"SYNTHGEN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
         exported = env.get("SYNTHGEN_EXPORTED_DIR", "").strip()
-        workers = _int(env, "SYNTHGEN_WORKERS", 1, 1, 64)
         return cls(
             exported_dir=Path(exported).expanduser().resolve() if exported else DEFAULT_EXPORTED_DIR,
             backend=backend,
@@ -111,8 +111,8 @@ class Settings:
             max_steps=_int(env, "SYNTHGEN_MAX_STEPS", 256, 2, 10_000),
             max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
             batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
-            workers=workers,
-            ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", max(1, _cpu_count() // workers), 1, 1024),
+            workers=_int(env, "SYNTHGEN_WORKERS", 1, 1, 64),
+            ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", _cpu_count(), 1, 1024),
             ort_part_rows=_int(env, "SYNTHGEN_ORT_PART_ROWS", 128, 0, 1_000_000),
             ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", True),
             ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", True),

@@ -131,10 +131,10 @@ class ErrorBodies:
                 parsed = None
             if isinstance(parsed, list) and len(parsed) == 1 and isinstance(parsed[0], dict):
                 new = parsed[0]
-            schema = self.request_schemas.get(scope["path"])
-            if (status == 400 and schema is not None and isinstance(parsed, dict)
+            if (status == 400 and isinstance(parsed, dict)
                     and VALIDATION_ERROR.match(str(parsed.get("error", ""))) and isinstance(parsed.get("detail"), list)):
-                new = validation_error_body(parsed["detail"], schema)
+                # a route without a request model (POST /models) has no fields: its errors are the body's
+                new = validation_error_body(parsed["detail"], self.request_schemas.get(scope["path"], {}))
         elif status == 404:
             new = {"error": f"no route {scope['path'][:64]!r}; the API is POST {', POST '.join(self.request_schemas)}, "
                             "GET or POST /models, and GET /livez, /readyz, /metrics, /docs.json"}

@@ -319,6 +319,13 @@ def test_malformed_bodies_give_400(http, content):
     error(http.post("/generate", content=content, headers={"Content-Type": "application/json"}), 400)
 
 
+@pytest.mark.parametrize("content", [b"{", b"[]", b"null"])
+def test_a_malformed_models_body_gets_the_same_error_format(http, content):
+    body = error(http.post("/models", content=content, headers={"Content-Type": "application/json"}), 400)
+    assert body["error"].startswith("body") and [item["loc"] for item in body["detail"]] == [["body"]]
+    assert "errors.pydantic.dev" not in json.dumps(body)
+
+
 def test_deeply_nested_json_gives_400_fast(http):
     deep = b'{"dataset": "mnist", "labels": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     error(http.post("/generate", content=deep, headers={"Content-Type": "application/json"}), 400)

@@ -20,7 +20,8 @@
     SYNTHGEN_ORT_ARENA         1: the models share one ONNX Runtime arena   1
                                (faster large calls; RSS keeps about the
                                largest call's memory); 0: none
-    SYNTHGEN_MEMORY_BUDGET_MB  image memory of requests in flight          1024 (further requests wait)
+    SYNTHGEN_MEMORY_BUDGET_MB  image memory of a worker's requests in      1024 (further requests wait)
+                               flight
     SYNTHGEN_API_TOKEN         bearer token for the API routes             unset: no auth
 
 A malformed value fails start-up with a message naming the variable (never a silent fallback).

@@ -206,3 +206,42 @@ def test_the_readme_override_turns_off_bentomls_access_log_and_the_default_keeps
         assert "path=/generate" not in quiet.log.read_text(errors="replace")
     finally:
         quiet.stop()
+
+
+@pytest.mark.slow
+def test_two_workers_give_the_same_bytes_and_count_their_images_together(exported_dir, tmp_path):
+    """deploy/ runs SYNTHGEN_WORKERS=2: both workers serve, a seed's bytes do not depend on which one answers,
+    and /metrics adds up the images of both."""
+    import concurrent.futures
+
+    import psutil
+
+    server = start(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir), SYNTHGEN_WORKERS="2")
+    try:
+        workers = [p for p in psutil.Process(server.process.pid).children(recursive=True)
+                   if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        body = {"dataset": "mnist", "model": "cdcgan", "n": 3, "seed": 11}
+
+        def fetch(_):
+            with httpx.Client(base_url=server.url, timeout=60) as client:  # a connection each: both workers answer
+                response = client.post("/generate", json=body)
+                assert response.status_code == 200, response.text[:300]
+                return response.content
+
+        answers = []
+        for _ in range(10):  # new connections until the access log shows both workers answering
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                answers += pool.map(fetch, range(16))
+            time.sleep(0.5)
+            answered = set(re.findall(r"entry_service:synthgen:(\d+)\] \S+ \(scheme=http,method=POST,path=/generate",
+                                      server.log.read_text(errors="replace")))
+            if len(answered) == 2:
+                break
+        assert answered == {"1", "2"} and len(set(answers)) == 1
+        metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+        line = next(line for line in metrics.splitlines()
+                    if line.startswith('synthgen_images_total{dataset="mnist",model="cdcgan"}'))
+        assert float(line.split()[-1]) == len(answers) * 3
+    finally:
+        server.stop()

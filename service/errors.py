@@ -24,15 +24,19 @@ class ApiError(Exception):
         self.status, self.message, self.field, self.allowed = status, message, field, allowed
         self.kind, self.extra, self.headers, self.details = kind, extra or {}, headers, details
 
+    def detail_item(self, loc: list | None = None) -> dict:
+        """This error as one `detail` entry, at `loc` (default: its field)."""
+        item = {"loc": loc if loc is not None else [self.field], "msg": self.message, "type": self.kind}
+        if self.allowed is not None:
+            item["allowed"] = self.allowed
+        return item
+
     def body(self) -> dict:
         body = {"error": self.message}
         if self.details is not None:  # several entries, e.g. one per bad item of a labels list
             body["detail"] = self.details
         elif self.field is not None:
-            item = {"loc": [self.field], "msg": self.message, "type": self.kind}
-            if self.allowed is not None:
-                item["allowed"] = self.allowed
-            body["detail"] = [item]
+            body["detail"] = [self.detail_item()]
         body.update(self.extra)
         return body
 

@@ -78,7 +78,7 @@ def resolve_labels(labels, n: int, card: ModelCard) -> np.ndarray:
             try:
                 ids.append(class_id(value, card, f"labels[{i}]"))
             except ApiError as exc:  # every bad item is reported at its index, not only the first
-                bad.append({"loc": ["labels", i], "msg": exc.message, "type": exc.kind, "allowed": exc.allowed})
+                bad.append(exc.detail_item(["labels", i]))
         if bad:
             shown = bad[:MAX_DETAIL]
             more = f"; and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""

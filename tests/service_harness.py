@@ -48,10 +48,14 @@ class Server:
     def log_tail(self, chars: int = 4000) -> str:
         return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
 
+    def worker_processes(self) -> list[psutil.Process]:
+        """The server's BentoML worker processes (SYNTHGEN_WORKERS of them; each loads every model)."""
+        return [p for p in psutil.Process(self.process.pid).children(recursive=True)
+                if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+
     def worker_rss(self) -> int:
-        """Bytes resident in the server's worker processes (each loads every model)."""
-        workers = [p for p in psutil.Process(self.process.pid).children(recursive=True)
-                   if "_bentoml_impl.worker.service" in " ".join(p.cmdline())]
+        """Bytes resident in the server's worker processes."""
+        workers = self.worker_processes()
         if not workers:
             raise RuntimeError(f"no BentoML worker process under pid {self.process.pid}")
         return sum(p.memory_info().rss for p in workers)

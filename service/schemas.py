@@ -1,7 +1,9 @@
 """Request and response models of the public API, and example requests that the docs and tests reuse.
 
 Requests are strict: unknown fields are rejected (a typo such as "label" for "labels" is a 400, not a silent
-default), integers must be JSON integers, and `n` is bounded by SYNTHGEN_MAX_N at start-up. Checks that need
+default), integers must be JSON integers, and `n` is bounded by SYNTHGEN_MAX_N at start-up. `null` for an
+optional field means its default, as leaving it out does (clients that serialise unset fields as null work);
+`null` for a required field is the same 400 as leaving it out. Checks that need
 the catalog (does the dataset exist, is the class name valid for it) happen in the service.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema, model_validator
 
 from .config import current
 
@@ -33,6 +35,14 @@ Labels = Annotated[
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Drop `null` values, so that each such field takes its default (or is reported missing if required)."""
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if value is not None}
+        return data
 
 
 class GenerateRequest(_Strict):

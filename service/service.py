@@ -257,7 +257,7 @@ class SyntheticImages:
         seed = request.seed if request.seed is not None else secrets.randbits(32)
         z = latents(seed, request.n, entry.card.latent_dim)
         meta = {"dataset": entry.dataset, "model": entry.model, "seed": seed}
-        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}"
+        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}-n{request.n}"
         response = await self._render(entry, z, labels, request.format, meta, stem)
         response.headers["X-Seed"] = str(seed)
         return response
@@ -286,7 +286,8 @@ class SyntheticImages:
         labels = np.full(request.steps, label, dtype=np.int64)
         meta = {"dataset": entry.dataset, "model": entry.model, "seed_start": request.seed_start,
                 "seed_end": request.seed_end, "method": request.method}
-        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{request.seed_start}-to-{request.seed_end}"
+        stem = (f"synthgen-{entry.dataset}-{entry.model}-seed{request.seed_start}-to-{request.seed_end}"
+                f"-steps{request.steps}")
         return await self._render(entry, z, labels, request.format, meta, stem, columns=request.steps)
 
     @bentoml.api(route="/models")

@@ -134,6 +134,23 @@ def test_missing_seed_is_drawn_returned_and_reproducible(http):
     assert ok(generate(http, n=3, seed=seed, **MNIST)).content == first.content
 
 
+def test_null_for_an_optional_field_means_its_default(http):
+    omitted = ok(generate(http, dataset="mnist", seed=5)).content
+    assert ok(generate(http, dataset="mnist", model=None, n=None, labels=None, seed=5, format=None)).content == omitted
+    path = {"dataset": "mnist", "seed_start": 2, "seed_end": 3}
+    assert ok(http.post("/interpolate", json={**path, "steps": None, "label": None, "method": None})).content == \
+        ok(http.post("/interpolate", json=path)).content
+
+
+def test_the_download_filename_names_dataset_model_seed_and_count(http):
+    npz_file = ok(generate(http, n=7, seed=3, **MNIST)).headers["content-disposition"]
+    assert npz_file == 'attachment; filename="synthgen-mnist-cdcgan-seed3-n7.npz"'
+    grid = ok(generate(http, n=7, seed=3, format="png_grid", **MNIST)).headers["content-disposition"]
+    assert grid == 'inline; filename="synthgen-mnist-cdcgan-seed3-n7.png"'
+    path = ok(http.post("/interpolate", json={**MNIST, "seed_start": 1, "seed_end": 2, "steps": 4}))
+    assert path.headers["content-disposition"] == 'inline; filename="synthgen-mnist-cdcgan-seed1-to-2-steps4.png"'
+
+
 def test_larger_n_with_the_same_seed_starts_with_the_same_images(http):
     small, large = npz(http, n=5, seed=9, **MNIST), npz(http, n=23, seed=9, **MNIST)
     assert np.array_equal(large.images[:5], small.images)

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,19 @@ class Server:
     log: Path
 
     def log_tail(self, chars: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-chars:] if self.log.exists() else ""
+        return self.log_text()[-chars:]
+
+    def log_text(self, since: int = 0) -> str:
+        """The server log from character `since` on (`len(log_text())` marks where a test's own lines begin)."""
+        return self.log.read_text(errors="replace")[since:] if self.log.exists() else ""
+
+    def wait_for_log(self, done: Callable[[str], bool], since: int = 0, timeout_s: float = 10) -> str:
+        """The log from `since` once `done(text)` holds, or as it stands after `timeout_s`: BentoML writes a
+        request's log lines after its response, so a test that has its answer waits here for the lines."""
+        deadline = time.monotonic() + timeout_s
+        while not done(text := self.log_text(since)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return text
 
     def worker_processes(self) -> list[psutil.Process]:
         """The server's BentoML worker processes (SYNTHGEN_WORKERS of them; each loads every model)."""

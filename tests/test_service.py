@@ -10,7 +10,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import time
 
 import httpx
 import numpy as np
@@ -297,14 +296,10 @@ def test_every_bad_item_of_a_labels_list_is_reported_at_its_index(http):
 
 
 def test_a_rejected_body_is_logged_as_one_line_without_a_traceback(server, http):
-    before = len(server.log.read_text(errors="replace"))
+    before = len(server.log_text())
     error(generate(http, **MNIST, n=2_000, labels=[1.5] * 2_000), 400)
     error(generate(http, **MNIST, n=0), 400)
-    deadline = time.monotonic() + 10  # the log lines are written after the response
-    while server.log.read_text(errors="replace")[before:].count("Rejected /generate [POST]") < 2 \
-            and time.monotonic() < deadline:
-        time.sleep(0.1)
-    written = server.log.read_text(errors="replace")[before:]
+    written = server.wait_for_log(lambda text: text.count("Rejected /generate [POST]") >= 2, since=before)
     assert written.count("Rejected /generate [POST]") == 2, written[-2000:]
     assert "Traceback" not in written and "ValidationError" not in written and len(written) < 4000
 

@@ -117,6 +117,42 @@ class Catalog(BaseModel):
     failed: list[FailedModel] = Field(description="models in the manifest that are not served, and why")
 
 
+class ErrorItem(BaseModel):
+    loc: list[Union[str, int]] = Field(description="the field, and for a bad item of a list its index: [\"labels\", 3]")
+    msg: str = Field(description="what is wrong, in one sentence")
+    type: str = Field(description="the kind of error, e.g. missing, not_found, value_error, extra_forbidden")
+    allowed: Union[list[Any], dict[str, Any], None] = Field(
+        default=None, description="what the field accepts: its values (datasets, models, class names, formats, "
+                                  "field names) or its JSON-schema range, e.g. {\"type\": \"integer\", "
+                                  "\"minimum\": 1, \"maximum\": 10000}")
+
+
+class Error(BaseModel):
+    """Every error the service answers (4xx, 503, 504): one sentence, then one `detail` entry per bad field."""
+
+    error: str = Field(description="what went wrong, in one sentence")
+    detail: list[ErrorItem] = Field(default_factory=list, description="one entry per bad field (absent when the "
+                                                                      "error is not about a field)")
+    datasets: dict[str, list[str]] | None = Field(default=None, description="on 404 and 503: the datasets served "
+                                                                            "and their models")
+
+
+class JsonBatch(BaseModel):
+    """`format: "json"`: the images as base64 PNGs, with their labels and the request's provenance."""
+
+    dataset: str
+    model: str
+    seed: int | None = Field(default=None, description="generate: the seed used (given or drawn)")
+    seed_start: int | None = Field(default=None, description="interpolate")
+    seed_end: int | None = Field(default=None, description="interpolate")
+    method: str | None = Field(default=None, description="interpolate: slerp or lerp")
+    n: int
+    image_shape: list[int] = Field(description="[H, W, C] of every image")
+    class_names: list[str]
+    labels: list[int] = Field(description="one class id per image; -1 for unconditional models")
+    images: list[str] = Field(description="one base64 PNG per image")
+
+
 EXAMPLE_GENERATE = {"dataset": "mnist", "model": "cdcgan", "n": 64, "labels": "balanced", "seed": 0,
                     "format": "npz"}
 EXAMPLE_GENERATE_BY_NAME = {"dataset": "pneumoniamnist", "n": 8, "labels": "pneumonia", "seed": 1,

@@ -7,8 +7,8 @@ Run it (from the repository root; models come from exported/manifest.json):
          -d '{"dataset": "mnist", "n": 64, "seed": 0}' -o batch.npz
 
 Endpoints: POST /generate, POST (or GET) /models, POST /interpolate, plus BentoML's /livez /readyz
-/healthz /metrics and the OpenAPI document /docs.json. Configuration is by environment variable (see
-service/config.py). Start-up reads the manifest, verifies every file's sha256 and loads every model once;
+/healthz /metrics and the OpenAPI document /docs.json (amended by service/openapi.py). Configuration is by
+environment variable (see service/config.py). Start-up reads the manifest, verifies every file's sha256 and loads every model once;
 a model that fails is not served (the catalog says why), and start-up fails when no model is usable.
 
 Memory: a request holds its uint8 images, the encoded body and the encoder's working copies; the largest
@@ -42,6 +42,7 @@ from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
 from .errors import ApiError
 from .memory import pin_mmap_threshold
 from .middleware import ErrorBodies, GuardMiddleware
+from .openapi import OpenApiDocs
 from .sampling import class_id, interpolation_latents, latents, resolve_labels
 
 logger = logging.getLogger("bentoml.synthgen")
@@ -297,6 +298,7 @@ class SyntheticImages:
         return self.catalog_info
 
 
+SyntheticImages.add_asgi_middleware(OpenApiDocs, spec=lambda: SyntheticImages.openapi_spec.asdict())
 SyntheticImages.add_asgi_middleware(GuardMiddleware, token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)
 SyntheticImages.add_asgi_middleware(ErrorBodies, request_schemas={
     "/generate": schemas.GenerateRequest.model_json_schema(), "/interpolate": schemas.InterpolateRequest.model_json_schema()})

@@ -15,6 +15,7 @@ import httpx
 import numpy as np
 import psutil
 import pytest
+from openapi_spec_validator import validate as validate_openapi
 
 from service import encoders, schemas
 from service_harness import main_server
@@ -369,6 +370,31 @@ def test_openapi_documents_every_endpoint_and_the_labels_shapes(http):
     assert {"/generate", "/interpolate", "/models"} <= set(spec["paths"])
     labels = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["labels"]
     assert {s["type"] for s in labels["oneOf"]} == {"integer", "string", "array"}
+
+
+def test_openapi_is_valid_and_documents_what_the_routes_answer(http):
+    spec = ok(http.get("/docs.json")).json()
+    validate_openapi(spec)
+    answers = spec["paths"]["/generate"]["post"]["responses"]
+    assert set(answers["200"]["content"]) == set(encoders.MEDIA_TYPES.values())
+    assert {"X-Seed", "X-Count", "Content-Disposition"} <= set(answers["200"]["headers"])
+    assert {"400", "401", "404", "413", "415", "503"} <= set(answers) and "500" not in answers
+    assert answers["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
+    assert set(spec["paths"]["/models"]) == {"get", "post"}
+    request = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert request["properties"]["n"]["nullable"] and not request["properties"]["dataset"].get("nullable")
+
+
+def test_error_and_json_bodies_match_their_documented_schemas(http):
+    for response in (generate(http, dataset="cifar10"), generate(http, **MNIST, n=0),
+                     generate(http, **MNIST, n=2, labels=[99, "x"]), generate(http, **MNIST, lables=1),
+                     http.post("/generate", content=b"{", headers={"Content-Type": "application/json"}),
+                     http.post("/generate", content=b"n=1", headers={"Content-Type": "text/plain"})):
+        body = error(response, (400, 404, 415))
+        assert set(body) <= set(schemas.Error.model_fields), body
+        schemas.Error.model_validate(body)
+    batch = ok(generate(http, **MNIST, n=2, seed=1, format="json")).json()
+    assert set(batch) <= set(schemas.JsonBatch.model_fields) and schemas.JsonBatch.model_validate(batch).n == 2
 
 
 def test_the_documented_examples_work(http):

@@ -4,7 +4,8 @@ BentoML builds /docs.json from the request and response models, but documents an
 `application/octet-stream` and every route's errors as its own 400/404/500 bodies. This service answers
 npz, PNG, zip or JSON with `X-Seed`, `X-Dataset`, `X-Model`, `X-Count` and `Content-Disposition` headers,
 gives every error the body of `service.errors` (`schemas.Error`), and answers 401, 413, 415, 503 and 504
-where BentoML's document knows none of them. `amend` rewrites the API routes' responses in BentoML's
+where BentoML's document knows none of them; with SYNTHGEN_API_TOKEN set the API routes declare bearer
+authentication. `amend` rewrites the API routes' responses in BentoML's
 document (its request schemas are kept); `OpenApiDocs` serves the result, built once per worker on first use.
 """
 
@@ -85,10 +86,13 @@ def _as_openapi_3_0(schema: dict) -> None:
                 _as_openapi_3_0(child)
 
 
-def amend(spec: dict) -> dict:
+def amend(spec: dict, bearer: bool = False) -> dict:
     """BentoML's OpenAPI document (`Service.openapi_spec.asdict()`) with the API routes' true responses, and
-    valid OpenAPI 3.0 (tests/test_service.py checks it with openapi-spec-validator)."""
+    valid OpenAPI 3.0 (tests/test_service.py checks it with openapi-spec-validator). `bearer`: the server
+    asks for a token (SYNTHGEN_API_TOKEN), so the API routes declare bearer authentication."""
     spec = json.loads(json.dumps(spec))  # a plain copy, status codes as strings
+    if bearer:
+        spec["components"].setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
     components = spec.setdefault("components", {}).setdefault("schemas", {})
     for bentoml_error in ("InvalidArgument", "NotFound", "InternalServerError"):  # bodies this service never sends
         components.pop(bentoml_error, None)
@@ -107,21 +111,24 @@ def amend(spec: dict) -> dict:
     models["post"]["responses"] = {"200": catalog, **_error_responses(_MODELS_ERRORS)}
     models["get"] = {**{k: v for k, v in models["post"].items() if k not in ("requestBody", "operationId")},
                      "responses": {"200": catalog, **_error_responses(("401",))}}
+    if bearer:
+        for operation in (*(spec["paths"][route]["post"] for route in IMAGE_ROUTES), models["get"], models["post"]):
+            operation["security"] = [{"bearer": []}]
     _as_openapi_3_0(spec)
     return spec
 
 
 class OpenApiDocs:
-    """ASGI middleware: GET /docs.json answers `amend(spec())`, built on the first request and kept."""
+    """ASGI middleware: GET /docs.json answers `amend(spec(), bearer)`, built on the first request and kept."""
 
-    def __init__(self, app, spec: Callable[[], dict]):
-        self.app, self.spec, self.body = app, spec, None
+    def __init__(self, app, spec: Callable[[], dict], bearer: bool = False):
+        self.app, self.spec, self.bearer, self.body = app, spec, bearer, None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != "/docs.json" or scope["method"] not in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
         if self.body is None:
-            self.body = json.dumps(amend(self.spec())).encode()
+            self.body = json.dumps(amend(self.spec(), self.bearer)).encode()
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(self.body)).encode())]})
         await send({"type": "http.response.body", "body": self.body if scope["method"] == "GET" else b""})

@@ -298,7 +298,8 @@ class SyntheticImages:
         return self.catalog_info
 
 
-SyntheticImages.add_asgi_middleware(OpenApiDocs, spec=lambda: SyntheticImages.openapi_spec.asdict())
+SyntheticImages.add_asgi_middleware(OpenApiDocs, spec=lambda: SyntheticImages.openapi_spec.asdict(),
+                                    bearer=SETTINGS.api_token is not None)
 SyntheticImages.add_asgi_middleware(GuardMiddleware, token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)
 SyntheticImages.add_asgi_middleware(ErrorBodies, request_schemas={
     "/generate": schemas.GenerateRequest.model_json_schema(), "/interpolate": schemas.InterpolateRequest.model_json_schema()})

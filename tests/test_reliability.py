@@ -141,6 +141,14 @@ def test_the_auth_scheme_name_is_case_insensitive(server):
         assert response.status_code == 200
 
 
+def test_the_openapi_document_declares_the_bearer_token_on_the_api_routes(server):
+    spec = httpx.get(server.url + "/docs.json").json()
+    assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, method in (("/generate", "post"), ("/interpolate", "post"), ("/models", "get"), ("/models", "post")):
+        assert spec["paths"][path][method]["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/livez"]["get"]
+
+
 @pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz", "/metrics", "/docs.json"])
 def test_health_metrics_and_docs_need_no_token(server, path):
     assert httpx.get(server.url + path).status_code == 200

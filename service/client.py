@@ -6,6 +6,7 @@
     images, labels, class_names = client.generate("mnist", n=256, labels="balanced", seed=0)
     images.shape, images.dtype   # (256, 28, 28, 1) uint8, N x H x W x C; labels int64 (-1: unconditional)
     client.last_seed             # the seed the server used (drawn by it when seed=None)
+    images, labels, _ = client.generate("mnist", n=60_000, seed=0)  # above the server's max_n: several requests
     client.models()["datasets"]  # the catalog
     path = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
 
@@ -19,6 +20,18 @@ import numpy as np
 
 from .encoders import decode_npz
 
+MAX_SEED = 2**63 - 1
+
+
+def chunk_seed(seed: int, index: int) -> int:
+    """The seed of request `index` of a batch fetched in several requests: `seed` itself for the first, so
+    the batch starts with the images one request with that seed gives; for the others a 63-bit value drawn
+    from numpy's SeedSequence([seed, index]), unrelated to seed + 1 and to every other seed a user picks."""
+    if index == 0:
+        return seed
+    high, low = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32).tolist()
+    return ((high << 32) | low) & MAX_SEED
+
 
 class SynthError(RuntimeError):
     """A non-2xx answer: `status` and `body` (the service's {"error": ..., "detail": [...]} when JSON)."""
@@ -30,10 +43,14 @@ class SynthError(RuntimeError):
 
 
 class SynthClient:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0):
+    """`max_request_n` caps the images of one request below the server's own limit (`max_n` in /models)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, max_request_n: int | None = None):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.max_request_n = max_request_n
         self.last_seed: int | None = None
+        self._catalog: dict | None = None
 
     def __enter__(self) -> SynthClient:
         return self
@@ -56,12 +73,50 @@ class SynthClient:
 
     def generate(self, dataset: str, n: int = 64, model: str | None = None, labels=None,
                  seed: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(images uint8 N x H x W x C, labels int64 N, class_names); the seed used is in `last_seed`."""
+        """(images uint8 N x H x W x C, labels int64 N, class_names); the seed used is in `last_seed`.
+
+        n above what one request may ask (`chunk_rows`) comes in several requests: request i gives rows
+        i*m.. of the batch with seed `chunk_seed(seed, i)` and its slice of a labels list (for "balanced"
+        labels m is a multiple of the class count, so the batch is balanced as one request's would be). The
+        first request uses `seed` itself, so the batch starts with the images one request with that seed
+        gives. The same call with the same seed gives the same images on a server with the same max_n.
+        """
+        rows = self.chunk_rows(dataset, model, labels) if n > 1 else n
+        if n <= rows:
+            batch = self._generate(dataset, model, n, labels, seed)
+            self.last_seed = int(batch.meta["seed"])
+            return batch.images, batch.labels, batch.class_names
+        images, label_ids, class_names = None, np.empty(n, dtype=np.int64), []
+        for index, start in enumerate(range(0, n, rows)):
+            stop = min(start + rows, n)
+            part = labels[start:stop] if isinstance(labels, (list, tuple)) else labels
+            batch = self._generate(dataset, model, stop - start, part, None if seed is None and index == 0
+                                   else chunk_seed(seed, index))
+            if index == 0:
+                seed = int(batch.meta["seed"])  # drawn by the server when the caller gave none
+                images = np.empty((n, *batch.images.shape[1:]), dtype=batch.images.dtype)
+                class_names = batch.class_names
+            images[start:stop], label_ids[start:stop] = batch.images, batch.labels
+        self.last_seed = seed
+        return images, label_ids, class_names
+
+    def chunk_rows(self, dataset: str, model: str | None = None, labels=None) -> int:
+        """The most images one request of `generate` asks for: the server's max_n (or `max_request_n`, if
+        lower), rounded down to a multiple of the model's class count for "balanced" labels."""
+        catalog = self.models() if self._catalog is None else self._catalog
+        self._catalog = catalog
+        limit = min(catalog["max_n"], self.max_request_n or catalog["max_n"])
+        info = catalog["datasets"].get(dataset)
+        name = model or (info or {}).get("default_model")
+        entry = next((m for m in catalog["models"] if m["dataset"] == dataset and m["model"] == name), None)
+        if entry is None or not entry["conditional"] or labels not in (None, "balanced"):
+            return limit  # an unknown name gets the server's 404 from the first request
+        return limit // entry["num_classes"] * entry["num_classes"] or limit
+
+    def _generate(self, dataset: str, model: str | None, n: int, labels, seed: int | None):
         response = self._post("/generate", {"dataset": dataset, "model": model, "n": n, "labels": labels,
                                             "seed": seed, "format": "npz"})
-        batch = decode_npz(response.content)
-        self.last_seed = int(batch.meta["seed"])
-        return batch.images, batch.labels, batch.class_names
+        return decode_npz(response.content)
 
     def generate_bytes(self, dataset: str, format: str, **fields) -> bytes:
         """The raw body of /generate in any format (npz, png_grid, zip, json), e.g. to save a PNG grid."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from service.client import SynthClient, SynthError
+from service.client import SynthClient, SynthError, chunk_seed
 from service_harness import REPO, main_server
 from training.synthetic import SyntheticDataset
 
@@ -44,6 +44,31 @@ def test_labels_by_name_and_model_choice(client):
     assert labels.tolist() == [3, 4, 5]
     _, labels, _ = client.generate("mnist", n=2, model="mlp_vae", seed=1)
     assert labels.tolist() == [-1, -1]
+
+
+def test_more_images_than_one_request_come_in_several_with_derived_seeds(url, client):
+    with SynthClient(url, max_request_n=25) as small:
+        assert small.chunk_rows("mnist") == 20  # balanced: a multiple of the 10 classes
+        images, labels, _ = small.generate("mnist", n=47, seed=3)
+        assert small.last_seed == 3 and images.shape == (47, 28, 28, 1)
+        assert labels.tolist() == [i % 10 for i in range(47)]  # balanced across the requests too
+        first, _, _ = client.generate("mnist", n=20, seed=3)
+        second, _, _ = client.generate("mnist", n=20, seed=chunk_seed(3, 1))
+        assert np.array_equal(images[:20], first) and np.array_equal(images[20:40], second)
+        assert np.array_equal(small.generate("mnist", n=47, seed=3)[0], images)
+
+        chosen = [7, "2", 5] * 11
+        _, labels, _ = small.generate("mnist", n=33, labels=chosen, seed=1)  # a list is sliced, 25 + 8
+        assert labels.tolist() == [int(x) for x in chosen]
+        images, labels, _ = small.generate("mnist", model="mlp_vae", n=30)  # unconditional: 25 + 5, seed drawn
+        assert labels.tolist() == [-1] * 30 and small.last_seed is not None
+        assert np.array_equal(small.generate("mnist", model="mlp_vae", n=30, seed=small.last_seed)[0], images)
+
+
+def test_chunk_seeds_are_63_bit_and_unrelated_to_the_next_seed():
+    seeds = [chunk_seed(s, i) for s in range(50) for i in range(1, 5)]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)
+    assert chunk_seed(0, 0) == 0 and chunk_seed(0, 1) not in range(100)
 
 
 def test_models_and_interpolate(client):

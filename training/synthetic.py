@@ -6,7 +6,8 @@
     synthetic = SyntheticDataset("http://127.0.0.1:3000", "bloodmnist", n=5000, seed=0)
     train = ConcatDataset([real_train, synthetic])
 
-The n images are fetched once, in one request (npz), when the dataset is created; items are
+The n images are fetched once (npz; above the server's max_n in several requests, see
+`service.client.SynthClient.generate`), when the dataset is created; items are
 (float tensor C x H x W in [0, 1], int64 0-d tensor label), the item layout of the TensorDataset that
 `training.data.ImageData.loader()` builds over real data, so the two concatenate and collate together.
 Labels follow the service's rules ("balanced" by default; -1 for unconditional models). The same arguments

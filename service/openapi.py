@@ -5,8 +5,8 @@ BentoML builds /docs.json from the request and response models, but documents an
 npz, PNG, zip or JSON with `X-Seed`, `X-Dataset`, `X-Model`, `X-Count` and `Content-Disposition` headers,
 gives every error the body of `service.errors` (`schemas.Error`), and answers 401, 413, 415, 503 and 504
 where BentoML's document knows none of them; with SYNTHGEN_API_TOKEN set the API routes declare bearer
-authentication. `amend` rewrites the API routes' responses in BentoML's
-document (its request schemas are kept); `OpenApiDocs` serves the result, built once per worker on first use.
+authentication. `amend` rewrites the API routes' responses in BentoML's document (its request schemas are
+kept); `OpenApiDocs` serves the result, built once per worker on first use.
 """
 
 from __future__ import annotations

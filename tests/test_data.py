@@ -2,10 +2,11 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
-from training.data import DataNotFoundError, dataset_info, load_dataset
+from training.data import DataFormatError, DataNotFoundError, dataset_info, load_dataset
 
 CASES = {  # dataset id -> (channels, size, classes)
     "mnist": (1, 28, 10),
@@ -84,3 +85,40 @@ def test_gzipped_files_are_read_without_writing_into_the_data_dir(data_dir):
     load_dataset("fashion_mnist", "train", data_dir)
     assert sorted(p.name for p in (data_dir / "FashionMNIST" / "raw").iterdir()) == before
     assert any(os.scandir(os.environ["SYNTHGEN_CACHE_DIR"]))
+
+
+def _official_bloodmnist(n: int = 8) -> dict:
+    labels = (np.arange(n) % 8).astype(np.uint8).reshape(-1, 1)
+    images = np.zeros((n, 28, 28, 3), np.uint8)
+    return {f"{split}_{kind}": array for split in ("train", "val", "test")
+            for kind, array in (("images", images), ("labels", labels))}
+
+
+@pytest.mark.parametrize("change, said", [
+    ({"train_images": np.zeros((8, 28, 28), np.uint8)}, "needs uint8 N x 28 x 28 x 3"),  # grayscale, RGB set
+    ({"train_images": np.zeros((8, 3, 28, 28), np.uint8)}, "is uint8 8x3x28x28"),  # channels first
+    ({"train_images": np.zeros((8, 28, 28, 3), np.float32)}, "needs uint8"),
+    ({"train_labels": np.arange(8).reshape(-1, 1) + 1}, r"run from 1 to 8; bloodmnist has 8 classes \(0\.\.7\)"),
+    ({"train_labels": np.zeros((5, 1), np.uint8)}, "one integer label per image"),
+])
+def test_a_medmnist_file_off_the_official_layout_is_refused_naming_file_and_layout(tmp_path, change, said):
+    path = tmp_path / "bloodmnist.npz"
+    np.savez(path, **{**_official_bloodmnist(), **change})
+    with pytest.raises(DataFormatError, match=said) as err:
+        load_dataset("bloodmnist", "train", tmp_path)
+    assert str(path) in str(err.value)
+
+
+def test_a_28px_file_under_the_64px_name_is_refused(tmp_path):
+    np.savez(tmp_path / "bloodmnist_64.npz", **_official_bloodmnist())
+    with pytest.raises(DataFormatError, match="needs uint8 N x 64 x 64 x 3"):
+        load_dataset("bloodmnist_64", "train", tmp_path)
+
+
+def test_a_medmnist_file_without_the_split_arrays_lists_what_it_holds(tmp_path):
+    np.savez(tmp_path / "bloodmnist.npz", images=np.zeros((8, 28, 28, 3), np.uint8))
+    with pytest.raises(DataFormatError, match=r"no 'train_images' and 'train_labels' arrays; it holds \['images'\]"):
+        load_dataset("bloodmnist", "train", tmp_path)
+    (tmp_path / "bloodmnist.npz").write_bytes(b"not a zip archive")
+    with pytest.raises(DataFormatError, match="not a readable .npz file"):
+        load_dataset("bloodmnist", "train", tmp_path)

@@ -466,4 +466,52 @@ def test_cli_rejects_unknown_ids_with_the_known_ones(capsys):
     assert "unknown dataset 'cifar10'; known: mnist" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parse_args(["--model", "gpt"])
-    assert "unknown model 'gpt'; known: mlp_gan" in capsys.readouterr().err
+    assert "--model: invalid choice: 'gpt' (choose from 'mlp_gan', 'mlp_vae'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--epoch", "3"])  # an abbreviation is not taken for --epochs
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--batch-size", "0"])
+    assert "batch_size (--batch-size) must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_cli_help_gives_each_flag_the_meaning_written_in_the_config(capsys):
+    from training.train import field_comments, parse_args
+
+    comments = field_comments()
+    assert comments["lr"].startswith("Adam learning rate") and comments["out_dir"] == "default: runs/<dataset>/<model>"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Adam learning rate (GAN 2e-4, VAE 1e-3, WGAN-GP 1e-4)" in text and "known: mnist, fashion_mnist" in text
+    assert "ndf of the DCGAN discriminator / critic alone (None = width)" in text
+
+
+def test_a_resume_on_another_dataset_is_refused(data_dir, tmp_path):
+    from training.cli import UsageError
+    from training.train import main
+
+    out = train_tiny(data_dir, tmp_path / "run", "mnist", "cdcgan", steps=2)
+    cfg = TrainConfig(dataset="fashion_mnist", model="cdcgan", epochs=2, batch_size=16, width=8, latent_dim=16,
+                      data_dir=str(data_dir), out_dir=str(out)).resolve()
+    with pytest.raises(UsageError, match="trained with --dataset mnist, not fashion_mnist; resume with --dataset mnist"):
+        main(cfg, resume=True)
+
+
+def test_the_training_commands_end_a_users_mistake_in_one_line_without_a_traceback(tmp_path, capsys):
+    from training import evaluate
+
+    done = subprocess.run([sys.executable, "-m", "training.export", str(tmp_path / "nope")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"error: {tmp_path / 'nope'}: no checkpoint.pt; a training run folder " \
+                                  "(runs/<dataset>/<model>, or --out-dir of python -m training.train) holds one"
+    with pytest.raises(SystemExit):
+        evaluate.main([str(tmp_path)])  # a run folder, or any folder without a card
+    assert "no card.json; evaluate takes exported model folders" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["--all", "--exported-dir", str(tmp_path / "none")])
+    assert "--all: no manifest.json in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        evaluate.main(["x", "--fractions", "10pct"])
+    assert "fractions are numbers or percentages separated by commas" in capsys.readouterr().err

@@ -63,6 +63,9 @@ class TrainConfig:
 
     def resolve(self) -> "TrainConfig":
         parse_dataset_id(self.dataset)  # raises with the list of known ids
+        for name in ("epochs", "batch_size", "width", "checkpoint_every", "sample_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, not {getattr(self, name)}")
         if self.model not in MODEL_FAMILIES:
             raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODEL_FAMILIES)}")
         family = MODEL_FAMILIES[self.model]

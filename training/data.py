@@ -51,6 +51,11 @@ class DataNotFoundError(FileNotFoundError):
     """A dataset file is missing: the message names the file, the folder searched and how to get it."""
 
 
+class DataFormatError(ValueError):
+    """A dataset file is not in its official layout: the message names the file, what it holds and what the
+    official file holds (arrays, shape, label range)."""
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     id: str  # e.g. "bloodmnist_64"
@@ -223,16 +228,46 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
     if download:
         mm_root.mkdir(parents=True, exist_ok=True)
     cls = getattr(medmnist, medmnist.INFO[info.base]["python_class"])
-    dataset = cls(split=split, root=str(mm_root), size=info.size, download=download)
+    try:
+        dataset = cls(split=split, root=str(mm_root), size=info.size, download=download)
+    except KeyError:  # medmnist reads <split>_images / <split>_labels from the npz
+        with np.load(path) as npz:
+            found = sorted(npz.files)
+        raise DataFormatError(f"{path}: no '{split}_images' and '{split}_labels' arrays; it holds {found}, an "
+                              f"official MedMNIST file holds {[f'{s}_{a}' for s in SPLITS for a in ('images', 'labels')]}"
+                              ) from None
+    except (ValueError, OSError) as err:  # not an npz archive at all (truncated, or another format)
+        raise DataFormatError(f"{path}: not a readable .npz file ({err})") from None
     # medmnist's __len__ asserts the official sample count, so small files of the same layout (our tests)
     # would fail it: read the arrays it loaded instead, and say so when the count is not the official one.
     imgs, labels = np.asarray(dataset.imgs), np.asarray(dataset.labels)
+    check_medmnist_arrays(path, split, imgs, labels, info, medmnist.INFO[info.base]["n_channels"])
     official = medmnist.INFO[info.base]["n_samples"][split]
     if imgs.shape[0] != official:
         warnings.warn(f"{path}: {split} has {imgs.shape[0]} images, the official file has {official}", stacklevel=3)
     images = torch.from_numpy(imgs)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)  # (N, C, H, W)
     return images.to(torch.uint8), torch.from_numpy(labels.reshape(-1).astype(np.int64))
+
+
+def check_medmnist_arrays(path: Path, split: str, imgs: np.ndarray, labels: np.ndarray, info: DatasetInfo,
+                          file_channels: int) -> None:
+    """Refuse, naming the file, arrays that are not the official layout: uint8 images N x H x W (grayscale
+    sets) or N x H x W x 3 (RGB sets) at the id's size, and one label per image in 0..classes-1. Without
+    this a wrong file fails deep inside a convolution or an embedding lookup, naming neither."""
+    h = w = info.size
+    expected = (h, w) if file_channels == 1 else (h, w, file_channels)
+    layout = "N x " + " x ".join(map(str, expected))
+    if imgs.dtype != np.uint8 or imgs.shape[1:] != expected:
+        raise DataFormatError(f"{path}: {split}_images is {imgs.dtype} {'x'.join(map(str, imgs.shape))}; {info.id} "
+                              f"needs uint8 {layout} (the official {info.base}"
+                              f"{'' if info.size == 28 else f'_{info.size}'}.npz layout)")
+    if labels.size != imgs.shape[0] or labels.reshape(-1).dtype.kind not in "iu":
+        raise DataFormatError(f"{path}: {split}_labels is {labels.dtype} {'x'.join(map(str, labels.shape))}; "
+                              f"needs one integer label per image ({imgs.shape[0]} x 1)")
+    if labels.size and not 0 <= labels.min() <= labels.max() < info.num_classes:
+        raise DataFormatError(f"{path}: {split}_labels run from {labels.min()} to {labels.max()}; {info.base} has "
+                              f"{info.num_classes} classes (0..{info.num_classes - 1})")
 
 
 def main() -> None:
@@ -242,7 +277,10 @@ def main() -> None:
     parser.add_argument("--download", action="store_true", help="download missing files (needs internet)")
     args = parser.parse_args()
     for split in ("train", "test"):
-        data = load_dataset(args.dataset, split, args.data_dir, args.download)
+        try:
+            data = load_dataset(args.dataset, split, args.data_dir, args.download)
+        except (DataNotFoundError, DataFormatError, ValueError) as err:  # each names the file or the known ids
+            parser.exit(2, f"error: {err}\n")
         counts = torch.bincount(data.labels, minlength=data.info.num_classes).tolist()
         print(f"{args.dataset} {split}: images {tuple(data.images.shape)} classes {counts}")
     print(f"classes: {list(data.info.classes)}")

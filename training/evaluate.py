@@ -89,6 +89,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cli import user_errors_exit
 from .data import DATA_DIR_ENV, DataNotFoundError, DatasetInfo, ImageData, load_dataset
 from .manifest import CARD, MANIFEST, write_manifest
 
@@ -391,11 +392,11 @@ def _write_json_atomic(path: Path, data) -> None:
 class DatasetContext:
     """Real splits of one dataset, its reference classifier and its cached real-only runs."""
 
-    def __init__(self, dataset: str, data_dir, classifier_dir: Path, settings: Settings):
+    def __init__(self, dataset: str, data_dir, classifier_dir: Path, settings: Settings, download: bool = False):
         self.dataset, self.settings, self.classifier_dir = dataset, settings, Path(classifier_dir)
-        self.data_dir = data_dir
-        self.train = load_dataset(dataset, "train", data_dir)
-        self.test = load_dataset(dataset, "test", data_dir)
+        self.data_dir, self.download = data_dir, download
+        self.train = load_dataset(dataset, "train", data_dir, download)
+        self.test = load_dataset(dataset, "test", data_dir, download)
         self.info = self.train.info
         self.steps = settings.steps(len(self.train))
         self.recipe = {
@@ -466,7 +467,7 @@ class DatasetContext:
         the dataset has one (MedMNIST; its test split can differ, e.g. PneumoniaMNIST), else the test split."""
         if not hasattr(self, "_heldout"):
             try:
-                val = load_dataset(self.dataset, "val", self.data_dir)
+                val = load_dataset(self.dataset, "val", self.data_dir, self.download)
                 self._heldout = ("val", accuracy_report(self.reference, val)["per_class"])
             except ValueError:  # no val split (MNIST, Fashion-MNIST)
                 self._heldout = ("test", self.reference_result["per_class"])
@@ -731,7 +732,8 @@ def models_in_manifest(exported_dir: str | Path) -> list[Path]:
 
 
 def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classifier_dir="runs/classifiers",
-        report_dir: str | Path | None = "runs/eval", write_card: bool = True, command: str | None = None) -> list[tuple[str, dict | None]]:
+        report_dir: str | Path | None = "runs/eval", write_card: bool = True, command: str | None = None,
+        download: bool = False) -> list[tuple[str, dict | None]]:
     """Evaluate several model folders (dataset contexts shared); write cards, manifests and reports.
 
     Returns (dataset/model, metrics) per folder; metrics is None for a model whose real data files are missing."""
@@ -743,7 +745,7 @@ def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classif
         dataset = card["dataset"]
         if dataset not in contexts:
             try:
-                contexts[dataset] = DatasetContext(dataset, data_dir, Path(classifier_dir), settings)
+                contexts[dataset] = DatasetContext(dataset, data_dir, Path(classifier_dir), settings, download)
             except DataNotFoundError as err:  # e.g. --all over a zoo with sets whose files are not here
                 _log(f"{model_dir}: skipped, {err}")
                 contexts[dataset] = None
@@ -762,7 +764,11 @@ def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classif
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    values = tuple(_parse_fraction(v) for v in text.split(",") if v.strip())
+    try:
+        values = tuple(_parse_fraction(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"fractions are numbers or percentages separated by commas, e.g. "
+                                         f"0.01,0.1,1 or 1%,10%,100%; not {text!r}") from None
     if not values or any(not 0 < v <= 1 for v in values):
         raise argparse.ArgumentTypeError(f"fractions must be in (0, 1]: {text!r}")
     return values
@@ -779,6 +785,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     parser.add_argument("--all", action="store_true", help="evaluate every model in <exported-dir>/manifest.json")
     parser.add_argument("--exported-dir", default="exported", help="for --all (default: exported)")
     parser.add_argument("--data-dir", default=None, help=f"real data folder (default: ${DATA_DIR_ENV}, then ./data)")
+    parser.add_argument("--download", action="store_true", help="download missing real data files (needs internet)")
     parser.add_argument("--classifier-dir", default="runs/classifiers", help="reference classifier cache (default: runs/classifiers)")
     parser.add_argument("--report-dir", default="runs/eval", help="per-model JSON reports (default: runs/eval)")
     parser.add_argument("--seeds", type=int, default=3, help="classifier seeds for CAS and augmentation (default: 3)")
@@ -808,9 +815,16 @@ def main(argv=None) -> list[tuple[str, dict]]:
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model_dirs = list(args.model_dirs) + (models_in_manifest(args.exported_dir) if args.all else [])
+    try:
+        model_dirs = list(args.model_dirs) + (models_in_manifest(args.exported_dir) if args.all else [])
+    except FileNotFoundError:
+        parser.error(f"--all: no {MANIFEST} in {args.exported_dir!r} (--exported-dir names the folder that holds it)")
     if not model_dirs:
         parser.error("name model folders or pass --all")
+    for model_dir in model_dirs:
+        if not (Path(model_dir) / CARD).is_file():
+            parser.error(f"{model_dir}: no {CARD}; evaluate takes exported model folders (python -m training.export "
+                         "RUN_DIR --out DIR writes DIR/<dataset>/<model>/), not training run folders")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         parser.error(f"--inception-weights: no file at {args.inception_weights}")
     common = dict(label_mix=args.label_mix, synthetic_share=args.synthetic_share, augmentation=args.augmentation,
@@ -821,7 +835,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
     else:
         settings = Settings(seeds=args.seeds, n_generated=args.n_generated, n_synthetic=args.n_synthetic, **common)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command)
+    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command,
+                  args.download)
     print(format_table(results))
     if any(m is None for _, m in results):
         sys.exit(f"{sum(m is None for _, m in results)} model(s) skipped: real data not found (see above)")
@@ -829,4 +844,5 @@ def main(argv=None) -> list[tuple[str, dict]]:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():
+        main()

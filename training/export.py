@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .cli import user_errors_exit
 from .manifest import CARD, sha256_of, write_manifest
 from .models import MODEL_FAMILIES
 from .sampling import class_rows, sample, save_grid
@@ -248,4 +249,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():
+        main()

@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import inspect
 import json
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -34,8 +36,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from .cli import UsageError, user_errors_exit
 from .config import TrainConfig
-from .data import DATA_DIR_ENV, DataNotFoundError, dataset_info, load_dataset
+from .data import dataset_info, known_dataset_ids, load_dataset
 from .ema import GeneratorEMA
 from .models import MODEL_FAMILIES, build_model
 from .objectives import build_objective
@@ -72,21 +75,34 @@ def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     return cfg.lr * (1 - decayed / (cfg.lr_decay_epochs + 1))
 
 
+def field_comments() -> dict[str, str]:
+    """Each TrainConfig field's trailing comment in training/config.py, the one place its meaning is written:
+    `--help` shows it."""
+    line = re.compile(r"^    (\w+): [^=]+ = .*?  # (.*)$")
+    return {m.group(1): m.group(2) for m in map(line.match, inspect.getsource(TrainConfig).splitlines()) if m}
+
+
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     """(config, resume) from the command line: one flag per TrainConfig field, plus --resume."""
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults, comments = TrainConfig(), field_comments()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     for field in dataclasses.fields(TrainConfig):
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
+        # argparse expands "%" in help; a None default is explained by the comment ("None = ...")
+        help_text = " ".join(part for part in (comments.get(field.name, "").replace("%", "%%"),
+                                               f"(default: {default!r})" if default is not None else "") if part)
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
-        help_text = f"default: {default}" if default is not None else "default: the model family's"
-        if field.name == "data_dir":
-            help_text = f"data folder (default: ${DATA_DIR_ENV}, then ./data)"
-        parser.add_argument(flag, type=kind, default=default, help=help_text)
+        extra = {}
+        if field.name == "dataset":
+            help_text += f"; known: {', '.join(known_dataset_ids())} (RGB sets also take _gray)"
+        if field.name == "model":
+            extra["choices"] = list(MODEL_FAMILIES)
+        parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")  # not a config field: a resume that changes the config is recorded instead
@@ -100,6 +116,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     """(device, rank, world size). Under torchrun (WORLD_SIZE set) joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     want_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu "
+                         "(or auto)")
     if world > 1:
         dist.init_process_group("nccl" if want_cuda else "gloo")
         rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -137,7 +156,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if not checkpoint_path.exists():
             raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        _check_shapes_match(state, cfg)
+        _check_resume_matches(state, cfg)
         generator.load_state_dict(state["models"]["generator"])
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
@@ -236,13 +255,15 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
-SHAPE_FIELDS = ("latent_dim", "width", "disc_width", "class_norm", "embed_dim")  # a resume cannot change these: they shape the weights
+# A resume cannot change these: the data and model family the weights were trained for, and what shapes them.
+RESUME_FIXED_FIELDS = ("dataset", "model", "latent_dim", "width", "disc_width", "class_norm", "embed_dim")
 
 
-def _check_shapes_match(state: dict, cfg: TrainConfig) -> None:
-    """Refuse, naming the flag, a resume whose networks would not fit the checkpoint's weights."""
+def _check_resume_matches(state: dict, cfg: TrainConfig) -> None:
+    """Refuse, naming the flag, a resume on another dataset or family, or whose networks would not fit the
+    checkpoint's weights."""
     saved = TrainConfig.from_dict(state["config"]).resolve()
-    for name in SHAPE_FIELDS:
+    for name in RESUME_FIXED_FIELDS:
         before, now = getattr(saved, name), getattr(cfg, name)
         if before != now:
             flag = name.replace("_", "-")
@@ -250,7 +271,7 @@ def _check_shapes_match(state: dict, cfg: TrainConfig) -> None:
                 wanted, given = (f"--{flag}", f"--no-{flag}") if before else (f"--no-{flag}", f"--{flag}")
             else:
                 wanted, given = f"--{flag} {before}", str(now)
-            raise ValueError(f"--resume: the checkpoint was trained with {wanted}, not {given}; resume with {wanted}")
+            raise UsageError(f"--resume: the checkpoint was trained with {wanted}, not {given}; resume with {wanted}")
 
 
 def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
@@ -340,7 +361,11 @@ def _plot_losses(out: Path) -> None:
 def load_checkpoint(run_dir: str | Path, device="cpu"):
     """Rebuild (generator or VAE, checkpoint dict) from a run directory alone: the generator's EMA copy where
     the run kept one (what previews, export and evaluation use), else the trained weights."""
-    state = torch.load(Path(run_dir) / CHECKPOINT, map_location=device, weights_only=False)
+    path = Path(run_dir) / CHECKPOINT
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: no {CHECKPOINT}; a training run folder (runs/<dataset>/<model>, or --out-dir "
+                         "of python -m training.train) holds one")
+    state = torch.load(path, map_location=device, weights_only=False)
     cfg = TrainConfig.from_dict(state["config"])
     info = state["dataset_info"]
     image_shape = (info["channels"], info["size"], info["size"])
@@ -352,7 +377,5 @@ def load_checkpoint(run_dir: str | Path, device="cpu"):
 
 
 if __name__ == "__main__":
-    try:
+    with user_errors_exit():  # a missing or malformed data file, a resume that would change the run, ...
         main(*parse_args())
-    except DataNotFoundError as err:  # the message names the file, the folder and how to get it
-        raise SystemExit(f"error: {err}") from None

@@ -200,7 +200,12 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="dataset/model keys, e.g. mnist/cdcgan")
     args = parser.parse_args()
     runs = Path(args.runs)
-    selected = [r for r in SHIPPED + PLANNED if args.only is None or r.key in args.only]
+    known = SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED
+    unknown = sorted(set(args.only or ()) - {r.key for r in known})
+    if unknown:
+        parser.error(f"--only: no zoo run {', '.join(unknown)}; known: {', '.join(r.key for r in known)}")
+    # Without --only: the shipped and planned runs (the files of the others are not here); with it, any run.
+    selected = [r for r in known if r.key in args.only] if args.only is not None else SHIPPED + PLANNED
 
     if args.action == "list":
         print("shipped:")

@@ -57,6 +57,22 @@ def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, overrid
     np.testing.assert_allclose(scripted(*inputs).detach().numpy(), eager, atol=PARITY_ATOL, rtol=0)
 
 
+def test_the_card_says_what_data_trained_the_model(data_dir, tmp_path):
+    from training.config import TrainConfig
+    from training.data import load_dataset
+    from training.train import main
+
+    run = main(TrainConfig(dataset="pneumoniamnist", model="cdcgan", epochs=1, batch_size=1000, width=8,
+                           data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve())
+    data = json.loads((export_run(run, tmp_path / "exported") / "card.json").read_text())["training"]["data"]
+    real = load_dataset("pneumoniamnist", "train", data_dir)
+    assert data["split"] == "train" and data["images"] == len(real) and len(data["sha256"]) == 64
+    assert data["class_counts"] == real.labels.bincount(minlength=2).tolist()
+    assert data["batch_size"] == len(real)  # fewer images than --batch-size 1000: the batch it really used
+    again = train_tiny(data_dir, tmp_path / "again", "pneumoniamnist", "cdcgan", steps=1)
+    assert torch.load(again / "checkpoint.pt", weights_only=False)["train_data"]["sha256"] == data["sha256"]
+
+
 @pytest.mark.parametrize("model_id", ["cdcgan", "conv_vae"])
 def test_float16_weights_halve_the_files_and_the_files_match_the_rounded_model(model_id, data_dir, tmp_path):
     dataset = DATASET_FOR.get(model_id, "mnist")

@@ -222,7 +222,8 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported", weights: 
                                    else "fp32"),
             "torch_version": state["torch_version"],
             "code_version": state["version"],
-            "data": f"{info['id']} train split, real files",
+            # Checkpoints older than `train_data` (the shipped models') were trained on the real files here.
+            "data": state.get("train_data", f"{info['id']} train split, real files"),
         },
         # Metrics come from `python -m training.evaluate`, measured on generator.onnx: a re-export that writes
         # the same ONNX bytes (export is deterministic) keeps them, any other model starts without.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -141,6 +142,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.backends.cudnn.benchmark = True  # every batch has the same shape: time the algorithms once, keep the fastest
 
     data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download)
+    train_data = describe_data(data.images, data.labels, info.num_classes)
     images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W) uint8, (N,) int64
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
@@ -195,6 +197,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     n_shard = len(images) // world
     batch = min(cfg.batch_size, n_shard)
+    train_data["batch_size"] = batch  # per process; below --batch-size when the data is smaller than a batch
+    if batch < cfg.batch_size and is_main:
+        print(f"{cfg.dataset}: {n_shard} training images per process, fewer than --batch-size {cfg.batch_size}: "
+              f"batches of {batch}", flush=True)
     steps_per_epoch = n_shard // batch
     for epoch in range(start_epoch, cfg.epochs + 1):
         if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -246,7 +252,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             _plot_losses(out)
         if epoch % cfg.checkpoint_every == 0 or last:
             _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time,
-                             device, resumes)
+                             device, resumes, train_data)
     if log is not None:
         log.close()
     if world > 1:
@@ -303,14 +309,26 @@ def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: s
     return resumes
 
 
+def describe_data(images: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
+    """What a run trained on, for its checkpoint and card: the image count, the images per class, and a
+    sha256 of the uint8 images and int64 labels as loaded (the same data gives the same digest whichever file
+    or format it came from; a small or altered file gives another)."""
+    digest = hashlib.sha256()
+    for tensor in (images, labels):
+        digest.update(memoryview(tensor.contiguous().numpy()).cast("B"))
+    return {"split": "train", "images": len(images),
+            "class_counts": torch.bincount(labels, minlength=num_classes).tolist(), "sha256": digest.hexdigest()}
+
+
 def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device,
-                     resumes: list[dict]) -> None:
+                     resumes: list[dict], train_data: dict) -> None:
     state = {
         "format": "synthgen-checkpoint/1",
         "version": code_version(),
         "torch_version": torch.__version__,
         "config": cfg.to_dict(),
         "dataset_info": dataclasses.asdict(info),
+        "train_data": train_data,
         "epoch": epoch,
         "step": step,
         "wall_time_s": wall_time,

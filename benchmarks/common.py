@@ -8,16 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from training.hardware import cpu_model
 
 
 def machine() -> dict:

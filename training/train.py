@@ -27,7 +27,6 @@ import hashlib
 import inspect
 import json
 import os
-import platform
 import re
 import subprocess
 import time
@@ -40,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .cli import UsageError, user_errors_exit
 from .config import TrainConfig
 from .data import dataset_info, known_dataset_ids, load_dataset
+from .hardware import cpu_model
 from .ema import GeneratorEMA
 from .models import MODEL_FAMILIES, build_model
 from .objectives import build_objective
@@ -66,7 +66,7 @@ def code_version() -> str:
 def hardware_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    return f"CPU {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}) x{torch.get_num_threads()} threads"
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:

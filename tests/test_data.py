@@ -71,8 +71,12 @@ def test_missing_medmnist_file_names_file_folder_and_download(tmp_path):
 
 
 def test_unknown_dataset_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known: mnist, fashion_mnist, pathmnist"):
+    with pytest.raises(ValueError, match="known: mnist, fashion_mnist, pathmnist.*also as <id>_gray \\(pathmnist, "):
         load_dataset("cifar10")
+    with pytest.raises(ValueError, match="ChestMNIST is multi-label"):
+        load_dataset("chestmnist")
+    with pytest.raises(ValueError, match="pneumoniamnist is grayscale already; use 'pneumoniamnist_64'"):
+        load_dataset("pneumoniamnist_64_gray")
 
 
 def test_data_dir_comes_from_the_environment(data_dir, monkeypatch):

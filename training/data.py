@@ -101,8 +101,21 @@ def parse_dataset_id(dataset: str) -> tuple[str, int, bool]:
     if name in TORCHVISION_SETS and size == 28 and not grayscale:
         return name, size, grayscale
     if name in MEDMNIST_FLAGS:
+        if grayscale and name not in rgb_medmnist_flags():
+            raise ValueError(f"{dataset!r}: {name} is grayscale already; use {dataset.removesuffix('_gray')!r}")
         return name, size, grayscale
-    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(known_dataset_ids())}")
+    if name == "chestmnist":
+        raise ValueError(f"{dataset!r}: ChestMNIST is multi-label (several findings per image), so no class-conditional "
+                         f"generator can be trained on it; known: {', '.join(known_dataset_ids())}")
+    raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(known_dataset_ids())}; the RGB sets also as "
+                     f"<id>_gray ({', '.join(rgb_medmnist_flags())})")
+
+
+def rgb_medmnist_flags() -> list[str]:
+    """The MedMNIST sets stored in RGB: the ones that also load as grayscale (`<id>_gray`)."""
+    import medmnist
+
+    return [flag for flag in MEDMNIST_FLAGS if medmnist.INFO[flag]["n_channels"] == 3]
 
 
 def known_dataset_ids() -> list[str]:

@@ -3,8 +3,9 @@
 Requests are strict: unknown fields are rejected (a typo such as "label" for "labels" is a 400, not a silent
 default), integers must be JSON integers, and `n` is bounded by SYNTHGEN_MAX_N at start-up. `null` for an
 optional field means its default, as leaving it out does (clients that serialise unset fields as null work);
-`null` for a required field is the same 400 as leaving it out. Checks that need
-the catalog (does the dataset exist, is the class name valid for it) happen in the service.
+`null` for a required field is the same 400 as leaving it out. Checks that need the catalog (does the dataset
+exist, is the class name valid for it) happen in the service. The error and JSON-batch models document those
+bodies in /docs.json (service/openapi.py).
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Run it (from the repository root; models come from exported/manifest.json):
 
 Endpoints: POST /generate, POST (or GET) /models, POST /interpolate, plus BentoML's /livez /readyz
 /healthz /metrics and the OpenAPI document /docs.json (amended by service/openapi.py). Configuration is by
-environment variable (see service/config.py). Start-up reads the manifest, verifies every file's sha256 and loads every model once;
-a model that fails is not served (the catalog says why), and start-up fails when no model is usable.
+environment variable (see service/config.py). Start-up reads the manifest, verifies every file's sha256 and
+loads every model once; a model that fails is not served (the catalog says why), and start-up fails when no
+model is usable.
 
 Memory: a request holds its uint8 images, the encoded body and the encoder's working copies; the largest
 (n=10,000 at 64x64x3, 123 MB of pixels) peaks at about +390 MB as npz and +440 MB as png_grid, all

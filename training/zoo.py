@@ -88,7 +88,7 @@ SHIPPED = [
            weights="float16"),
     ZooRun("mnist", "conv_vae", dict(epochs=8, sample_every=2)),
     ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
-    ZooRun("mnist", "mlp_gan", dict(epochs=10, sample_every=2)),
+    ZooRun("mnist", "mlp_gan", dict(epochs=50, lr_decay_epochs=15, sample_every=10)),
     ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, sample_every=20, **SMALL)),
     ZooRun("mnist", "dcgan", dict(epochs=5, sample_every=1)),
     ZooRun("mnist", "wgan_gp", dict(epochs=40, sample_every=5)),  # 5 epochs were blobs: 5 critic steps per G step

@@ -90,7 +90,7 @@ SHIPPED = [
     ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_gan", dict(epochs=50, lr_decay_epochs=15, sample_every=10)),
     ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, sample_every=20, **SMALL)),
-    ZooRun("mnist", "dcgan", dict(epochs=5, sample_every=1)),
+    ZooRun("mnist", "dcgan", dict(epochs=25, lr_decay_epochs=8, compile=True, sample_every=5)),
     ZooRun("mnist", "wgan_gp", dict(epochs=40, sample_every=5)),  # 5 epochs were blobs: 5 critic steps per G step
     ZooRun("retinamnist", "dcgan", dict(epochs=150, diff_augment="translation,cutout", sample_every=25, **SMALL)),
     ZooRun("retinamnist", "conv_vae", dict(epochs=150, sample_every=25, **SMALL)),

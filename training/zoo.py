@@ -86,7 +86,7 @@ SHIPPED = [
                                           disc_width=192, aux_classifier=1.0, twin_classifier=True,
                                           mode_seeking_in_batch=True, compile=True, sample_every=10),
            weights="float16"),
-    ZooRun("mnist", "conv_vae", dict(epochs=8, sample_every=2)),
+    ZooRun("mnist", "conv_vae", dict(epochs=30, lr_decay_epochs=10, sample_every=10)),
     ZooRun("breastmnist_64", "conv_vae", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_gan", dict(epochs=50, lr_decay_epochs=15, sample_every=10)),
     ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, sample_every=20, **SMALL)),

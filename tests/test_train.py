@@ -434,11 +434,12 @@ def test_aux_classifier_is_refused_for_models_without_a_class_head():
         TrainConfig(model="cvae", aux_classifier=1.0).resolve()
 
 
-def test_resume_without_checkpoint_says_where_it_looked(data_dir, tmp_path):
+def test_resume_without_checkpoint_says_where_it_looked_and_what_to_do(data_dir, tmp_path):
+    from training.cli import UsageError
     from training.train import main
 
     cfg = TrainConfig(dataset="mnist", model="mlp_vae", data_dir=str(data_dir), out_dir=str(tmp_path)).resolve()
-    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+    with pytest.raises(UsageError, match=r"no checkpoint at .*checkpoint.pt; train without --resume"):
         main(cfg, resume=True)
 
 

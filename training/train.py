@@ -156,7 +156,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     state = None
     if resume:
         if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+            raise UsageError(f"--resume: no checkpoint at {checkpoint_path}; train without --resume to start the run")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         _check_resume_matches(state, cfg)
         generator.load_state_dict(state["models"]["generator"])

@@ -12,7 +12,8 @@ serve:
 test:
 	bash .ci/run
 
-export:
+export:  # make export RUNS=runs/mnist/cdcgan (a training run folder, or several)
+	@test -n "$(RUNS)" || { echo "make export: give RUNS=<run folder>, e.g. RUNS=runs/mnist/cdcgan" >&2; exit 2; }
 	$(PY) -m training.export $(RUNS)
 
 # Container image of the service (scripts/container.sh; needs a Docker engine: `make docker-engine`).

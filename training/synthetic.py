@@ -3,7 +3,7 @@
     from torch.utils.data import ConcatDataset
     from training.synthetic import SyntheticDataset
 
-    synthetic = SyntheticDataset("http://127.0.0.1:3000", "bloodmnist", n=5000, seed=0)
+    synthetic = SyntheticDataset("http://127.0.0.1:3000", "pneumoniamnist", n=5000, seed=0)
     train = ConcatDataset([real_train, synthetic])
 
 The n images are fetched once (npz; above the server's max_n in several requests, see

@@ -57,7 +57,7 @@ class ZooRun:
 SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 
 # In training order: the models the service is most often asked for first.
-# The BreastMNIST cDCGAN was trained before the trainer had a generator EMA (a fresh `train` keeps the EMA
+# The BreastMNIST cDCGAN and the PneumoniaMNIST MLP GAN were trained before the trainer had a generator EMA (a fresh `train` keeps the EMA
 # from the first step). The MNIST (TAC-GAN, width 72 with latent 32 and embedding 10, discriminator width 144,
 # in-batch mode-seeking pairs, bf16; then 6 epochs at lr 2e-5, mode-seeking weight 0.175), PneumoniaMNIST and
 # RetinaMNIST cDCGANs and the Fashion-MNIST cDCGAN (the MNIST model's first stage at width 96 with a

@@ -79,7 +79,7 @@ SHIPPED = [
                                          sample_every=25, **SMALL)),
     ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),
     ZooRun("mnist", "mlp_vae", dict(epochs=10, sample_every=2)),
-    ZooRun("mnist", "cvae", dict(epochs=8, sample_every=2)),
+    ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=60, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),
     ZooRun("fashion_mnist", "cvae", dict(epochs=8, sample_every=2)),

@@ -78,7 +78,7 @@ SHIPPED = [
     ZooRun("retinamnist", "cdcgan", dict(epochs=300, aux_classifier=1.0, diff_augment="translation,cutout", amp=False,
                                          sample_every=25, **SMALL)),
     ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),
-    ZooRun("mnist", "mlp_vae", dict(epochs=10, sample_every=2)),
+    ZooRun("mnist", "mlp_vae", dict(epochs=60, lr_decay_epochs=20, sample_every=20)),
     ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=60, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),

@@ -62,8 +62,8 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 # in-batch mode-seeking pairs, bf16; then 6 epochs at lr 2e-5, mode-seeking weight 0.175), PneumoniaMNIST and
 # RetinaMNIST cDCGANs and the Fashion-MNIST cDCGAN (the MNIST model's first stage at width 96 with a
 # discriminator of 192, bf16, `--compile`, on the 2-core CPU; exported with float16 weights) were trained by
-# exactly their commands, as were the MNIST DCGAN, MLP GAN and conv VAE retrained on 2026-12-04 (fp32 on an
-# AVX2-only CPU, the MLP GAN on one thread beside the DCGAN).
+# exactly their commands, as were the MNIST DCGAN, MLP GAN, conv VAE, cVAE and MLP VAE and the Fashion-MNIST
+# cVAE retrained on 2026-12-04 and 05 (fp32 on an AVX2-only CPU, the MLP GAN on one thread beside the DCGAN).
 # Precision (cards: training.precision): the RetinaMNIST DCGAN and the MNIST and Fashion-MNIST cDCGANs were trained in bf16, by
 # their commands; every other shipped model in fp32, most of them before the trainer used bf16 on CPUs that
 # have it, so on such a CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST

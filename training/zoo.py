@@ -58,9 +58,9 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 
 # In training order: the models the service is most often asked for first.
 # Each entry's command trained its shipped file but for the EMA below; tests/test_zoo.py checks each card's epochs
-# and every training setting it records against the entry. Settings added to the trainer after a card was written are not on it; the
-# one known to change what an old command trains is the generator EMA: the BreastMNIST cDCGAN and the
-# PneumoniaMNIST MLP GAN were trained before it, and their commands now keep one from the first step.
+# and every training setting it records against the entry. Settings added to the trainer after a card was written
+# are not on it; the one known to change what an old command trains is the generator EMA: the BreastMNIST cDCGAN
+# and the PneumoniaMNIST MLP GAN were trained before it, and their commands now keep one from the first step.
 # Precision (cards: training.precision): the RetinaMNIST DCGAN and the MNIST and Fashion-MNIST cDCGANs were trained
 # in bf16; every other shipped model in fp32, most of them before the trainer used bf16 on CPUs that have it, so on
 # such a CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST cDCGAN's command says

@@ -79,7 +79,7 @@ SHIPPED = [
     ZooRun("mnist", "mlp_vae", dict(epochs=60, lr_decay_epochs=20, sample_every=20)),
     ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=240, lr_decay_epochs=80, sample_every=40, **SMALL)),
-    ZooRun("retinamnist", "cvae", dict(epochs=150, sample_every=25, **SMALL)),
+    ZooRun("retinamnist", "cvae", dict(epochs=150, lr_decay_epochs=50, sample_every=25, **SMALL)),
     ZooRun("fashion_mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10)),
     ZooRun("fashion_mnist", "cdcgan", dict(epochs=30, lr_decay_epochs=8, width=96, latent_dim=32, embed_dim=10,
                                           disc_width=192, aux_classifier=1.0, twin_classifier=True,

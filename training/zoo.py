@@ -93,7 +93,7 @@ SHIPPED = [
     ZooRun("mnist", "wgan_gp", dict(epochs=40, sample_every=5)),  # 5 epochs were blobs: 5 critic steps per G step
     ZooRun("retinamnist", "dcgan", dict(epochs=150, diff_augment="translation,cutout", sample_every=25, **SMALL)),
     ZooRun("retinamnist", "conv_vae", dict(epochs=500, lr_decay_epochs=150, sample_every=100, **SMALL)),
-    ZooRun("breastmnist_64", "dcgan", dict(epochs=200, sample_every=25, **SMALL)),
+    ZooRun("breastmnist_64", "dcgan", dict(epochs=200, lr_decay_epochs=60, sample_every=25, **SMALL)),
 ]
 
 # On the zoo's plan for the real datasets we have, not shipped yet (none: every planned model is shipped).

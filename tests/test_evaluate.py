@@ -117,6 +117,50 @@ def test_classifier_64px_rgb():
     assert model(torch.rand(2, 3, 64, 64)).shape == (2, 8)
 
 
+# -- memorisation ---------------------------------------------------------------------------------------------------
+
+def _random_images(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_nearest_training_distances_match_brute_force():
+    train, query = _random_images(300, 0), _random_images(40, 1)
+    flat = ev.to_float(train).flatten(1)
+    got = ev.nearest_training_distances(query, flat, flat.square().sum(1), chunk=7)
+    want = torch.cdist(ev.to_float(query).flatten(1).double(), flat.double()).topk(2, largest=False).values
+    assert torch.allclose(got.double(), want, atol=1e-3)
+
+
+def test_a_generator_that_returns_training_images_is_all_copies_and_fresh_images_are_none():
+    train = _random_images(300, 0)
+    flat = ev.to_float(train).flatten(1)
+    real_test = _random_images(50, 2)
+    copier = ev.memorisation_report(train[:50], real_test, flat, flat.square().sum(1))
+    assert copier["copy_fraction"] == 1.0 and copier["nearest_min"] < 1e-2 and copier["copy_fraction_real"] == 0.0
+    assert copier["nearest_median_ratio"] < 0.01
+    fresh = ev.memorisation_report(_random_images(50, 3), real_test, flat, flat.square().sum(1))
+    assert fresh["copy_fraction"] == 0.0 and fresh["nearest_median_ratio"] == pytest.approx(1.0, abs=0.05)
+    nearly = ev.memorisation_report(train[:50] // 2 * 2, real_test, flat, flat.square().sum(1))  # 1/255 off at most
+    assert nearly["copy_fraction"] == 1.0
+
+
+def test_memorisation_only_adds_the_full_protocols_block_to_the_card_and_keeps_the_rest(zoo, data_dir, tmp_path):
+    settings = ev.Settings.quick_mode(augmentation=False)
+    kwargs = dict(data_dir=data_dir, report_dir=None)
+    (_, full), = ev.run([zoo / "mnist/cdcgan"], settings, classifier_dir=tmp_path / "c1", **kwargs)
+    card_before = json.loads((zoo / "mnist/cdcgan/card.json").read_text())
+    (_, alone), = ev.run([zoo / "mnist/cdcgan"], settings, classifier_dir=tmp_path / "c2", memorisation_only=True, **kwargs)
+    numbers = {k: v for k, v in full["memorisation"].items() if k != "protocol"}
+    assert numbers == {k: v for k, v in alone.items() if k != "protocol"}  # the same images, the same figures
+    assert numbers["n_generated"] == settings.n_generated and 0 <= numbers["copy_fraction"] <= 1
+    card = json.loads((zoo / "mnist/cdcgan/card.json").read_text())
+    assert card["metrics"]["memorisation"] == alone
+    assert {k: v for k, v in card["metrics"].items() if k != "memorisation"} == \
+        {k: v for k, v in card_before["metrics"].items() if k != "memorisation"}
+    assert not (tmp_path / "c2").exists()  # no reference classifier trained for it
+    _verify_manifest(zoo)
+
+
 # -- the CLI on the tiny exported zoo -------------------------------------------------------------------------------
 
 @pytest.fixture()
@@ -146,6 +190,7 @@ def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, ca
     cdcgan = json.loads((zoo / "mnist/cdcgan/card.json").read_text())["metrics"]
     for key in ("fid", "fid_floor", "precision", "recall", "label_fidelity", "cas", "cas_real", "classifier_ceiling"):
         assert isinstance(cdcgan[key], float), key
+    assert cdcgan["memorisation"]["n_generated"] == 64 and "copy_fraction_real" in cdcgan["memorisation"]
     assert 0 <= cdcgan["label_fidelity"] <= 1 and cdcgan["fid"] >= 0 and 0 <= cdcgan["label_fidelity_real"] <= 1
     aug = cdcgan["augmentation"]
     assert [row["fraction"] for row in aug["fractions"]] == list(ev.FRACTIONS_SMALL)  # the tiny set is under 20,000

@@ -33,6 +33,15 @@ The floor is the same metric for a random subset of the real training split of t
 Precision / recall (Kynkaenniemi et al. 2019, k = 3): k-NN manifolds in the same features; n =
 min(n_generated, N_test) generated images against the real test split; floor: n real training images.
 
+Memorisation (every model; --memorisation-only adds just this block to cards, in seconds and without the
+classifier): the first 2,000 images of the FID set and a seeded subset of as many real test images (at most the
+split) against the whole training split, by L2 distance on the [0, 1] pixel scale. A copy is an image whose
+nearest training image is closer than a third of its second nearest (Yoon et al. 2023). Reported: the share of
+copies and the median and smallest nearest distance, each for the generated and for the real test images, so a
+generator is read against real data drawn apart from its training set. A real test image can count as a copy
+where the dataset's splits share near-duplicates (BreastMNIST's do); a copy of a training image that itself has
+a near-duplicate in the training split escapes the rule, so read the smallest distance too.
+
 Label fidelity (conditional models): the reference classifier's accuracy on generated images against
 the requested labels, balanced labels (class i mod K), 10,000 images; per class too. label_fidelity_real:
 the same measure on real held-out images of the training distribution (the reference's mean per-class
@@ -73,6 +82,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import hashlib
 import json
 import math
@@ -104,6 +114,9 @@ FRACTIONS_LARGE = (0.01, 0.1, 1.0)
 FRACTIONS_SMALL = (0.1, 0.25, 1.0)
 PR_K = 3
 GENERATION_SEED = 0  # z of the FID/label-fidelity set; the synthetic pool uses GENERATION_SEED + 1
+MEMORISATION_N = 2_000  # generated images (and real test images, at most) compared with the whole training split
+MEMORISATION_VERSION = 1
+COPY_RATIO = 1 / 3
 FLOOR_SEED = 0
 
 
@@ -268,6 +281,50 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> t
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Memorisation: generated images against their nearest training images, in pixel space
+
+
+def nearest_training_distances(images_u8: torch.Tensor, train_flat: torch.Tensor, train_sq: torch.Tensor,
+                               chunk: int = 500) -> torch.Tensor:
+    """(n, 2): the L2 distance, on the [0, 1] pixel scale, from each image to its nearest and its second-nearest
+    training image. train_flat is the training split as (N, D) floats, train_sq their squared norms."""
+    out = []
+    for i in range(0, len(images_u8), chunk):
+        x = to_float(images_u8[i:i + chunk]).flatten(1)
+        squared = x.square().sum(1, keepdim=True) + train_sq[None] - 2 * x @ train_flat.T
+        out.append(squared.clamp_min_(0).topk(2, dim=1, largest=False).values.sqrt_())
+    return torch.cat(out) if out else torch.empty(0, 2)
+
+
+def memorisation_report(generated_u8: torch.Tensor, real_u8: torch.Tensor, train_flat: torch.Tensor,
+                        train_sq: torch.Tensor) -> dict:
+    """How close generated images come to the training split, against real test images as the reference.
+
+    A copy: an image whose nearest training image is under COPY_RATIO of the distance to its second nearest
+    (Yoon et al. 2023's rule; a copy sits on one training image, a new image between several)."""
+    def summary(distances: torch.Tensor) -> dict:
+        nearest, second = distances[:, 0], distances[:, 1]
+        copies = nearest < COPY_RATIO * second
+        return {"n": len(distances), "copy_fraction": float(copies.float().mean()),
+                "nearest_median": float(nearest.median()), "nearest_min": float(nearest.min())}
+
+    generated = summary(nearest_training_distances(generated_u8, train_flat, train_sq))
+    real = summary(nearest_training_distances(real_u8, train_flat, train_sq))
+    return {"copy_fraction": generated["copy_fraction"], "copy_fraction_real": real["copy_fraction"],
+            "nearest_median": generated["nearest_median"], "nearest_median_real": real["nearest_median"],
+            "nearest_median_ratio": generated["nearest_median"] / real["nearest_median"] if real["nearest_median"] > 0 else None,
+            "nearest_min": generated["nearest_min"], "nearest_min_real": real["nearest_min"],
+            "n_generated": generated["n"], "n_real": real["n"]}
+
+
+def memorisation_protocol(n_train: int) -> dict:
+    return {"version": MEMORISATION_VERSION, "space": "pixels on the [0, 1] scale, L2 distance",
+            "generated": f"the first {MEMORISATION_N} images of the FID set", "real_reference": "a seeded subset of the test split",
+            "against": f"the whole training split ({n_train})",
+            "copy_rule": f"nearest training image closer than {COPY_RATIO:.3g} x the second nearest (Yoon et al. 2023)"}
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Generated images: the exported ONNX model
 
 
@@ -407,9 +464,35 @@ class DatasetContext:
         self.key = hashlib.sha1(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()[:12]
         self.baselines_path = self.classifier_dir / f"{dataset}.baselines.json"
         self._baselines = self._read_baselines()
-        self.reference, self.reference_result = self._reference_classifier()
-        _, self.test_feats = predict(self.reference, self.test.images)
         self._floors: dict[tuple[int, int], dict] = {}
+
+    # The reference classifier is trained (or read from its cache) on first use: --memorisation-only needs none.
+    @functools.cached_property
+    def _reference(self) -> tuple[Classifier, dict]:
+        return self._reference_classifier()
+
+    @property
+    def reference(self) -> Classifier:
+        return self._reference[0]
+
+    @property
+    def reference_result(self) -> dict:
+        return self._reference[1]
+
+    @functools.cached_property
+    def test_feats(self) -> torch.Tensor:
+        return predict(self.reference, self.test.images)[1]
+
+    @functools.cached_property
+    def train_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split as (N, C*H*W) floats in [0, 1] and their squared norms: what memorisation compares with."""
+        flat = to_float(self.train.images).flatten(1)
+        return flat, flat.square().sum(1)
+
+    def memorisation_real_indices(self, n: int) -> torch.Tensor:
+        """The seeded random subset of the real test split whose distances to the training split are the reference."""
+        g = torch.Generator().manual_seed(FLOOR_SEED)
+        return torch.randperm(len(self.test), generator=g)[: min(n, len(self.test))]
 
     # -- reference classifier -----------------------------------------------------------------------------------
     def _reference_classifier(self) -> tuple[Classifier, dict]:
@@ -569,12 +652,14 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
     fid = frechet_distance(feats_fid, ctx.test_feats)
     precision, recall = precision_recall(ctx.test_feats[:n_pr], feats_fid[:n_pr])
     _log(f"{name}: FID {fid:.3f} (floor {floor['fid']:.3f}), precision {precision:.3f}, recall {recall:.3f}", t0)
+    memorisation = _memorisation_block(fid_images[:MEMORISATION_N], ctx, card, command)
+    _log(f"{name}: copies of training images {memorisation['copy_fraction']:.2%} (real test {memorisation['copy_fraction_real']:.2%})", t0)
 
     metrics: dict = {
         "fid": fid, "fid_floor": floor["fid"], "fid_ratio": fid / floor["fid"] if floor["fid"] > 0 else None,
         "precision": precision, "recall": recall,
         "precision_floor": floor["precision"], "recall_floor": floor["recall"],
-        "classifier_ceiling": ctx.reference_result["accuracy"],
+        "classifier_ceiling": ctx.reference_result["accuracy"], "memorisation": memorisation,
     }
     inception_protocol = None
     if settings.inception_weights:
@@ -683,16 +768,43 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
     return _round(metrics)
 
 
+def _memorisation_block(images_u8: torch.Tensor, ctx: DatasetContext, card: dict, command: str | None) -> dict:
+    train_flat, train_sq = ctx.train_pixels
+    real = ctx.test.images[ctx.memorisation_real_indices(len(images_u8))]
+    protocol = {**memorisation_protocol(len(ctx.train)), "evaluated_file": card["files"]["onnx"],
+                "onnx_sha256": card.get("sha256", {}).get("onnx"), "command": command,
+                "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+    return {**memorisation_report(images_u8, real, train_flat, train_sq), "protocol": protocol}
+
+
+def evaluate_memorisation(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:
+    """The memorisation block alone (--memorisation-only), on the very images the full protocol checks: the first
+    MEMORISATION_N of its FID set (same labels, same z), so it can be added to a card without the rest."""
+    gen = OnnxGenerator(model_dir)
+    if tuple(gen.card["image_shape"]) != ctx.info.image_shape:
+        raise ValueError(f"{model_dir}: card image_shape {gen.card['image_shape']} != {ctx.dataset} {ctx.info.image_shape}")
+    n_gen = settings.n_generated
+    n = min(MEMORISATION_N, n_gen)
+    train_counts = torch.bincount(ctx.train.labels, minlength=ctx.info.num_classes)
+    labels = prior_labels(n_gen, train_counts, GENERATION_SEED)[:n] if gen.conditional else None
+    block = _memorisation_block(gen(n, labels, seed=GENERATION_SEED), ctx, gen.card, command)
+    _log(f"{gen.card['dataset']}/{gen.card['model']}: copies of training images {block['copy_fraction']:.2%} "
+         f"(real test {block['copy_fraction_real']:.2%}), nearest median {block['nearest_median']:.2f} "
+         f"(real test {block['nearest_median_real']:.2f})")
+    return _round(block)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Cards, reports, CLI
 
 
-def write_card_metrics(model_dir: str | Path, metrics: dict) -> dict:
-    """Put metrics into the model's card.json and rewrite the manifest of its exported/ folder (new sha256)."""
+def write_card_metrics(model_dir: str | Path, metrics: dict, merge: bool = False) -> dict:
+    """Put metrics into the model's card.json (replacing its metrics, or with merge adding to them) and rewrite
+    the manifest of its exported/ folder (new sha256)."""
     model_dir = Path(model_dir)
     card_path = model_dir / CARD
     card = json.loads(card_path.read_text())
-    card["metrics"] = metrics
+    card["metrics"] = {**card.get("metrics", {}), **metrics} if merge else metrics
     tmp = card_path.with_name(card_path.name + ".tmp")
     tmp.write_text(json.dumps(card, indent=2) + "\n")
     tmp.replace(card_path)
@@ -709,7 +821,7 @@ def _fmt(value, pct: bool = False, signed: bool = False) -> str:
 
 def format_table(results: list[tuple[str, dict]]) -> str:
     """One row per model; accuracies and gains in percent (points)."""
-    header = ["model", "FID", "floor", "P", "R", "label fid% (real)", "CAS%", "real%", "aug gains (pts)", "time s"]
+    header = ["model", "FID", "floor", "P", "R", "copies% (real)", "label fid% (real)", "CAS%", "real%", "aug gains (pts)", "time s"]
     rows = [header]
     for name, m in results:
         if m is None:
@@ -720,7 +832,25 @@ def format_table(results: list[tuple[str, dict]]) -> str:
         cas = f"{_fmt(m.get('cas'), True)}±{m['cas_std'] * 100:.1f}" if "cas" in m else "-"
         real = f"{_fmt(m.get('cas_real'), True)}±{m['cas_real_std'] * 100:.1f}" if "cas_real" in m else "-"
         lf = f"{_fmt(m['label_fidelity'], True)} ({_fmt(m['label_fidelity_real'], True)})" if "label_fidelity" in m else "-"
-        rows.append([name, _fmt(m["fid"]), _fmt(m["fid_floor"]), _fmt(m["precision"]), _fmt(m["recall"]), lf, cas, real, gains or "-", f"{m['protocol']['wall_time_s']:.0f}"])
+        memo = m["memorisation"]
+        copies = f"{_fmt(memo['copy_fraction'], True)} ({_fmt(memo['copy_fraction_real'], True)})"
+        rows.append([name, _fmt(m["fid"]), _fmt(m["fid_floor"]), _fmt(m["precision"]), _fmt(m["recall"]), copies, lf, cas, real,
+                     gains or "-", f"{m['protocol']['wall_time_s']:.0f}"])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def format_memorisation_table(results: list[tuple[str, dict]]) -> str:
+    """--memorisation-only: one row per model, copies in percent, distances on the [0, 1] pixel scale."""
+    header = ["model", "copies% (real test)", "nearest median (real test)", "nearest min (real test)"]
+    rows = [header]
+    for name, m in results:
+        if m is None:
+            rows.append([name, "skipped: real data not found", "", ""])
+            continue
+        rows.append([name, f"{_fmt(m['copy_fraction'], True)} ({_fmt(m['copy_fraction_real'], True)})",
+                     f"{_fmt(m['nearest_median'])} ({_fmt(m['nearest_median_real'])})",
+                     f"{_fmt(m['nearest_min'])} ({_fmt(m['nearest_min_real'])})"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -733,10 +863,11 @@ def models_in_manifest(exported_dir: str | Path) -> list[Path]:
 
 def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classifier_dir="runs/classifiers",
         report_dir: str | Path | None = "runs/eval", write_card: bool = True, command: str | None = None,
-        download: bool = False) -> list[tuple[str, dict | None]]:
+        download: bool = False, memorisation_only: bool = False) -> list[tuple[str, dict | None]]:
     """Evaluate several model folders (dataset contexts shared); write cards, manifests and reports.
 
-    Returns (dataset/model, metrics) per folder; metrics is None for a model whose real data files are missing."""
+    Returns (dataset/model, metrics) per folder; metrics is None for a model whose real data files are missing.
+    memorisation_only: the memorisation block alone, added to the card's metrics (the rest kept), returned as is."""
     contexts: dict[str, DatasetContext] = {}
     results = []
     for model_dir in model_dirs:
@@ -752,13 +883,19 @@ def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classif
         if contexts[dataset] is None:
             results.append((f"{dataset}/{card['model']}", None))
             continue
-        metrics = evaluate_model(model_dir, contexts[dataset], settings, command)
-        if write_card:
-            write_card_metrics(model_dir, metrics)
+        if memorisation_only:
+            metrics = evaluate_memorisation(model_dir, contexts[dataset], settings, command)
+            if write_card:
+                write_card_metrics(model_dir, {"memorisation": metrics}, merge=True)
+        else:
+            metrics = evaluate_model(model_dir, contexts[dataset], settings, command)
+            if write_card:
+                write_card_metrics(model_dir, metrics)
         if report_dir is not None:
             report = {"model_dir": str(model_dir), "dataset": dataset, "model": card["model"], "settings": asdict(settings),
                       "metrics": metrics}
-            _write_json_atomic(Path(report_dir) / f"{dataset}__{card['model']}.json", report)
+            suffix = ".memorisation" if memorisation_only else ""
+            _write_json_atomic(Path(report_dir) / f"{dataset}__{card['model']}{suffix}.json", report)
         results.append((f"{dataset}/{card['model']}", metrics))
     return results
 
@@ -809,6 +946,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
                              "report Inception FID (optional; slow on a CPU; nothing downloads the file)")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests and smoke runs (numbers meaningless)")
     parser.add_argument("--no-card", action="store_true", help="do not write card.json / manifest.json (report only)")
+    parser.add_argument("--memorisation-only", action="store_true",
+                        help="only the memorisation check (seconds, no classifier), added to each card's metrics")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch / ONNX Runtime threads (default: 1; on a CPU shared with training jobs more threads "
                              "oversubscribe it and run several times slower)")
@@ -836,8 +975,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
         settings = Settings(seeds=args.seeds, n_generated=args.n_generated, n_synthetic=args.n_synthetic, **common)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command,
-                  args.download)
-    print(format_table(results))
+                  args.download, args.memorisation_only)
+    print(format_memorisation_table(results) if args.memorisation_only else format_table(results))
     if any(m is None for _, m in results):
         sys.exit(f"{sum(m is None for _, m in results)} model(s) skipped: real data not found (see above)")
     return results

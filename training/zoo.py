@@ -177,16 +177,19 @@ def _gains(metrics: dict) -> str:
 
 def model_table(exported: Path) -> str:
     """A Markdown table of every exported model: training and the metrics on its card (percent)."""
-    rows = ["| dataset / model | epochs | train time | FID (floor) | precision / recall | label fidelity | CAS (real) | augmentation gain (points) |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = ["| dataset / model | epochs | train time | FID (floor) | precision / recall | copies (real test) | label fidelity | CAS (real) "
+            "| augmentation gain (points) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for card_path in sorted(exported.glob("*/*/card.json")):
         card = json.loads(card_path.read_text())
         m, t = card.get("metrics", {}), card["training"]
         fid = f"{m['fid']:.2f} ({m['fid_floor']:.2f})" if "fid" in m else "not evaluated"
         pr = f"{m['precision']:.2f} / {m['recall']:.2f}" if "precision" in m else "–"
         cas = f"{_pct(m, 'cas')} ({_pct(m, 'cas_real')})" if "cas" in m else "–"
+        memo = m.get("memorisation", {})
+        copies = f"{_pct(memo, 'copy_fraction')}% ({_pct(memo, 'copy_fraction_real')}%)" if memo else "–"
         rows.append(f"| {card['dataset']} / {card['model']} | {t['epochs']} | {t['wall_time_s'] / 60:.0f} min | {fid} | {pr} "
-                    f"| {_pct(m, 'label_fidelity')} | {cas} | {_gains(m)} |")
+                    f"| {copies} | {_pct(m, 'label_fidelity')} | {cas} | {_gains(m)} |")
     return "\n".join(rows)
 
 

@@ -125,22 +125,19 @@ def _random_images(n: int, seed: int) -> torch.Tensor:
 
 def test_nearest_training_distances_match_brute_force():
     train, query = _random_images(300, 0), _random_images(40, 1)
-    flat = ev.to_float(train).flatten(1)
-    got = ev.nearest_training_distances(query, flat, flat.square().sum(1), chunk=7)
-    want = torch.cdist(ev.to_float(query).flatten(1).double(), flat.double()).topk(2, largest=False).values
-    assert torch.allclose(got.double(), want, atol=1e-3)
+    got = ev.nearest_training_distances(query, train, chunk=7)  # chunks of the training split, merged
+    want = torch.cdist(ev.to_float(query).flatten(1).double(), ev.to_float(train).flatten(1).double())
+    assert torch.allclose(got.double(), want.topk(2, largest=False).values, atol=1e-3)
 
 
 def test_a_generator_that_returns_training_images_is_all_copies_and_fresh_images_are_none():
-    train = _random_images(300, 0)
-    flat = ev.to_float(train).flatten(1)
-    real_test = _random_images(50, 2)
-    copier = ev.memorisation_report(train[:50], real_test, flat, flat.square().sum(1))
+    train, real_test = _random_images(300, 0), _random_images(50, 2)
+    copier = ev.memorisation_report(train[:50], real_test, train)
     assert copier["copy_fraction"] == 1.0 and copier["nearest_min"] < 1e-2 and copier["copy_fraction_real"] == 0.0
     assert copier["nearest_median_ratio"] < 0.01
-    fresh = ev.memorisation_report(_random_images(50, 3), real_test, flat, flat.square().sum(1))
+    fresh = ev.memorisation_report(_random_images(50, 3), real_test, train)
     assert fresh["copy_fraction"] == 0.0 and fresh["nearest_median_ratio"] == pytest.approx(1.0, abs=0.05)
-    nearly = ev.memorisation_report(train[:50] // 2 * 2, real_test, flat, flat.square().sum(1))  # 1/255 off at most
+    nearly = ev.memorisation_report(train[:50] // 2 * 2, real_test, train)  # 1/255 off at most
     assert nearly["copy_fraction"] == 1.0
 
 

@@ -284,20 +284,22 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> t
 # Memorisation: generated images against their nearest training images, in pixel space
 
 
-def nearest_training_distances(images_u8: torch.Tensor, train_flat: torch.Tensor, train_sq: torch.Tensor,
-                               chunk: int = 500) -> torch.Tensor:
+def nearest_training_distances(images_u8: torch.Tensor, train_u8: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
     """(n, 2): the L2 distance, on the [0, 1] pixel scale, from each image to its nearest and its second-nearest
-    training image. train_flat is the training split as (N, D) floats, train_sq their squared norms."""
-    out = []
-    for i in range(0, len(images_u8), chunk):
-        x = to_float(images_u8[i:i + chunk]).flatten(1)
-        squared = x.square().sum(1, keepdim=True) + train_sq[None] - 2 * x @ train_flat.T
-        out.append(squared.clamp_min_(0).topk(2, dim=1, largest=False).values.sqrt_())
-    return torch.cat(out) if out else torch.empty(0, 2)
+    training image. The training split is read in chunks (as uint8), so a large 64x64 RGB split needs no float copy."""
+    if len(train_u8) < 2:
+        raise ValueError(f"memorisation needs at least 2 training images, the split has {len(train_u8)}")
+    x = to_float(images_u8).flatten(1)
+    x_sq = x.square().sum(1, keepdim=True)
+    best = torch.full((len(x), 2), math.inf)
+    for i in range(0, len(train_u8), chunk):
+        t = to_float(train_u8[i:i + chunk]).flatten(1)
+        squared = x_sq + t.square().sum(1)[None] - 2 * x @ t.T
+        best = torch.cat([best, squared.clamp_min_(0)], dim=1).topk(2, dim=1, largest=False).values
+    return best.sqrt_()
 
 
-def memorisation_report(generated_u8: torch.Tensor, real_u8: torch.Tensor, train_flat: torch.Tensor,
-                        train_sq: torch.Tensor) -> dict:
+def memorisation_report(generated_u8: torch.Tensor, real_u8: torch.Tensor, train_u8: torch.Tensor) -> dict:
     """How close generated images come to the training split, against real test images as the reference.
 
     A copy: an image whose nearest training image is under COPY_RATIO of the distance to its second nearest
@@ -308,8 +310,8 @@ def memorisation_report(generated_u8: torch.Tensor, real_u8: torch.Tensor, train
         return {"n": len(distances), "copy_fraction": float(copies.float().mean()),
                 "nearest_median": float(nearest.median()), "nearest_min": float(nearest.min())}
 
-    generated = summary(nearest_training_distances(generated_u8, train_flat, train_sq))
-    real = summary(nearest_training_distances(real_u8, train_flat, train_sq))
+    generated = summary(nearest_training_distances(generated_u8, train_u8))
+    real = summary(nearest_training_distances(real_u8, train_u8))
     return {"copy_fraction": generated["copy_fraction"], "copy_fraction_real": real["copy_fraction"],
             "nearest_median": generated["nearest_median"], "nearest_median_real": real["nearest_median"],
             "nearest_median_ratio": generated["nearest_median"] / real["nearest_median"] if real["nearest_median"] > 0 else None,
@@ -482,12 +484,6 @@ class DatasetContext:
     @functools.cached_property
     def test_feats(self) -> torch.Tensor:
         return predict(self.reference, self.test.images)[1]
-
-    @functools.cached_property
-    def train_pixels(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training split as (N, C*H*W) floats in [0, 1] and their squared norms: what memorisation compares with."""
-        flat = to_float(self.train.images).flatten(1)
-        return flat, flat.square().sum(1)
 
     def memorisation_real_indices(self, n: int) -> torch.Tensor:
         """The seeded random subset of the real test split whose distances to the training split are the reference."""
@@ -769,12 +765,11 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
 
 
 def _memorisation_block(images_u8: torch.Tensor, ctx: DatasetContext, card: dict, command: str | None) -> dict:
-    train_flat, train_sq = ctx.train_pixels
     real = ctx.test.images[ctx.memorisation_real_indices(len(images_u8))]
     protocol = {**memorisation_protocol(len(ctx.train)), "evaluated_file": card["files"]["onnx"],
                 "onnx_sha256": card.get("sha256", {}).get("onnx"), "command": command,
                 "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    return {**memorisation_report(images_u8, real, train_flat, train_sq), "protocol": protocol}
+    return {**memorisation_report(images_u8, real, ctx.train.images), "protocol": protocol}
 
 
 def evaluate_memorisation(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:

@@ -131,13 +131,14 @@ def test_nearest_training_distances_match_brute_force():
 
 
 def test_a_generator_that_returns_training_images_is_all_copies_and_fresh_images_are_none():
-    train, real_test = _random_images(300, 0), _random_images(50, 2)
-    copier = ev.memorisation_report(train[:50], real_test, train)
+    train = _random_images(300, 0)
+    real_test = ev.nearest_summary(_random_images(50, 2), train)
+    copier = ev.memorisation_report(ev.nearest_summary(train[:50], train), real_test)
     assert copier["copy_fraction"] == 1.0 and copier["nearest_min"] < 1e-2 and copier["copy_fraction_real"] == 0.0
     assert copier["nearest_median_ratio"] < 0.01
-    fresh = ev.memorisation_report(_random_images(50, 3), real_test, train)
+    fresh = ev.memorisation_report(ev.nearest_summary(_random_images(50, 3), train), real_test)
     assert fresh["copy_fraction"] == 0.0 and fresh["nearest_median_ratio"] == pytest.approx(1.0, abs=0.05)
-    nearly = ev.memorisation_report(train[:50] // 2 * 2, real_test, train)  # 1/255 off at most
+    nearly = ev.memorisation_report(ev.nearest_summary(train[:50] // 2 * 2, train), real_test)  # 1/255 off at most
     assert nearly["copy_fraction"] == 1.0
 
 

@@ -299,31 +299,23 @@ def nearest_training_distances(images_u8: torch.Tensor, train_u8: torch.Tensor, 
     return best.sqrt_()
 
 
-def memorisation_report(generated_u8: torch.Tensor, real_u8: torch.Tensor, train_u8: torch.Tensor) -> dict:
-    """How close generated images come to the training split, against real test images as the reference.
+def nearest_summary(images_u8: torch.Tensor, train_u8: torch.Tensor) -> dict:
+    """How close a set of images comes to the training split: the share of copies (an image whose nearest training
+    image is under COPY_RATIO of the distance to its second nearest: Yoon et al. 2023's rule; a copy sits on one
+    training image, a new image between several) and the median and smallest nearest distance."""
+    distances = nearest_training_distances(images_u8, train_u8)
+    nearest, second = distances[:, 0], distances[:, 1]
+    return {"n": len(distances), "copy_fraction": float((nearest < COPY_RATIO * second).float().mean()),
+            "nearest_median": float(nearest.median()), "nearest_min": float(nearest.min())}
 
-    A copy: an image whose nearest training image is under COPY_RATIO of the distance to its second nearest
-    (Yoon et al. 2023's rule; a copy sits on one training image, a new image between several)."""
-    def summary(distances: torch.Tensor) -> dict:
-        nearest, second = distances[:, 0], distances[:, 1]
-        copies = nearest < COPY_RATIO * second
-        return {"n": len(distances), "copy_fraction": float(copies.float().mean()),
-                "nearest_median": float(nearest.median()), "nearest_min": float(nearest.min())}
 
-    generated = summary(nearest_training_distances(generated_u8, train_u8))
-    real = summary(nearest_training_distances(real_u8, train_u8))
+def memorisation_report(generated: dict, real: dict) -> dict:
+    """The generated images' `nearest_summary` against the real test images' one, the reference."""
     return {"copy_fraction": generated["copy_fraction"], "copy_fraction_real": real["copy_fraction"],
             "nearest_median": generated["nearest_median"], "nearest_median_real": real["nearest_median"],
             "nearest_median_ratio": generated["nearest_median"] / real["nearest_median"] if real["nearest_median"] > 0 else None,
             "nearest_min": generated["nearest_min"], "nearest_min_real": real["nearest_min"],
             "n_generated": generated["n"], "n_real": real["n"]}
-
-
-def memorisation_protocol(n_train: int) -> dict:
-    return {"version": MEMORISATION_VERSION, "space": "pixels on the [0, 1] scale, L2 distance",
-            "generated": f"the first {MEMORISATION_N} images of the FID set", "real_reference": "a seeded subset of the test split",
-            "against": f"the whole training split ({n_train})",
-            "copy_rule": f"nearest training image closer than {COPY_RATIO:.3g} x the second nearest (Yoon et al. 2023)"}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -378,6 +370,11 @@ def prior_labels(n: int, class_counts: torch.Tensor, seed: int) -> torch.Tensor:
     counts[remainder[: n - int(counts.sum())]] += 1
     labels = torch.arange(len(counts)).repeat_interleave(counts)
     return labels[torch.randperm(n, generator=torch.Generator().manual_seed(seed))]
+
+
+def seeded_subset(size: int, n: int) -> torch.Tensor:
+    """min(n, size) indices of a split of `size` images, a random subset fixed by FLOOR_SEED."""
+    return torch.randperm(size, generator=torch.Generator().manual_seed(FLOOR_SEED))[: min(n, size)]
 
 
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
@@ -467,6 +464,7 @@ class DatasetContext:
         self.baselines_path = self.classifier_dir / f"{dataset}.baselines.json"
         self._baselines = self._read_baselines()
         self._floors: dict[tuple[int, int], dict] = {}
+        self._memorisation_real: dict[int, dict] = {}
 
     # The reference classifier is trained (or read from its cache) on first use: --memorisation-only needs none.
     @functools.cached_property
@@ -485,10 +483,21 @@ class DatasetContext:
     def test_feats(self) -> torch.Tensor:
         return predict(self.reference, self.test.images)[1]
 
-    def memorisation_real_indices(self, n: int) -> torch.Tensor:
-        """The seeded random subset of the real test split whose distances to the training split are the reference."""
-        g = torch.Generator().manual_seed(FLOOR_SEED)
-        return torch.randperm(len(self.test), generator=g)[: min(n, len(self.test))]
+    @functools.cached_property
+    def train_counts(self) -> torch.Tensor:
+        return torch.bincount(self.train.labels, minlength=self.info.num_classes)
+
+    def fid_labels(self, n_generated: int, conditional: bool) -> torch.Tensor | None:
+        """The FID set's labels: the training split's class proportions, fixed seed (None for unconditional models)."""
+        return prior_labels(n_generated, self.train_counts, GENERATION_SEED) if conditional else None
+
+    def memorisation_real(self, n: int) -> dict:
+        """`nearest_summary` of a seeded subset of n real test images (at most the split): the memorisation
+        reference, the same for every model of the dataset, so computed once."""
+        if n not in self._memorisation_real:
+            real = self.test.images[seeded_subset(len(self.test), n)]
+            self._memorisation_real[n] = nearest_summary(real, self.train.images)
+        return self._memorisation_real[n]
 
     # -- reference classifier -----------------------------------------------------------------------------------
     def _reference_classifier(self) -> tuple[Classifier, dict]:
@@ -555,8 +564,7 @@ class DatasetContext:
     # -- floors -------------------------------------------------------------------------------------------------
     def floor_indices(self, n_fid: int) -> torch.Tensor:
         """The seeded random subset of the real training split that FID floors compare with the test split."""
-        g = torch.Generator().manual_seed(FLOOR_SEED)
-        return torch.randperm(len(self.train), generator=g)[: min(n_fid, len(self.train))]
+        return seeded_subset(len(self.train), n_fid)
 
     def floor(self, n_fid: int, n_pr: int) -> dict:
         """FID and precision/recall of a random real-train subset vs the real test split (seeded)."""
@@ -622,26 +630,30 @@ def _round(obj, digits: int = 4):
     return obj
 
 
+def open_generator(model_dir: Path, ctx: DatasetContext) -> OnnxGenerator:
+    gen = OnnxGenerator(model_dir)
+    if tuple(gen.card["image_shape"]) != ctx.info.image_shape:
+        raise ValueError(f"{model_dir}: card image_shape {gen.card['image_shape']} != {ctx.dataset} {ctx.info.image_shape}")
+    return gen
+
+
 def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:
     """Run the protocol on one exported model folder; returns the metrics dict (flat keys + nested details)."""
     t0 = time.time()
     model_dir = Path(model_dir)
-    gen = OnnxGenerator(model_dir)
+    gen = open_generator(model_dir, ctx)
     card, info = gen.card, ctx.info
-    if tuple(card["image_shape"]) != info.image_shape:
-        raise ValueError(f"{model_dir}: card image_shape {card['image_shape']} != {ctx.dataset} {info.image_shape}")
     name = f"{card['dataset']}/{card['model']}"
     k, classes = info.num_classes, list(info.classes)
     conditional = gen.conditional
     seeds = list(range(settings.seeds))
     augmentation = conditional if settings.augmentation is None else (settings.augmentation and conditional)
     n_train, n_test = len(ctx.train), len(ctx.test)
-    train_counts = torch.bincount(ctx.train.labels, minlength=k)
+    train_counts = ctx.train_counts
 
     # FID set: labels in the training split's proportions (conditional), fixed seed.
     n_gen = settings.n_generated
-    fid_labels = prior_labels(n_gen, train_counts, GENERATION_SEED) if conditional else None
-    fid_images = gen(n_gen, fid_labels, seed=GENERATION_SEED)
+    fid_images = gen(n_gen, ctx.fid_labels(n_gen, conditional), seed=GENERATION_SEED)
     logits_fid, feats_fid = predict(ctx.reference, fid_images)
     n_pr = min(n_gen, n_test)
     floor = ctx.floor(n_gen, n_pr)
@@ -765,24 +777,23 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
 
 
 def _memorisation_block(images_u8: torch.Tensor, ctx: DatasetContext, card: dict, command: str | None) -> dict:
-    real = ctx.test.images[ctx.memorisation_real_indices(len(images_u8))]
-    protocol = {**memorisation_protocol(len(ctx.train)), "evaluated_file": card["files"]["onnx"],
-                "onnx_sha256": card.get("sha256", {}).get("onnx"), "command": command,
+    protocol = {"version": MEMORISATION_VERSION, "space": "pixels on the [0, 1] scale, L2 distance",
+                "generated": f"the first {MEMORISATION_N} images of the FID set", "real_reference": "a seeded subset of the test split",
+                "against": f"the whole training split ({len(ctx.train)})",
+                "copy_rule": f"nearest training image closer than {COPY_RATIO:.3g} x the second nearest (Yoon et al. 2023)",
+                "evaluated_file": card["files"]["onnx"], "onnx_sha256": card.get("sha256", {}).get("onnx"), "command": command,
                 "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    return {**memorisation_report(images_u8, real, ctx.train.images), "protocol": protocol}
+    report = memorisation_report(nearest_summary(images_u8, ctx.train.images), ctx.memorisation_real(len(images_u8)))
+    return {**report, "protocol": protocol}
 
 
 def evaluate_memorisation(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:
     """The memorisation block alone (--memorisation-only), on the very images the full protocol checks: the first
     MEMORISATION_N of its FID set (same labels, same z), so it can be added to a card without the rest."""
-    gen = OnnxGenerator(model_dir)
-    if tuple(gen.card["image_shape"]) != ctx.info.image_shape:
-        raise ValueError(f"{model_dir}: card image_shape {gen.card['image_shape']} != {ctx.dataset} {ctx.info.image_shape}")
-    n_gen = settings.n_generated
-    n = min(MEMORISATION_N, n_gen)
-    train_counts = torch.bincount(ctx.train.labels, minlength=ctx.info.num_classes)
-    labels = prior_labels(n_gen, train_counts, GENERATION_SEED)[:n] if gen.conditional else None
-    block = _memorisation_block(gen(n, labels, seed=GENERATION_SEED), ctx, gen.card, command)
+    gen = open_generator(Path(model_dir), ctx)
+    n = min(MEMORISATION_N, settings.n_generated)
+    labels = ctx.fid_labels(settings.n_generated, gen.conditional)
+    block = _memorisation_block(gen(n, None if labels is None else labels[:n], seed=GENERATION_SEED), ctx, gen.card, command)
     _log(f"{gen.card['dataset']}/{gen.card['model']}: copies of training images {block['copy_fraction']:.2%} "
          f"(real test {block['copy_fraction_real']:.2%}), nearest median {block['nearest_median']:.2f} "
          f"(real test {block['nearest_median_real']:.2f})")
@@ -814,6 +825,11 @@ def _fmt(value, pct: bool = False, signed: bool = False) -> str:
     return f"{value:.2f}"
 
 
+def _aligned(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
 def format_table(results: list[tuple[str, dict]]) -> str:
     """One row per model; accuracies and gains in percent (points)."""
     header = ["model", "FID", "floor", "P", "R", "copies% (real)", "label fid% (real)", "CAS%", "real%", "aug gains (pts)", "time s"]
@@ -831,8 +847,7 @@ def format_table(results: list[tuple[str, dict]]) -> str:
         copies = f"{_fmt(memo['copy_fraction'], True)} ({_fmt(memo['copy_fraction_real'], True)})"
         rows.append([name, _fmt(m["fid"]), _fmt(m["fid_floor"]), _fmt(m["precision"]), _fmt(m["recall"]), copies, lf, cas, real,
                      gains or "-", f"{m['protocol']['wall_time_s']:.0f}"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return _aligned(rows)
 
 
 def format_memorisation_table(results: list[tuple[str, dict]]) -> str:
@@ -846,8 +861,7 @@ def format_memorisation_table(results: list[tuple[str, dict]]) -> str:
         rows.append([name, f"{_fmt(m['copy_fraction'], True)} ({_fmt(m['copy_fraction_real'], True)})",
                      f"{_fmt(m['nearest_median'])} ({_fmt(m['nearest_median_real'])})",
                      f"{_fmt(m['nearest_min'])} ({_fmt(m['nearest_min_real'])})"])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return _aligned(rows)
 
 
 def models_in_manifest(exported_dir: str | Path) -> list[Path]:

@@ -11,9 +11,17 @@
     path = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
 
 Errors come back as `SynthError` with the HTTP status and the service's JSON error body.
+
+Transient failures are retried (`retries`, 3 by default), which is safe because a request with a seed
+always gives the same bytes: a dropped or refused connection, and answers 429, 502, 503 and 504, after
+`Retry-After` seconds when the answer has it, else after `backoff` x 1, 2, 4 ... seconds. Not retried: a
+4xx about the request, a read timeout (the server may still be working on it), and the service's own 503
+for a model that failed to load, which has no `Retry-After` and lasts until the server restarts.
 """
 
 from __future__ import annotations
+
+import time
 
 import httpx
 import numpy as np
@@ -21,6 +29,10 @@ import numpy as np
 from .encoders import decode_npz
 
 MAX_SEED = 2**63 - 1
+RETRY_STATUSES = (429, 502, 503, 504)
+MAX_RETRY_AFTER_S = 30.0
+# Failures before the server answered: nothing was computed for the request, or its answer was cut off.
+RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -42,13 +54,42 @@ class SynthError(RuntimeError):
         self.status, self.body = status, body
 
 
-class SynthClient:
-    """`max_request_n` caps the images of one request below the server's own limit (`max_n` in /models)."""
+def retry_delay(response: httpx.Response | None, attempt: int, backoff: float) -> float | None:
+    """Seconds to wait before retry `attempt` (0, 1, ...), or None when the failure is not worth a retry.
 
-    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, max_request_n: int | None = None):
+    `response` is None for a connection failure (one of RETRY_ERRORS). A 503 without Retry-After that carries
+    the service's JSON error is its "model failed to load" answer, permanent until a restart; a proxy's 503
+    (HTML, or a restarting server behind a load balancer) is retried."""
+    if response is not None:
+        if response.status_code not in RETRY_STATUSES:
+            return None
+        retry_after = response.headers.get("retry-after", "")
+        if retry_after.strip().isdigit():
+            return min(float(retry_after), MAX_RETRY_AFTER_S)
+        if response.status_code == 503 and _is_service_error(response):
+            return None
+    return backoff * 2**attempt
+
+
+def _is_service_error(response: httpx.Response) -> bool:
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and isinstance(body.get("error"), str)
+
+
+class SynthClient:
+    """`max_request_n` caps the images of one request below the server's own limit (`max_n` in /models);
+    `retries` and `backoff` set the retries of transient failures (module docstring); `transport` is passed to
+    httpx (a custom transport, or `httpx.MockTransport` in tests)."""
+
+    def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, max_request_n: int | None = None,
+                 retries: int = 3, backoff: float = 0.5, transport: httpx.BaseTransport | None = None):
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_request_n = max_request_n
+        self.retries, self.backoff = retries, backoff
         self.last_seed: int | None = None
         self._catalog: dict | None = None
 
@@ -62,7 +103,19 @@ class SynthClient:
         self.http.close()
 
     def _post(self, route: str, body: dict) -> httpx.Response:
-        response = self.http.post(route, json={k: v for k, v in body.items() if v is not None})
+        body = {k: v for k, v in body.items() if v is not None}
+        for attempt in range(self.retries + 1):  # the last attempt either raises or breaks
+            try:
+                response = self.http.post(route, json=body)
+            except RETRY_ERRORS:
+                if attempt == self.retries:
+                    raise
+                delay = retry_delay(None, attempt, self.backoff)
+            else:
+                delay = retry_delay(response, attempt, self.backoff)
+                if delay is None or attempt == self.retries:
+                    break
+            time.sleep(delay)
         if response.status_code >= 400:
             try:
                 detail = response.json()

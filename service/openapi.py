@@ -34,7 +34,8 @@ _ERRORS = {
     "404": "unknown dataset or model: `datasets` lists what is served",
     "413": "the request body is over SYNTHGEN_MAX_BODY_BYTES",
     "415": "the request body is not JSON",
-    "503": "the model failed its start-up check or this call; the message says which",
+    "503": "the model failed its start-up check (until a restart: no Retry-After) or this call (Retry-After: "
+           "worth retrying); the message says which",
     "504": "no response within the request timeout (300 s)",
 }
 _MODELS_ERRORS = ("400", "401", "415")
@@ -42,7 +43,11 @@ _MODELS_ERRORS = ("400", "401", "415")
 
 def _error_responses(codes) -> dict:
     content = {"application/json": {"schema": {"$ref": REF.format(model="Error")}}}
-    return {code: {"description": _ERRORS[code], "content": content} for code in codes}
+    responses = {code: {"description": _ERRORS[code], "content": content} for code in codes}
+    if "503" in responses:
+        responses["503"]["headers"] = {"Retry-After": {"description": "seconds to wait before retrying; only on a "
+                                                       "failed model call", "schema": {"type": "integer"}}}
+    return responses
 
 
 def _image_success(route: str) -> dict:

@@ -51,6 +51,9 @@ SETTINGS = schemas.SETTINGS
 patches.install()
 # The body of /generate and /interpolate: the bytes of the requested format (npz, PNG, zip or JSON).
 Binary = Annotated[bytes, ContentType("application/octet-stream")]
+# A 503 that may pass (a failed model call) carries Retry-After; one that lasts until a restart (a model that
+# failed to load) does not, which is how `service.client` tells them apart.
+RETRY_AFTER_S = 1
 INLINE_ENCODE_BYTES = 1 << 20  # npz of up to this many pixel bytes is written on the event loop (no thread hop)
 MODEL_CALLS = bentoml.metrics.Counter(name="synthgen_model_calls", labelnames=["dataset", "model"],
                                       documentation="Model calls; concurrent requests share calls (micro-batching)")
@@ -231,7 +234,8 @@ class SyntheticImages:
                 images = await self.batchers[(entry.dataset, entry.model)].generate(z, labels)
             except Exception as exc:  # the model call itself failed (logged by the batcher): not the request's fault
                 return ApiError(503, f"model {entry.dataset}/{entry.model} failed to compute this batch "
-                                     f"({type(exc).__name__}); retry, or see the server log").response()
+                                     f"({type(exc).__name__}); retry, or see the server log",
+                                headers={"Retry-After": str(RETRY_AFTER_S)}).response()
             batch = Batch(images=images, labels=labels, class_names=list(card.classes), meta=meta)
             if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
                 body = encode(batch, fmt)

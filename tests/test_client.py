@@ -5,12 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from torch.utils.data import ConcatDataset, DataLoader, TensorDataset
 
-from service.client import SynthClient, SynthError, chunk_seed
+from service import encoders
+from service.client import MAX_RETRY_AFTER_S, SynthClient, SynthError, chunk_seed, retry_delay
 from service_harness import REPO, main_server
 from training.synthetic import SyntheticDataset
 
@@ -110,3 +112,71 @@ def test_synthetic_dataset_is_reproducible_and_follows_labels(url):
     b = SyntheticDataset(url, "mnist", n=12, seed=7)
     assert torch.equal(a.images, b.images) and torch.equal(a[5][0], b[5][0] * 2)
     assert [b[i][1].item() for i in range(12)] == [i % 10 for i in range(12)] and b.classes[3] == "3"
+
+
+# --- retries: transient failures are retried, request errors are not (httpx.MockTransport, no server) ---------
+
+def npz_answer(n: int = 1) -> httpx.Response:
+    batch = encoders.Batch(images=np.zeros((n, 28, 28, 1), np.uint8), labels=np.arange(n, dtype=np.int64),
+                           class_names=[str(i) for i in range(10)], meta={"dataset": "mnist", "model": "cdcgan", "seed": 5})
+    return httpx.Response(200, content=encoders.encode_npz(batch))
+
+
+def scripted_client(answers: list, **options) -> tuple[SynthClient, list]:
+    """A client whose requests get `answers` in turn (an httpx.Response, or an exception to raise)."""
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        answer = answers[min(len(calls), len(answers)) - 1]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    options.setdefault("backoff", 0.0)
+    return SynthClient("http://synthgen.test", transport=httpx.MockTransport(handler), **options), calls
+
+
+SERVICE_503 = httpx.Response(503, json={"error": "model mnist/cdcgan is not served: it failed to load at start-up"})
+
+
+def test_a_dropped_connection_and_proxy_errors_are_retried_with_the_same_body():
+    client, calls = scripted_client([httpx.ConnectError("refused"), httpx.Response(502, text="<html>bad gateway</html>"),
+                                     httpx.Response(503, text="upstream restarting"), npz_answer()])
+    images, _, _ = client.generate("mnist", n=1, seed=5)
+    assert images.shape == (1, 28, 28, 1) and len(calls) == 4
+    assert len({call.content for call in calls}) == 1  # every attempt asked for the same seed, so the same bytes
+
+
+def test_the_service_503_for_a_failed_call_is_retried_after_its_retry_after():
+    client, calls = scripted_client([httpx.Response(503, json={"error": "failed to compute"}, headers={"Retry-After": "0"}),
+                                     npz_answer()], backoff=60.0)  # Retry-After 0 wins over the 60 s backoff
+    assert client.generate("mnist", n=1, seed=5)[0].shape == (1, 28, 28, 1) and len(calls) == 2
+
+
+@pytest.mark.parametrize("answer", [httpx.Response(400, json={"error": "n must be an integer in 1..10000"}),
+                                    httpx.Response(404, json={"error": "unknown dataset 'cifar10'"}), SERVICE_503])
+def test_request_errors_and_a_model_that_failed_to_load_are_raised_at_once(answer):
+    client, calls = scripted_client([answer, npz_answer()])
+    with pytest.raises(SynthError) as info:
+        client.generate("mnist", n=1, seed=5)
+    assert info.value.status == answer.status_code and len(calls) == 1
+
+
+def test_when_retries_run_out_the_last_failure_is_raised():
+    client, calls = scripted_client([httpx.Response(504, text="gateway timeout")], retries=2)
+    with pytest.raises(SynthError) as info:
+        client.generate("mnist", n=1, seed=5)
+    assert info.value.status == 504 and len(calls) == 3
+    client, calls = scripted_client([httpx.ConnectError("refused")], retries=0)
+    with pytest.raises(httpx.ConnectError):
+        client.generate("mnist", n=1, seed=5)
+    assert len(calls) == 1
+
+
+def test_retry_delays_double_and_retry_after_is_capped():
+    assert [retry_delay(None, attempt, 0.5) for attempt in range(4)] == [0.5, 1.0, 2.0, 4.0]
+    assert retry_delay(httpx.Response(429, headers={"Retry-After": "7"}), 0, 0.5) == 7.0
+    assert retry_delay(httpx.Response(503, headers={"Retry-After": "3600"}), 0, 0.5) == MAX_RETRY_AFTER_S
+    assert retry_delay(httpx.Response(500, text="internal"), 0, 0.5) is None
+    assert retry_delay(SERVICE_503, 0, 0.5) is None

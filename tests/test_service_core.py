@@ -302,6 +302,25 @@ def test_a_failing_model_call_fails_its_requests_not_the_batcher(catalog, runner
         assert asyncio.run(scenario()).shape == (2, 28, 28, 1)
 
 
+def test_a_failed_model_call_answers_503_with_retry_after_and_a_failed_load_without(catalog):
+    """The client retries the first (it may pass) and raises the second at once (it lasts until a restart)."""
+    from service.service import RETRY_AFTER_S, MemoryBudget, SyntheticImages
+
+    class Failing:
+        async def generate(self, z, labels):
+            raise RuntimeError("boom")
+
+    service = SyntheticImages.inner.__new__(SyntheticImages.inner)
+    service.budget, service.batchers = MemoryBudget(1 << 30), {("mnist", "mlp_vae"): Failing()}
+    entry = catalog.entries[("mnist", "mlp_vae")]
+    response = asyncio.run(service._render(entry, latents(0, 2, entry.card.latent_dim), np.full(2, -1), "npz",
+                                           {"seed": 0}, "stem"))
+    assert response.status_code == 503 and response.headers["retry-after"] == str(RETRY_AFTER_S)
+    assert "failed to compute" in json.loads(response.body)["error"]
+    load_failure = ApiError(503, "model mnist/mlp_vae is not served: it failed to load at start-up").response()
+    assert "retry-after" not in load_failure.headers
+
+
 # --- encoders: every format round-trips ---------------------------------------------------------------------
 
 @st.composite

@@ -66,16 +66,21 @@ def retry_delay(response: httpx.Response | None, attempt: int, backoff: float) -
         retry_after = response.headers.get("retry-after", "")
         if retry_after.strip().isdigit():
             return min(float(retry_after), MAX_RETRY_AFTER_S)
-        if response.status_code == 503 and _is_service_error(response):
+        if response.status_code == 503 and is_service_error(error_body(response)):
             return None
     return backoff * 2**attempt
 
 
-def _is_service_error(response: httpx.Response) -> bool:
+def error_body(response: httpx.Response):
+    """The parsed JSON of an error answer, or its text when it is not JSON (a proxy's HTML page)."""
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
-        return False
+        return response.text
+
+
+def is_service_error(body) -> bool:
+    """Whether an error body is the service's own {"error": ..., ...}."""
     return isinstance(body, dict) and isinstance(body.get("error"), str)
 
 
@@ -117,11 +122,7 @@ class SynthClient:
                     break
             time.sleep(delay)
         if response.status_code >= 400:
-            try:
-                detail = response.json()
-            except ValueError:
-                detail = response.text
-            raise SynthError(response.status_code, detail)
+            raise SynthError(response.status_code, error_body(response))
         return response
 
     def generate(self, dataset: str, n: int = 64, model: str | None = None, labels=None,

@@ -135,24 +135,29 @@ class SynthClient:
         first request uses `seed` itself, so the batch starts with the images one request with that seed
         gives. The same call with the same seed gives the same images on a server with the same max_n.
         """
+        images = label_ids = class_names = None
+        for start, batch in self.iter_batches(dataset, n, model, labels, seed):
+            if start == 0 and len(batch.images) == n:
+                return batch.images, batch.labels, batch.class_names  # one request: no copy
+            if images is None:
+                images = np.empty((n, *batch.images.shape[1:]), dtype=batch.images.dtype)
+                label_ids, class_names = np.empty(n, dtype=np.int64), batch.class_names
+            stop = start + len(batch.images)
+            images[start:stop], label_ids[start:stop] = batch.images, batch.labels
+        return images, label_ids, class_names
+
+    def iter_batches(self, dataset: str, n: int, model: str | None = None, labels=None, seed: int | None = None):
+        """Yield (start, Batch) for rows start.. of the images `generate` returns, one request at a time, so a
+        set of any size can be written out without holding all of it (`python -m service.fetch`). `last_seed`
+        is set once the first request has answered. n below 1 is sent as is, for the server's 400."""
         rows = self.chunk_rows(dataset, model, labels) if n > 1 else n
-        if n <= rows:
-            batch = self._generate(dataset, model, n, labels, seed)
-            self.last_seed = int(batch.meta["seed"])
-            return batch.images, batch.labels, batch.class_names
-        images, label_ids, class_names = None, np.empty(n, dtype=np.int64), []
-        for index, start in enumerate(range(0, n, rows)):
+        for index, start in enumerate(range(0, n, rows) if n > 1 else (0,)):
             stop = min(start + rows, n)
             part = labels[start:stop] if isinstance(labels, (list, tuple)) else labels
-            batch = self._generate(dataset, model, stop - start, part, None if seed is None and index == 0
-                                   else chunk_seed(seed, index))
+            batch = self._generate(dataset, model, stop - start, part, seed if index == 0 else chunk_seed(seed, index))
             if index == 0:
-                seed = int(batch.meta["seed"])  # drawn by the server when the caller gave none
-                images = np.empty((n, *batch.images.shape[1:]), dtype=batch.images.dtype)
-                class_names = batch.class_names
-            images[start:stop], label_ids[start:stop] = batch.images, batch.labels
-        self.last_seed = seed
-        return images, label_ids, class_names
+                seed = self.last_seed = int(batch.meta["seed"])  # drawn by the server when the caller gave none
+            yield start, batch
 
     def chunk_rows(self, dataset: str, model: str | None = None, labels=None) -> int:
         """The most images one request of `generate` asks for: the server's max_n (or `max_request_n`, if

@@ -1,0 +1,171 @@
+"""Fetch a synthetic training set from a running synthgen service to disk, in one command, at any size.
+
+    python -m service.fetch mnist -n 60000 --seed 0 --out mnist-synth.npz        # one .npz
+    python -m service.fetch pneumoniamnist -n 5000 --seed 0 --out pneumonia/    # an ImageFolder tree
+    synthgen-fetch ...                                                           # the same, once pip-installed
+
+`--out` ending in `.npz` writes one uncompressed .npz with the members of the service's npz format (images
+uint8 N x H x W x C, labels int64, class_names, dataset, model, seed). Any other `--out` is a folder in
+torchvision's ImageFolder layout, written request by request, so a set need not fit in memory:
+
+    pneumonia/0_normal/000000.png, pneumonia/1_pneumonia/000001.png, ...   one folder per class
+    pneumonia/labels.csv    filename,label,class_name (as the service's zip format)
+    pneumonia/info.json     dataset, model, seed, n, labels, image_shape, class_names
+
+A class folder is `<label id>_<class name>` (the id zero-padded, the name with anything but letters, digits,
+`.` and `-` made `_`), so the folders sort in label order and ImageFolder's class index is the label id when
+every class is present (as with the default "balanced" labels; otherwise use labels.csv). Images of an
+unconditional model go in `unlabelled/`. A file is named by the image's row in the set.
+
+The images are exactly those of `SynthClient.generate` with the same arguments: more than one request may
+ask for come in several, with seeds derived from `--seed` (`service.client.chunk_seed`). Without `--seed`
+the server draws one, and it is printed and recorded. An existing non-empty folder or an existing file is
+refused rather than overwritten. A failed fetch leaves no .npz behind (it is written under a temporary
+name, then renamed); in a folder it leaves the images written so far and no labels.csv or info.json.
+
+`--url` defaults to $SYNTHGEN_URL or http://127.0.0.1:3000, `--token` to $SYNTHGEN_API_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from .client import SynthClient, SynthError
+from .encoders import Batch, encode_npz, png_bytes
+
+DEFAULT_URL = "http://127.0.0.1:3000"
+UNLABELLED = "unlabelled"
+
+
+def class_folder(label: int, name: str, num_classes: int) -> str:
+    """`<id>_<name>`: the id zero-padded to the widest id so the folders sort in label order."""
+    if label < 0:
+        return UNLABELLED
+    width = len(str(max(num_classes - 1, 0)))
+    return f"{label:0{width}d}_{re.sub(r'[^A-Za-z0-9.-]+', '_', name).strip('_') or 'class'}"
+
+
+def parse_labels(text: str):
+    """The --labels value as the service takes it: "balanced", or one class id (an int) or class name."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def fetch(client: SynthClient, dataset: str, n: int, out: Path, model: str | None = None, labels=None,
+          seed: int | None = None, progress=None) -> dict:
+    """Write n images of `dataset` to `out` (a .npz file, or an ImageFolder tree); return what info.json holds.
+
+    `progress(done, n)` is called after each request."""
+    out = Path(out)
+    to_npz = out.suffix == ".npz"
+    if to_npz and out.exists():
+        raise FileExistsError(f"{out} exists; give a new --out")
+    if not to_npz and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty folder; give a new --out")
+    width = max(6, len(str(n - 1)))
+    first: Batch | None = None
+    images = label_ids = None
+    rows: list[tuple[str, int, str]] = []
+    folders: set[str] = set()
+    for start, batch in client.iter_batches(dataset, n, model=model, labels=labels, seed=seed):
+        first = first or batch
+        if to_npz:
+            if images is None:
+                images = np.empty((n, *batch.images.shape[1:]), dtype=np.uint8)
+                label_ids = np.empty(n, dtype=np.int64)
+            images[start:start + len(batch.images)] = batch.images
+            label_ids[start:start + len(batch.labels)] = batch.labels
+        else:
+            for row, (image, label) in enumerate(zip(batch.images, batch.labels.tolist()), start):
+                folder = class_folder(label, batch.class_names[label] if label >= 0 else "", len(batch.class_names))
+                if folder not in folders:
+                    (out / folder).mkdir(parents=True, exist_ok=True)
+                    folders.add(folder)
+                filename = f"{folder}/{row:0{width}d}.png"
+                (out / filename).write_bytes(png_bytes(image))
+                rows.append((filename, label, batch.class_names[label] if label >= 0 else ""))
+        if progress:
+            progress(start + len(batch.images), n)
+    info = {"dataset": first.meta["dataset"], "model": first.meta["model"], "seed": client.last_seed, "n": n,
+            "labels": "balanced" if labels is None else labels, "image_shape": list(first.images.shape[1:]),
+            "class_names": first.class_names}
+    if to_npz:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_bytes(encode_npz(Batch(images=images, labels=label_ids, class_names=first.class_names,
+                                             meta={"dataset": info["dataset"], "model": info["model"],
+                                                   "seed": info["seed"]})))
+        partial.replace(out)
+    else:
+        with open(out / "labels.csv", "w", newline="", encoding="utf-8") as table:
+            writer = csv.writer(table)
+            writer.writerow(["filename", "label", "class_name"])
+            writer.writerows(rows)
+        (out / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    return info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service.fetch", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", help="a dataset id from the service's /models, e.g. mnist")
+    parser.add_argument("-n", type=int, required=True, help="how many images (any number; large sets come in "
+                                                             "several requests)")
+    parser.add_argument("--out", type=Path, required=True, help="a .npz file, or a folder for an ImageFolder tree")
+    parser.add_argument("--model", help="a model of the dataset (default: the dataset's default model)")
+    parser.add_argument("--labels", type=parse_labels, default=None,
+                        help='"balanced" (default), or one class id or name for every image')
+    parser.add_argument("--seed", type=int, help="0..2**63-1; omitted, the server draws one (printed)")
+    parser.add_argument("--url", default=os.environ.get("SYNTHGEN_URL", DEFAULT_URL),
+                        help=f"the service (default: $SYNTHGEN_URL or {DEFAULT_URL})")
+    parser.add_argument("--token", default=os.environ.get("SYNTHGEN_API_TOKEN"),
+                        help="bearer token, where the service has one (default: $SYNTHGEN_API_TOKEN)")
+    parser.add_argument("--max-request-n", type=int, help="images per request, below the server's max_n")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    return parser
+
+
+def service_error_text(error: SynthError) -> str:
+    """The service's error and each detail's field, message and allowed values, one per line."""
+    lines = [str(error)]
+    for item in (error.body.get("detail") or []) if isinstance(error.body, dict) else []:
+        field = ".".join(str(part) for part in item.get("loc", []))
+        allowed = f" (allowed: {json.dumps(item['allowed'])})" if "allowed" in item else ""
+        lines.append(f"  {field}: {item.get('msg', '')}{allowed}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def progress(done: int, n: int) -> None:
+        if not args.quiet:
+            print(f"\r{done:,}/{n:,} images", end="" if done < n else "\n", file=sys.stderr, flush=True)
+
+    try:
+        with SynthClient(args.url, token=args.token, max_request_n=args.max_request_n) as client:
+            info = fetch(client, args.dataset, args.n, args.out, model=args.model, labels=args.labels,
+                         seed=args.seed, progress=progress)
+    except SynthError as error:
+        print(f"error: {service_error_text(error)}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as error:
+        print(f"error: cannot reach {args.url}: {error}", file=sys.stderr)
+        return 1
+    except FileExistsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {info['n']:,} images of {info['dataset']}/{info['model']} (seed {info['seed']}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

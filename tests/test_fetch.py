@@ -1,0 +1,97 @@
+"""python -m service.fetch: a synthetic training set on disk, as an .npz or a torchvision ImageFolder tree."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import ImageFolder
+
+from service.client import SynthClient
+from service.fetch import class_folder, fetch, main
+from service_harness import REPO, main_server
+
+
+@pytest.fixture(scope="module")
+def url(exported_dir, tmp_path_factory):
+    return main_server(exported_dir, tmp_path_factory).url
+
+
+def test_an_npz_holds_the_images_generate_gives_for_the_same_seed(url, tmp_path):
+    with SynthClient(url, max_request_n=25) as client:
+        info = fetch(client, "mnist", 47, tmp_path / "set.npz", seed=5)
+        expected, labels, names = client.generate("mnist", n=47, seed=5)
+    with np.load(tmp_path / "set.npz", allow_pickle=False) as npz:
+        assert np.array_equal(npz["images"], expected) and np.array_equal(npz["labels"], labels)
+        assert npz["class_names"].tolist() == names and int(npz["seed"]) == 5 and str(npz["model"]) == "cdcgan"
+    assert info["n"] == 47 and info["seed"] == 5 and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_folder_is_an_image_folder_whose_class_index_is_the_label(url, tmp_path):
+    out = tmp_path / "pneumonia"
+    with SynthClient(url, max_request_n=4) as client:
+        fetch(client, "pneumoniamnist", 9, out, seed=1)
+        expected, labels, _ = client.generate("pneumoniamnist", n=9, seed=1)
+    folder = ImageFolder(str(out), loader=lambda path: np.asarray(Image.open(path)))
+    assert folder.class_to_idx == {"0_normal": 0, "1_pneumonia": 1}
+    rows = list(csv.DictReader(open(out / "labels.csv", newline="", encoding="utf-8")))
+    assert [r["filename"] for r in rows] == [f"{class_folder(int(y), n, 2)}/{i:06d}.png"
+                                             for i, (y, n) in enumerate(zip(labels, ["normal", "pneumonia"] * 5))]
+    for (path, target), row in zip(folder.samples, sorted(rows, key=lambda r: r["filename"])):
+        index = int(row["filename"][-10:-4])
+        assert path.endswith(row["filename"]) and target == int(row["label"]) == labels[index]
+        assert np.array_equal(np.asarray(Image.open(path)), expected[index, :, :, 0])
+    info = json.loads((out / "info.json").read_text())
+    assert info["seed"] == 1 and info["class_names"] == ["normal", "pneumonia"] and info["image_shape"] == [28, 28, 1]
+
+
+def test_class_folders_sort_in_label_order_and_have_safe_names():
+    assert class_folder(0, "T-shirt/top", 10) == "0_T-shirt_top"
+    assert class_folder(3, "immature granulocytes(myelocytes, metamyelocytes)", 11) == \
+        "03_immature_granulocytes_myelocytes_metamyelocytes"
+    assert class_folder(-1, "", 0) == "unlabelled" and class_folder(2, "///", 3) == "2_class"
+    assert sorted(class_folder(i, "x", 12) for i in range(12)) == [class_folder(i, "x", 12) for i in range(12)]
+
+
+def test_unconditional_images_go_in_one_unlabelled_folder(url, tmp_path):
+    assert main(["mnist", "--model", "mlp_vae", "-n", "3", "--seed", "2", "--out", str(tmp_path / "vae"),
+                 "--url", url, "--quiet"]) == 0
+    assert sorted(p.relative_to(tmp_path / "vae").as_posix() for p in (tmp_path / "vae").rglob("*.png")) == \
+        ["unlabelled/000000.png", "unlabelled/000001.png", "unlabelled/000002.png"]
+
+
+def test_a_bad_request_prints_the_service_error_and_writes_nothing(url, tmp_path, capsys):
+    assert main(["mnist", "-n", "4", "--labels", "cat", "--out", str(tmp_path / "x.npz"), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "HTTP 400" in err and "labels" in err and '"9"' in err  # the field and its allowed values
+    assert main(["cifar10", "-n", "4", "--out", str(tmp_path / "y"), "--url", url]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_file_or_non_empty_folder_is_not_overwritten(url, tmp_path, capsys):
+    (tmp_path / "set.npz").write_bytes(b"mine")
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "notes.txt").write_text("mine")
+    for out in ("set.npz", "tree"):
+        assert main(["mnist", "-n", "2", "--out", str(tmp_path / out), "--url", url]) == 2
+        assert "exists" in capsys.readouterr().err
+    assert (tmp_path / "set.npz").read_bytes() == b"mine" and len(list((tmp_path / "tree").iterdir())) == 1
+
+
+def test_an_unreachable_service_is_one_clear_line(tmp_path, capsys):
+    assert main(["mnist", "-n", "2", "--out", str(tmp_path / "x.npz"), "--url", "http://127.0.0.1:9"]) == 1
+    assert "cannot reach http://127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_the_command_runs_without_torch(url, tmp_path):
+    code = ("import sys, service.fetch; assert 'torch' not in sys.modules; "
+            f"sys.exit(service.fetch.main(['mnist', '-n', '2', '--out', {str(tmp_path / 'a.npz')!r}, '--url', {url!r}]))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 images of mnist/cdcgan" in done.stdout

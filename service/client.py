@@ -7,6 +7,7 @@
     images.shape, images.dtype   # (256, 28, 28, 1) uint8, N x H x W x C; labels int64 (-1: unconditional)
     client.last_seed             # the seed the server used (drawn by it when seed=None)
     images, labels, _ = client.generate("mnist", n=60_000, seed=0)  # above the server's max_n: several requests
+    for start, batch in client.iter_batches("mnist", n=600_000, seed=0): ...  # a Batch per request
     client.models()["datasets"]  # the catalog
     path = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
 

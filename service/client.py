@@ -27,7 +27,7 @@ import time
 import httpx
 import numpy as np
 
-from .encoders import decode_npz
+from .encoders import Batch, decode_npz
 
 MAX_SEED = 2**63 - 1
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -44,6 +44,21 @@ def chunk_seed(seed: int, index: int) -> int:
         return seed
     high, low = np.random.SeedSequence([seed, index]).generate_state(2, np.uint32).tolist()
     return ((high << 32) | low) & MAX_SEED
+
+
+def join_batches(parts, n: int) -> Batch:
+    """One Batch of n rows from the (start, Batch) parts that `SynthClient.iter_batches` yields; its meta is the
+    first part's, whose seed is the seed of the whole. A single part is returned as it is, without a copy."""
+    joined = None
+    for start, batch in parts:
+        if start == 0 and len(batch.images) == n:
+            return batch
+        if joined is None:
+            joined = Batch(images=np.empty((n, *batch.images.shape[1:]), dtype=batch.images.dtype),
+                           labels=np.empty(n, dtype=np.int64), class_names=batch.class_names, meta=batch.meta)
+        stop = start + len(batch.images)
+        joined.images[start:stop], joined.labels[start:stop] = batch.images, batch.labels
+    return joined
 
 
 class SynthError(RuntimeError):
@@ -136,23 +151,15 @@ class SynthClient:
         first request uses `seed` itself, so the batch starts with the images one request with that seed
         gives. The same call with the same seed gives the same images on a server with the same max_n.
         """
-        images = label_ids = class_names = None
-        for start, batch in self.iter_batches(dataset, n, model, labels, seed):
-            if start == 0 and len(batch.images) == n:
-                return batch.images, batch.labels, batch.class_names  # one request: no copy
-            if images is None:
-                images = np.empty((n, *batch.images.shape[1:]), dtype=batch.images.dtype)
-                label_ids, class_names = np.empty(n, dtype=np.int64), batch.class_names
-            stop = start + len(batch.images)
-            images[start:stop], label_ids[start:stop] = batch.images, batch.labels
-        return images, label_ids, class_names
+        batch = join_batches(self.iter_batches(dataset, n, model, labels, seed), n)
+        return batch.images, batch.labels, batch.class_names
 
     def iter_batches(self, dataset: str, n: int, model: str | None = None, labels=None, seed: int | None = None):
         """Yield (start, Batch) for rows start.. of the images `generate` returns, one request at a time, so a
         set of any size can be written out without holding all of it (`python -m service.fetch`). `last_seed`
         is set once the first request has answered. n below 1 is sent as is, for the server's 400."""
-        rows = self.chunk_rows(dataset, model, labels) if n > 1 else n
-        for index, start in enumerate(range(0, n, rows) if n > 1 else (0,)):
+        rows = self.chunk_rows(dataset, model, labels) if n > 1 else 1
+        for index, start in enumerate(range(0, max(n, 1), rows)):
             stop = min(start + rows, n)
             part = labels[start:stop] if isinstance(labels, (list, tuple)) else labels
             batch = self._generate(dataset, model, stop - start, part, seed if index == 0 else chunk_seed(seed, index))

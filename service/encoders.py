@@ -195,25 +195,30 @@ def split_png_grid(data: bytes, n: int, height: int, width: int, columns: int | 
     return out
 
 
-def _name_width(n: int) -> int:
+def image_name_width(n: int) -> int:
+    """Digits of an image's row number in its file name (000000.png ...), for a set of n images."""
     return max(6, len(str(n - 1)))
+
+
+def labels_csv(filenames: list[str], labels: list[int], class_names: list[str]) -> str:
+    """labels.csv of a set of image files: filename,label,class_name (class_name "" for a label of -1)."""
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)  # RFC 4180: CRLF rows, fields with commas, quotes or line breaks quoted
+    writer.writerow(["filename", "label", "class_name"])
+    writer.writerows([name, label, class_names[label] if label >= 0 else ""] for name, label in zip(filenames, labels))
+    return table.getvalue()
 
 
 def encode_zip(batch: Batch) -> bytes:
     n = len(batch.images)
-    width = _name_width(n)
+    width = image_name_width(n)
     names = [f"images/{i:0{width}d}.png" for i in range(n)]
-    table = io.StringIO(newline="")
-    writer = csv.writer(table)  # RFC 4180: CRLF rows, fields with commas, quotes or line breaks quoted
-    writer.writerow(["filename", "label", "class_name"])
-    for name, label in zip(names, batch.labels.tolist()):
-        writer.writerow([name, label, batch.class_names[label] if label >= 0 else ""])
     info = {**batch.meta, "n": n, "image_shape": list(batch.images.shape[1:]), "class_names": batch.class_names}
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
         for name, image in zip(names, batch.images):
             archive.writestr(_zip_entry(name), png_bytes(image))
-        archive.writestr(_zip_entry("labels.csv"), table.getvalue())
+        archive.writestr(_zip_entry("labels.csv"), labels_csv(names, batch.labels.tolist(), batch.class_names))
         archive.writestr(_zip_entry("info.json"), json.dumps(info, indent=2) + "\n")
     return buf.getvalue()
 

@@ -29,7 +29,6 @@ name, then renamed); in a folder it leaves the images written so far and no labe
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import re
@@ -37,10 +36,9 @@ import sys
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from .client import SynthClient, SynthError
-from .encoders import Batch, encode_npz, png_bytes
+from .client import SynthClient, SynthError, join_batches
+from .encoders import encode_npz, image_name_width, labels_csv, png_bytes
 
 DEFAULT_URL = "http://127.0.0.1:3000"
 UNLABELLED = "unlabelled"
@@ -63,27 +61,26 @@ def fetch(client: SynthClient, dataset: str, n: int, out: Path, model: str | Non
           seed: int | None = None, progress=None) -> dict:
     """Write n images of `dataset` to `out` (a .npz file, or an ImageFolder tree); return what info.json holds.
 
-    `progress(done, n)` is called after each request."""
+    `progress(done, n)` is called as each request's answer arrives."""
     out = Path(out)
     to_npz = out.suffix == ".npz"
     if to_npz and out.exists():
         raise FileExistsError(f"{out} exists; give a new --out")
     if not to_npz and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; give a new --out")
-    width = max(6, len(str(n - 1)))
-    first: Batch | None = None
-    images = label_ids = None
-    rows: list[tuple[str, int, str]] = []
-    folders: set[str] = set()
-    for start, batch in client.iter_batches(dataset, n, model=model, labels=labels, seed=seed):
-        first = first or batch
-        if to_npz:
-            if images is None:
-                images = np.empty((n, *batch.images.shape[1:]), dtype=np.uint8)
-                label_ids = np.empty(n, dtype=np.int64)
-            images[start:start + len(batch.images)] = batch.images
-            label_ids[start:start + len(batch.labels)] = batch.labels
-        else:
+    parts = client.iter_batches(dataset, n, model=model, labels=labels, seed=seed)
+    if progress:
+        parts = reporting(parts, n, progress)
+    if to_npz:
+        first = join_batches(parts, n)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        partial.write_bytes(encode_npz(first))
+        partial.replace(out)
+    else:
+        first, filenames, label_list, folders, width = None, [], [], set(), image_name_width(n)
+        for start, batch in parts:
+            first = first or batch
             for row, (image, label) in enumerate(zip(batch.images, batch.labels.tolist()), start):
                 folder = class_folder(label, batch.class_names[label] if label >= 0 else "", len(batch.class_names))
                 if folder not in folders:
@@ -91,26 +88,22 @@ def fetch(client: SynthClient, dataset: str, n: int, out: Path, model: str | Non
                     folders.add(folder)
                 filename = f"{folder}/{row:0{width}d}.png"
                 (out / filename).write_bytes(png_bytes(image))
-                rows.append((filename, label, batch.class_names[label] if label >= 0 else ""))
-        if progress:
-            progress(start + len(batch.images), n)
-    info = {"dataset": first.meta["dataset"], "model": first.meta["model"], "seed": client.last_seed, "n": n,
-            "labels": "balanced" if labels is None else labels, "image_shape": list(first.images.shape[1:]),
-            "class_names": first.class_names}
-    if to_npz:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial = out.with_name(out.name + ".partial")
-        partial.write_bytes(encode_npz(Batch(images=images, labels=label_ids, class_names=first.class_names,
-                                             meta={"dataset": info["dataset"], "model": info["model"],
-                                                   "seed": info["seed"]})))
-        partial.replace(out)
-    else:
-        with open(out / "labels.csv", "w", newline="", encoding="utf-8") as table:
-            writer = csv.writer(table)
-            writer.writerow(["filename", "label", "class_name"])
-            writer.writerows(rows)
+                filenames.append(filename)
+                label_list.append(label)
+    info = {**first.meta, "n": n, "labels": "balanced" if labels is None else labels,
+            "image_shape": list(first.images.shape[1:]), "class_names": first.class_names}
+    if not to_npz:
+        (out / "labels.csv").write_text(labels_csv(filenames, label_list, first.class_names), encoding="utf-8",
+                                        newline="")
         (out / "info.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
+
+
+def reporting(parts, n: int, progress):
+    """The parts of `SynthClient.iter_batches`, calling progress(done, n) as each request's answer arrives."""
+    for start, batch in parts:
+        progress(start + len(batch.images), n)
+        yield start, batch
 
 
 def build_parser() -> argparse.ArgumentParser:

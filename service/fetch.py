@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileExistsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {info['n']:,} image{'s' if info['n'] != 1 else ''} of {info['dataset']}/{info['model']} (seed {info['seed']}) to {args.out}")
+    images = f"{info['n']:,} image{'s' if info['n'] != 1 else ''}"
+    print(f"wrote {images} of {info['dataset']}/{info['model']} (seed {info['seed']}) to {args.out}")
     return 0
 
 

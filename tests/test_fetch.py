@@ -90,8 +90,8 @@ def test_an_unreachable_service_is_one_clear_line(tmp_path, capsys):
 
 
 def test_the_command_runs_without_torch(url, tmp_path):
-    code = ("import sys, service.fetch; assert 'torch' not in sys.modules; "
-            f"sys.exit(service.fetch.main(['mnist', '-n', '2', '--out', {str(tmp_path / 'a.npz')!r}, '--url', {url!r}]))")
+    argv = ["mnist", "-n", "2", "--out", str(tmp_path / "a.npz"), "--url", url]
+    code = f"import sys, service.fetch; assert 'torch' not in sys.modules; sys.exit(service.fetch.main({argv!r}))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "wrote 2 images of mnist/cdcgan" in done.stdout

@@ -7,6 +7,7 @@
     images.shape, images.dtype   # (256, 28, 28, 1) uint8, N x H x W x C; labels int64 (-1: unconditional)
     client.last_seed             # the seed the server used (drawn by it when seed=None)
     images, labels, _ = client.generate("mnist", n=60_000, seed=0)  # above the server's max_n: several requests
+    images, labels, _ = client.generate("mnist", n=256, seed=0, temperature=0.8)  # nearer each class's centre
     for start, batch in client.iter_batches("mnist", n=600_000, seed=0): ...  # a Batch per request
     client.models()["datasets"]  # the catalog
     path = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
@@ -141,8 +142,8 @@ class SynthClient:
             raise SynthError(response.status_code, error_body(response))
         return response
 
-    def generate(self, dataset: str, n: int = 64, model: str | None = None, labels=None,
-                 seed: int | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def generate(self, dataset: str, n: int = 64, model: str | None = None, labels=None, seed: int | None = None,
+                 temperature: float | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(images uint8 N x H x W x C, labels int64 N, class_names); the seed used is in `last_seed`.
 
         n above what one request may ask (`chunk_rows`) comes in several requests: request i gives rows
@@ -150,11 +151,13 @@ class SynthClient:
         labels m is a multiple of the class count, so the batch is balanced as one request's would be). The
         first request uses `seed` itself, so the batch starts with the images one request with that seed
         gives. The same call with the same seed gives the same images on a server with the same max_n.
+        `temperature` (0..2, default 1) scales the latent noise of every request (see the service's /generate).
         """
-        batch = join_batches(self.iter_batches(dataset, n, model, labels, seed), n)
+        batch = join_batches(self.iter_batches(dataset, n, model, labels, seed, temperature), n)
         return batch.images, batch.labels, batch.class_names
 
-    def iter_batches(self, dataset: str, n: int, model: str | None = None, labels=None, seed: int | None = None):
+    def iter_batches(self, dataset: str, n: int, model: str | None = None, labels=None, seed: int | None = None,
+                     temperature: float | None = None):
         """Yield (start, Batch) for rows start.. of the images `generate` returns, one request at a time, so a
         set of any size can be written out without holding all of it (`python -m service.fetch`). `last_seed`
         is set once the first request has answered. n below 1 is sent as is, for the server's 400."""
@@ -162,7 +165,8 @@ class SynthClient:
         for index, start in enumerate(range(0, max(n, 1), rows)):
             stop = min(start + rows, n)
             part = labels[start:stop] if isinstance(labels, (list, tuple)) else labels
-            batch = self._generate(dataset, model, stop - start, part, seed if index == 0 else chunk_seed(seed, index))
+            batch = self._generate(dataset, model, stop - start, part, seed if index == 0 else chunk_seed(seed, index),
+                                   temperature)
             if index == 0:
                 seed = self.last_seed = int(batch.meta["seed"])  # drawn by the server when the caller gave none
             yield start, batch
@@ -180,9 +184,10 @@ class SynthClient:
             return limit  # an unknown name gets the server's 404 from the first request
         return limit // entry["num_classes"] * entry["num_classes"] or limit
 
-    def _generate(self, dataset: str, model: str | None, n: int, labels, seed: int | None):
+    def _generate(self, dataset: str, model: str | None, n: int, labels, seed: int | None,
+                  temperature: float | None = None):
         response = self._post("/generate", {"dataset": dataset, "model": model, "n": n, "labels": labels,
-                                            "seed": seed, "format": "npz"})
+                                            "seed": seed, "temperature": temperature, "format": "npz"})
         return decode_npz(response.content)
 
     def generate_bytes(self, dataset: str, format: str, **fields) -> bytes:
@@ -193,9 +198,10 @@ class SynthClient:
         return self._post("/models", {}).json()
 
     def interpolate(self, dataset: str, seed_start: int = 0, seed_end: int = 1, steps: int = 8,
-                    model: str | None = None, label=None, method: str = "slerp") -> np.ndarray:
+                    model: str | None = None, label=None, method: str = "slerp",
+                    temperature: float | None = None) -> np.ndarray:
         """uint8 steps x H x W x C images from the seed_start image to the seed_end image."""
         response = self._post("/interpolate", {"dataset": dataset, "model": model, "seed_start": seed_start,
                                                "seed_end": seed_end, "steps": steps, "label": label,
-                                               "method": method, "format": "npz"})
+                                               "method": method, "temperature": temperature, "format": "npz"})
         return decode_npz(response.content).images

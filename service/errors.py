@@ -68,6 +68,8 @@ def _rule(field: str, allowed) -> str:
         return f"{field} must be one of {', '.join(repr(v) for v in allowed)}"
     if allowed.get("type") == "integer":
         return f"{field} must be an integer in {allowed.get('minimum', '-inf')}..{allowed.get('maximum', 'inf')}"
+    if allowed.get("type") == "number":
+        return f"{field} must be a number from {allowed.get('minimum', '-inf')} to {allowed.get('maximum', 'inf')}"
     if allowed.get("type") == "string":
         return f"{field} must be a string of at most {allowed['maxLength']} characters" if "maxLength" in allowed \
             else f"{field} must be a string"

@@ -10,7 +10,7 @@ torchvision's ImageFolder layout, written request by request, so a set need not 
 
     pneumonia/0_normal/000000.png, pneumonia/1_pneumonia/000001.png, ...   one folder per class
     pneumonia/labels.csv    filename,label,class_name (as the service's zip format)
-    pneumonia/info.json     dataset, model, seed, n, labels, image_shape, class_names
+    pneumonia/info.json     dataset, model, seed, temperature (when not 1), n, labels, image_shape, class_names
 
 A class folder is `<label id>_<class name>` (the id zero-padded, the name with anything but letters, digits,
 `.` and `-` made `_`), so the folders sort in label order and ImageFolder's class index is the label id when
@@ -58,7 +58,7 @@ def parse_labels(text: str):
 
 
 def fetch(client: SynthClient, dataset: str, n: int, out: Path, model: str | None = None, labels=None,
-          seed: int | None = None, progress=None) -> dict:
+          seed: int | None = None, temperature: float | None = None, progress=None) -> dict:
     """Write n images of `dataset` to `out` (a .npz file, or an ImageFolder tree); return what info.json holds.
 
     `progress(done, n)` is called as each request's answer arrives."""
@@ -68,7 +68,7 @@ def fetch(client: SynthClient, dataset: str, n: int, out: Path, model: str | Non
         raise FileExistsError(f"{out} exists; give a new --out")
     if not to_npz and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not an empty folder; give a new --out")
-    parts = client.iter_batches(dataset, n, model=model, labels=labels, seed=seed)
+    parts = client.iter_batches(dataset, n, model=model, labels=labels, seed=seed, temperature=temperature)
     if progress:
         parts = reporting(parts, n, progress)
     if to_npz:
@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--labels", type=parse_labels, default=None,
                         help='"balanced" (default), or one class id or name for every image')
     parser.add_argument("--seed", type=int, help="0..2**63-1; omitted, the server draws one (printed)")
+    parser.add_argument("--temperature", type=float, help="0..2, the scale of the latent noise (default 1; below 1 "
+                                                          "fewer odd images and less variety)")
     parser.add_argument("--url", default=os.environ.get("SYNTHGEN_URL", DEFAULT_URL),
                         help=f"the service (default: $SYNTHGEN_URL or {DEFAULT_URL})")
     parser.add_argument("--token", default=os.environ.get("SYNTHGEN_API_TOKEN"),
@@ -146,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with SynthClient(args.url, token=args.token, max_request_n=args.max_request_n) as client:
             info = fetch(client, args.dataset, args.n, args.out, model=args.model, labels=args.labels,
-                         seed=args.seed, progress=progress)
+                         seed=args.seed, temperature=args.temperature, progress=progress)
     except SynthError as error:
         print(f"error: {service_error_text(error)}", file=sys.stderr)
         return 1

@@ -1,10 +1,13 @@
 """The fixed, documented rules that make a request reproducible: latents from the seed, labels, uint8 images.
 
     z        = numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal((n, latent_dim), dtype=float32)
+               times float32(temperature) when the request gives a temperature other than 1 (0..2)
     labels   "balanced" -> [0, 1, ..., k-1, 0, 1, ...]; one id/name -> that class n times; a list -> as given
     images   uint8 = clip(rint(x * 255), 0, 255) (round half to even), laid out N x H x W x C
 
-Row i of z depends only on (seed, i), so a request with the same seed and a larger n starts with the same
+The temperature scales the noise the generator was trained on, N(0, I): below 1 the images keep nearer the
+centre of each class (fewer odd ones, less variety; GANs' "truncation trick"), above 1 they spread wider, and 0
+gives every image of a class the same, central one. Row i of z depends only on (seed, i), so a request with the same seed and a larger n starts with the same
 images, and /interpolate with seed_start=s starts at the image /generate returns for n=1, seed=s.
 Unconditional models get label -1 for every image.
 """
@@ -20,19 +23,22 @@ UNCONDITIONAL_LABEL = -1
 INTERPOLATION_METHODS = ("slerp", "lerp")
 
 
-def latents(seed: int, n: int, latent_dim: int) -> np.ndarray:
-    return np.random.Generator(np.random.PCG64(seed)).standard_normal((n, latent_dim), dtype=np.float32)
+def latents(seed: int, n: int, latent_dim: int, temperature: float = 1.0) -> np.ndarray:
+    z = np.random.Generator(np.random.PCG64(seed)).standard_normal((n, latent_dim), dtype=np.float32)
+    if temperature != 1.0:
+        z *= np.float32(temperature)
+    return z
 
 
 def interpolation_latents(seed_start: int, seed_end: int, steps: int, latent_dim: int,
-                          method: str = "slerp") -> np.ndarray:
+                          method: str = "slerp", temperature: float = 1.0) -> np.ndarray:
     """`steps` latents from z(seed_start) to z(seed_end), both ends exact; slerp keeps the Gaussian norm."""
-    a = latents(seed_start, 1, latent_dim)[0].astype(np.float64)
-    b = latents(seed_end, 1, latent_dim)[0].astype(np.float64)
+    a = latents(seed_start, 1, latent_dim, temperature)[0].astype(np.float64)
+    b = latents(seed_end, 1, latent_dim, temperature)[0].astype(np.float64)
     t = np.linspace(0.0, 1.0, steps)[:, None]
-    cos = float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
-    omega = np.arccos(np.clip(cos, -1.0, 1.0))
-    if method == "lerp" or np.sin(omega) < 1e-6:  # (anti)parallel ends: slerp degenerates to lerp
+    norms = np.linalg.norm(a) * np.linalg.norm(b)
+    omega = np.arccos(np.clip(float(np.dot(a, b) / norms), -1.0, 1.0)) if norms > 0 else 0.0
+    if method == "lerp" or np.sin(omega) < 1e-6:  # (anti)parallel or zero ends: slerp degenerates to lerp
         path = (1.0 - t) * a + t * b
     else:
         path = (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / np.sin(omega)

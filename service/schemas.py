@@ -19,6 +19,10 @@ from .config import current
 SETTINGS = current()
 MAX_SEED = 2**63 - 1
 MAX_NAME = 64  # longest dataset/model name accepted; real ones are short identifiers
+MAX_TEMPERATURE = 2.0
+TEMPERATURE_DOC = ("scale of the latent noise, z = temperature x N(0, I): below 1 fewer odd images and less "
+                   "variety (the truncation trick), above 1 the reverse, 0 one central image per class; "
+                   "default 1, the distribution the model was trained on")
 
 Format = Literal["npz", "png_grid", "zip", "json"]
 # BentoML flattens a JSON-schema "anyOf" to its first member when it builds /docs.json, which would document
@@ -60,6 +64,8 @@ class GenerateRequest(_Strict):
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED,
                                    description="random seed; omitted: one is drawn and returned (X-Seed header, "
                                                "and inside npz/zip/json)")
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                               description=TEMPERATURE_DOC)
     format: Format = Field(default="npz", description="npz (default) | png_grid | zip | json")
 
 
@@ -74,6 +80,8 @@ class InterpolateRequest(_Strict):
     label: Label = Field(
         default=None, description="conditional models: the class of every step (id or name; default class 0)")
     method: Literal["slerp", "lerp"] = Field(default="slerp", description="spherical (default) or linear path")
+    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                               description=TEMPERATURE_DOC + "; the ends are /generate's images at the same one")
     format: Format = Field(default="png_grid", description="png_grid (default, one row) | npz | zip | json")
 
 
@@ -147,6 +155,7 @@ class JsonBatch(BaseModel):
     seed_start: int | None = Field(default=None, description="interpolate")
     seed_end: int | None = Field(default=None, description="interpolate")
     method: str | None = Field(default=None, description="interpolate: slerp or lerp")
+    temperature: float | None = Field(default=None, description="the request's temperature, when it was not 1")
     n: int
     image_shape: list[int] = Field(description="[H, W, C] of every image")
     class_names: list[str]

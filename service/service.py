@@ -96,6 +96,16 @@ def request_bytes(n: int, card) -> int:
     return 4 * n * card.image_bytes + n * card.latent_dim * 4
 
 
+def temperature_meta(temperature: float) -> dict:
+    """The temperature among a batch's metadata (npz member, info.json, JSON field) when it is not the default 1,
+    so a default request's bytes do not change with the feature's existence."""
+    return {} if temperature == 1.0 else {"temperature": temperature}
+
+
+def temperature_stem(temperature: float) -> str:
+    return "" if temperature == 1.0 else f"-t{temperature:g}"
+
+
 async def _get_models(_: Request) -> Response:
     """GET /models: the same catalog as POST /models."""
     return JSONResponse(bentoml.get_current_service().catalog_info.model_dump())
@@ -261,9 +271,9 @@ class SyntheticImages:
         except ApiError as exc:
             return exc.response()
         seed = request.seed if request.seed is not None else secrets.randbits(32)
-        z = latents(seed, request.n, entry.card.latent_dim)
-        meta = {"dataset": entry.dataset, "model": entry.model, "seed": seed}
-        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}-n{request.n}"
+        z = latents(seed, request.n, entry.card.latent_dim, request.temperature)
+        meta = {"dataset": entry.dataset, "model": entry.model, "seed": seed, **temperature_meta(request.temperature)}
+        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}-n{request.n}{temperature_stem(request.temperature)}"
         response = await self._render(entry, z, labels, request.format, meta, stem)
         response.headers["X-Seed"] = str(seed)
         return response
@@ -288,12 +298,13 @@ class SyntheticImages:
                 label = -1
         except ApiError as exc:
             return exc.response()
-        z = interpolation_latents(request.seed_start, request.seed_end, request.steps, card.latent_dim, request.method)
+        z = interpolation_latents(request.seed_start, request.seed_end, request.steps, card.latent_dim, request.method,
+                                  request.temperature)
         labels = np.full(request.steps, label, dtype=np.int64)
         meta = {"dataset": entry.dataset, "model": entry.model, "seed_start": request.seed_start,
-                "seed_end": request.seed_end, "method": request.method}
+                "seed_end": request.seed_end, "method": request.method, **temperature_meta(request.temperature)}
         stem = (f"synthgen-{entry.dataset}-{entry.model}-seed{request.seed_start}-to-{request.seed_end}"
-                f"-steps{request.steps}")
+                f"-steps{request.steps}{temperature_stem(request.temperature)}")
         return await self._render(entry, z, labels, request.format, meta, stem, columns=request.steps)
 
     @bentoml.api(route="/models")

@@ -67,6 +67,17 @@ def test_more_images_than_one_request_come_in_several_with_derived_seeds(url, cl
         assert np.array_equal(small.generate("mnist", model="mlp_vae", n=30, seed=small.last_seed)[0], images)
 
 
+def test_a_temperature_applies_to_every_request_of_a_batch(url, client):
+    with SynthClient(url, max_request_n=20) as small:
+        images, _, _ = small.generate("mnist", n=30, seed=3, temperature=0.5)
+    first, _, _ = client.generate("mnist", n=20, seed=3, temperature=0.5)
+    second, _, _ = client.generate("mnist", n=10, seed=chunk_seed(3, 1), temperature=0.5)
+    assert np.array_equal(images, np.concatenate([first, second]))
+    assert not np.array_equal(first, client.generate("mnist", n=20, seed=3)[0])
+    path = client.interpolate("mnist", seed_start=3, seed_end=4, steps=3, temperature=0.5)
+    assert np.array_equal(path[0], first[0])
+
+
 def test_chunk_seeds_are_63_bit_and_unrelated_to_the_next_seed():
     seeds = [chunk_seed(s, i) for s in range(50) for i in range(1, 5)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**63 for s in seeds)

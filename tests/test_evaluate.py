@@ -235,6 +235,27 @@ def test_onnx_generator_contract(zoo):
         gen(10, None, seed=0)
 
 
+def test_onnx_generator_at_a_temperature_scales_the_noise_as_the_service_does(zoo):
+    labels = torch.tensor([3, 3, 3, 5])
+    default = ev.OnnxGenerator(zoo / "mnist/cdcgan")(4, labels, seed=0)
+    assert torch.equal(ev.OnnxGenerator(zoo / "mnist/cdcgan", temperature=1.0)(4, labels, seed=0), default)
+    centre = ev.OnnxGenerator(zoo / "mnist/cdcgan", temperature=0.0)(4, labels, seed=0)
+    assert torch.equal(centre[0], centre[1]) and torch.equal(centre[0], centre[2])  # z = 0: one image per class
+    assert not torch.equal(centre, default)
+
+
+def test_an_evaluation_at_another_temperature_writes_its_own_report_and_leaves_the_card(zoo, data_dir, tmp_path):
+    card = (zoo / "mnist/cdcgan/card.json").read_text()
+    (_, metrics), = ev.main([str(zoo / "mnist/cdcgan"), "--quick", "--no-augmentation", "--temperature", "0.5",
+                             "--data-dir", str(data_dir), "--classifier-dir", str(tmp_path / "c"),
+                             "--report-dir", str(tmp_path / "eval")])
+    assert (zoo / "mnist/cdcgan/card.json").read_text() == card
+    report = json.loads((tmp_path / "eval" / "mnist__cdcgan.t0.5.json").read_text())
+    assert report["settings"]["temperature"] == 0.5 and report["metrics"]["fid"] == metrics["fid"]
+    with pytest.raises(SystemExit):
+        ev.main([str(zoo / "mnist/cdcgan"), "--quick", "--temperature", "2.5"])
+
+
 def test_fractions_parser():
     assert ev._floats("1%,10%,100%") == (0.01, 0.1, 1.0)
     assert ev._floats("0.25, 1") == (0.25, 1.0)

@@ -32,6 +32,17 @@ def test_an_npz_holds_the_images_generate_gives_for_the_same_seed(url, tmp_path)
     assert info["n"] == 47 and info["seed"] == 5 and not list(tmp_path.glob("*.partial"))
 
 
+def test_a_temperature_is_fetched_and_recorded(url, tmp_path):
+    assert main(["mnist", "-n", "12", "--seed", "2", "--temperature", "0.6", "--out", str(tmp_path / "cool"),
+                 "--url", url, "--quiet"]) == 0
+    info = json.loads((tmp_path / "cool" / "info.json").read_text())
+    assert info["temperature"] == 0.6
+    with SynthClient(url) as client:
+        expected, _, _ = client.generate("mnist", n=12, seed=2, temperature=0.6)
+    first = np.asarray(Image.open(tmp_path / "cool" / "0_0" / "000000.png"))
+    assert np.array_equal(first, expected[0, :, :, 0])
+
+
 def test_a_folder_is_an_image_folder_whose_class_index_is_the_label(url, tmp_path):
     out = tmp_path / "pneumonia"
     with SynthClient(url, max_request_n=4) as client:

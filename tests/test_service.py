@@ -220,6 +220,49 @@ def test_default_model_is_used_when_none_is_named(http):
     assert ok(generate(http, dataset="mnist", n=1, seed=0)).headers["x-model"] == "cdcgan"
 
 
+# --- temperature --------------------------------------------------------------------------------------------
+
+def test_temperature_one_is_the_default_byte_for_byte(http):
+    assert ok(generate(http, n=6, seed=4, temperature=1, **MNIST)).content == \
+        ok(generate(http, n=6, seed=4, **MNIST)).content
+
+
+def test_a_temperature_is_reproducible_recorded_and_named_in_the_filename(http):
+    response = ok(generate(http, n=6, seed=4, temperature=0.5, **MNIST))
+    assert ok(generate(http, n=6, seed=4, temperature=0.5, **MNIST)).content == response.content
+    batch = encoders.decode_npz(response.content)
+    assert batch.meta["temperature"] == 0.5
+    assert response.headers["content-disposition"] == 'attachment; filename="synthgen-mnist-cdcgan-seed4-n6-t0.5.npz"'
+    assert not np.array_equal(batch.images, npz(http, n=6, seed=4, **MNIST).images)
+    info = json.loads(ok(generate(http, n=2, seed=4, temperature=0.5, format="json", **MNIST)).content)
+    assert info["temperature"] == 0.5
+
+
+def test_a_lower_temperature_keeps_images_nearer_the_centre_of_their_class(http):
+    centre = npz(http, n=1, seed=0, labels=3, temperature=0, **MNIST).images.astype(float)
+    assert np.array_equal(npz(http, n=8, seed=5, labels=3, temperature=0, **MNIST).images,
+                          np.repeat(centre.astype(np.uint8), 8, axis=0))  # 0: one image per class
+    spread = {t: np.abs(npz(http, n=64, seed=1, labels=3, temperature=t, **MNIST).images - centre).mean()
+              for t in (0.25, 1.0, 2.0)}
+    assert spread[0.25] < spread[1.0] < spread[2.0], spread
+
+
+def test_an_interpolation_at_a_temperature_ends_at_the_images_generate_gives_at_it(http):
+    path = encoders.decode_npz(ok(http.post("/interpolate", json={
+        **MNIST, "seed_start": 4, "seed_end": 11, "steps": 5, "label": 2, "temperature": 0.7, "format": "npz"})).content)
+    assert np.array_equal(path.images[0], npz(http, n=1, seed=4, labels=2, temperature=0.7, **MNIST).images[0])
+    assert np.array_equal(path.images[-1], npz(http, n=1, seed=11, labels=2, temperature=0.7, **MNIST).images[0])
+    assert path.meta["temperature"] == 0.7
+
+
+def test_a_temperature_out_of_range_gives_its_range(http):
+    for bad in (2.5, -1, "hot", True):
+        body = error(generate(http, **MNIST, n=2, temperature=bad), 400)
+        assert body["detail"] == [{"loc": ["temperature"], "msg": "temperature must be a number from 0.0 to 2.0",
+                                   "type": body["detail"][0]["type"],
+                                   "allowed": {"type": "number", "minimum": 0.0, "maximum": 2.0}}], body
+
+
 # --- interpolation ------------------------------------------------------------------------------------------
 
 def test_interpolation_starts_and_ends_at_the_seed_images(http):
@@ -307,7 +350,7 @@ def test_a_rejected_body_is_logged_as_one_line_without_a_traceback(server, http)
 
 def test_an_unknown_field_lists_the_fields(http):
     body = error(generate(http, **MNIST, lables=[1]), 400)
-    assert body["detail"][0]["allowed"] == ["dataset", "model", "n", "labels", "seed", "format"]
+    assert body["detail"][0]["allowed"] == ["dataset", "model", "n", "labels", "seed", "temperature", "format"]
 
 
 def test_wrong_methods_and_unknown_routes_get_json_errors(http):

@@ -150,6 +150,9 @@ def test_latents_follow_the_documented_rule():
     expected = np.random.Generator(np.random.PCG64(123)).standard_normal((5, 7), dtype=np.float32)
     assert np.array_equal(latents(123, 5, 7), expected)
     assert np.array_equal(latents(123, 9, 7)[:5], expected)  # a larger n extends a smaller one
+    assert np.array_equal(latents(123, 5, 7, temperature=0.7), expected * np.float32(0.7))
+    assert np.array_equal(latents(123, 5, 7, temperature=1.0), expected)
+    assert not latents(123, 5, 7, temperature=0.0).any()
 
 
 @pytest.mark.parametrize("method", ["slerp", "lerp"])
@@ -157,6 +160,13 @@ def test_interpolation_ends_are_exactly_the_seed_latents(method):
     path = interpolation_latents(3, 8, 5, 16, method)
     assert path.shape == (5, 16) and path.dtype == np.float32
     assert np.array_equal(path[0], latents(3, 1, 16)[0]) and np.array_equal(path[-1], latents(8, 1, 16)[0])
+    cooler = interpolation_latents(3, 8, 5, 16, method, temperature=0.6)
+    assert np.array_equal(cooler[0], latents(3, 1, 16, 0.6)[0]) and np.array_equal(cooler[-1], latents(8, 1, 16, 0.6)[0])
+    assert np.allclose(cooler, path * 0.6, atol=1e-6)  # the same path, nearer the centre
+
+
+def test_an_interpolation_at_temperature_zero_stays_at_the_centre():
+    assert not interpolation_latents(3, 8, 5, 16, "slerp", temperature=0.0).any()
 
 
 def test_labels_rules(catalog):
@@ -420,7 +430,8 @@ generate_requests = st.fixed_dictionaries(
     optional={"model": st.text(max_size=64), "n": st.integers(1, schemas.SETTINGS.max_n),
               "labels": st.one_of(st.just("balanced"), st.integers(0, 9), st.text(max_size=10),
                                   st.lists(st.integers(0, 9) | st.text(max_size=5), max_size=20)),
-              "seed": st.integers(0, schemas.MAX_SEED), "format": st.sampled_from(encoders.FORMATS)})
+              "seed": st.integers(0, schemas.MAX_SEED), "format": st.sampled_from(encoders.FORMATS),
+              "temperature": st.floats(0.0, schemas.MAX_TEMPERATURE) | st.integers(0, 2)})
 
 
 @settings(max_examples=60, deadline=None)
@@ -434,7 +445,8 @@ def test_every_request_inside_the_schema_validates(body):
 @given(generate_requests, st.sampled_from([
     ("n", 0), ("n", schemas.SETTINGS.max_n + 1), ("n", "64"), ("n", 2.5), ("seed", -1), ("seed", 2**63),
     ("format", "gif"), ("labels", 1.5), ("labels", {"a": 1}), ("dataset", None), ("dataset", "x" * 65),
-    ("label", 3), ("model", 7),
+    ("label", 3), ("model", 7), ("temperature", -0.1), ("temperature", 2.5), ("temperature", "0.5"),
+    ("temperature", True), ("temperature", float("nan")), ("temperature", float("inf")),
 ]))
 def test_a_bad_field_is_rejected_and_named(body, bad):
     field, value = bad

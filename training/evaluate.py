@@ -325,7 +325,7 @@ def memorisation_report(generated: dict, real: dict) -> dict:
 class OnnxGenerator:
     """The exported `generator.onnx` of a model folder, run with ONNX Runtime on CPU; returns uint8 images."""
 
-    def __init__(self, model_dir: str | Path, threads: int | None = None):
+    def __init__(self, model_dir: str | Path, threads: int | None = None, temperature: float = 1.0):
         import onnxruntime as ort
 
         self.dir = Path(model_dir)
@@ -338,16 +338,18 @@ class OnnxGenerator:
         self.conditional = bool(self.card["conditional"])
         self.latent_dim = int(self.card["latent_dim"])
         self.image_shape = tuple(self.card["image_shape"])
+        self.temperature = temperature
 
     def __call__(self, n: int, labels: torch.Tensor | None, seed: int, batch_size: int = 500) -> torch.Tensor:
-        """n images as uint8 (n, C, H, W): z ~ N(0, I) from torch.Generator(seed), quantised like served PNGs."""
+        """n images as uint8 (n, C, H, W): z ~ temperature x N(0, I) from torch.Generator(seed), quantised like
+        served PNGs (the service's `temperature`: 1, the default, is the distribution the model was trained on)."""
         if self.conditional and (labels is None or len(labels) != n):
             raise ValueError("a conditional model needs one label per image")
         g = torch.Generator().manual_seed(seed)
         out = torch.empty((n, *self.image_shape), dtype=torch.uint8)
         for i in range(0, n, batch_size):
             b = min(batch_size, n - i)
-            feeds = {"z": torch.randn(b, self.latent_dim, generator=g).numpy()}
+            feeds = {"z": (torch.randn(b, self.latent_dim, generator=g) * self.temperature).numpy()}
             if self.conditional:
                 feeds["labels"] = labels[i:i + b].to(torch.int64).numpy()
             (images,) = self.session.run(None, feeds)
@@ -408,6 +410,7 @@ class Settings:
     classifier_steps: int | None = None  # set by --quick only
     batch_size: int = BATCH_SIZE  # --quick: 32
     inception_weights: str | None = None  # pytorch-fid's Inception file: adds Inception FID
+    temperature: float = 1.0  # scale of the generator's latent noise, as the service's request field
 
     def steps(self, n_train: int) -> int:
         return self.classifier_steps or classifier_steps(n_train, self.classifier_epochs)
@@ -630,8 +633,8 @@ def _round(obj, digits: int = 4):
     return obj
 
 
-def open_generator(model_dir: Path, ctx: DatasetContext) -> OnnxGenerator:
-    gen = OnnxGenerator(model_dir)
+def open_generator(model_dir: Path, ctx: DatasetContext, temperature: float = 1.0) -> OnnxGenerator:
+    gen = OnnxGenerator(model_dir, temperature=temperature)
     if tuple(gen.card["image_shape"]) != ctx.info.image_shape:
         raise ValueError(f"{model_dir}: card image_shape {gen.card['image_shape']} != {ctx.dataset} {ctx.info.image_shape}")
     return gen
@@ -641,7 +644,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
     """Run the protocol on one exported model folder; returns the metrics dict (flat keys + nested details)."""
     t0 = time.time()
     model_dir = Path(model_dir)
-    gen = open_generator(model_dir, ctx)
+    gen = open_generator(model_dir, ctx, settings.temperature)
     card, info = gen.card, ctx.info
     name = f"{card['dataset']}/{card['model']}"
     k, classes = info.num_classes, list(info.classes)
@@ -904,6 +907,8 @@ def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classif
             report = {"model_dir": str(model_dir), "dataset": dataset, "model": card["model"], "settings": asdict(settings),
                       "metrics": metrics}
             suffix = ".memorisation" if memorisation_only else ""
+            if settings.temperature != 1.0:
+                suffix += f".t{settings.temperature:g}"
             _write_json_atomic(Path(report_dir) / f"{dataset}__{card['model']}{suffix}.json", report)
         results.append((f"{dataset}/{card['model']}", metrics))
     return results
@@ -953,6 +958,10 @@ def main(argv=None) -> list[tuple[str, dict]]:
     parser.add_argument("--inception-weights", default=None,
                         help="pytorch-fid's FID Inception weights file (pt_inception-2015-12-05-6726825d.pth): also "
                              "report Inception FID (optional; slow on a CPU; nothing downloads the file)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="scale of the latent noise, as the service's request field (default: 1, the trained "
+                             "distribution); another value measures that trade-off and writes the report only, not "
+                             "the card")
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests and smoke runs (numbers meaningless)")
     parser.add_argument("--no-card", action="store_true", help="do not write card.json / manifest.json (report only)")
     parser.add_argument("--memorisation-only", action="store_true",
@@ -973,17 +982,20 @@ def main(argv=None) -> list[tuple[str, dict]]:
         if not (Path(model_dir) / CARD).is_file():
             parser.error(f"{model_dir}: no {CARD}; evaluate takes exported model folders (python -m training.export "
                          "RUN_DIR --out DIR writes DIR/<dataset>/<model>/), not training run folders")
+    if not 0.0 <= args.temperature <= 2.0:
+        parser.error(f"--temperature: {args.temperature:g} is outside 0..2, the service's range")
     if args.inception_weights and not Path(args.inception_weights).is_file():
         parser.error(f"--inception-weights: no file at {args.inception_weights}")
     common = dict(label_mix=args.label_mix, synthetic_share=args.synthetic_share, augmentation=args.augmentation,
                   fractions=args.fractions, classifier_epochs=args.classifier_epochs,
-                  inception_weights=args.inception_weights)
+                  inception_weights=args.inception_weights, temperature=args.temperature)
     if args.quick:
         settings = Settings.quick_mode(**common)
     else:
         settings = Settings(seeds=args.seeds, n_generated=args.n_generated, n_synthetic=args.n_synthetic, **common)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command,
+    write_card = not args.no_card and args.temperature == 1.0  # a card holds the figures of the served default
+    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, write_card, command,
                   args.download, args.memorisation_only)
     print(format_memorisation_table(results) if args.memorisation_only else format_table(results))
     if any(m is None for _, m in results):

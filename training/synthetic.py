@@ -25,9 +25,10 @@ from service.client import SynthClient
 
 class SyntheticDataset(Dataset):
     def __init__(self, url: str, dataset: str, n: int, model: str | None = None, labels="balanced",
-                 seed: int | None = 0, transform=None, token: str | None = None):
+                 seed: int | None = 0, transform=None, token: str | None = None, temperature: float | None = None):
         with SynthClient(url, token=token) as client:
-            images, label_ids, class_names = client.generate(dataset, n=n, model=model, labels=labels, seed=seed)
+            images, label_ids, class_names = client.generate(dataset, n=n, model=model, labels=labels, seed=seed,
+                                                             temperature=temperature)
             self.seed = client.last_seed
         # uint8 N x H x W x C -> float N x C x H x W in [0, 1], converted once here rather than per item.
         self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).float().div_(255.0)

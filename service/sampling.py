@@ -7,7 +7,9 @@
 
 The temperature scales the noise the generator was trained on, N(0, I): below 1 the images keep nearer the
 centre of each class (fewer odd ones, less variety; GANs' "truncation trick"), above 1 they spread wider, and 0
-gives every image of a class the same, central one. Row i of z depends only on (seed, i), so a request with the same seed and a larger n starts with the same
+gives every image of a class the same, central one.
+
+Row i of z depends only on (seed, i), so a request with the same seed and a larger n starts with the same
 images, and /interpolate with seed_start=s starts at the image /generate returns for n=1, seed=s.
 Unconditional models get label -1 for every image.
 """

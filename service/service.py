@@ -97,8 +97,8 @@ def request_bytes(n: int, card) -> int:
 
 
 def temperature_meta(temperature: float) -> dict:
-    """The temperature among a batch's metadata (npz member, info.json, JSON field) when it is not the default 1,
-    so a default request's bytes do not change with the feature's existence."""
+    """The temperature among a batch's metadata (npz member, info.json, JSON field) when it is not 1, so that a
+    request at 1 gives the bytes of a request without the field."""
     return {} if temperature == 1.0 else {"temperature": temperature}
 
 

@@ -252,6 +252,9 @@ def test_an_evaluation_at_another_temperature_writes_its_own_report_and_leaves_t
     assert (zoo / "mnist/cdcgan/card.json").read_text() == card
     report = json.loads((tmp_path / "eval" / "mnist__cdcgan.t0.5.json").read_text())
     assert report["settings"]["temperature"] == 0.5 and report["metrics"]["fid"] == metrics["fid"]
+    ev.run([zoo / "mnist/cdcgan"], ev.Settings.quick_mode(augmentation=False, temperature=0.5), data_dir=data_dir,
+           classifier_dir=tmp_path / "c", report_dir=None, memorisation_only=True)  # write_card left at its default
+    assert (zoo / "mnist/cdcgan/card.json").read_text() == card
     with pytest.raises(SystemExit):
         ev.main([str(zoo / "mnist/cdcgan"), "--quick", "--temperature", "2.5"])
 

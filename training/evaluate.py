@@ -879,7 +879,9 @@ def run(model_dirs: list[str | Path], settings: Settings, data_dir=None, classif
     """Evaluate several model folders (dataset contexts shared); write cards, manifests and reports.
 
     Returns (dataset/model, metrics) per folder; metrics is None for a model whose real data files are missing.
-    memorisation_only: the memorisation block alone, added to the card's metrics (the rest kept), returned as is."""
+    memorisation_only: the memorisation block alone, added to the card's metrics (the rest kept), returned as is.
+    At a temperature other than 1 only the reports are written: a card holds the figures of the served default."""
+    write_card = write_card and settings.temperature == 1.0
     contexts: dict[str, DatasetContext] = {}
     results = []
     for model_dir in model_dirs:
@@ -994,8 +996,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     else:
         settings = Settings(seeds=args.seeds, n_generated=args.n_generated, n_synthetic=args.n_synthetic, **common)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    write_card = not args.no_card and args.temperature == 1.0  # a card holds the figures of the served default
-    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, write_card, command,
+    results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command,
                   args.download, args.memorisation_only)
     print(format_memorisation_table(results) if args.memorisation_only else format_table(results))
     if any(m is None for _, m in results):

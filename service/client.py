@@ -8,6 +8,7 @@
     client.last_seed             # the seed the server used (drawn by it when seed=None)
     images, labels, _ = client.generate("mnist", n=60_000, seed=0)  # above the server's max_n: several requests
     images, labels, _ = client.generate("mnist", n=256, seed=0, temperature=0.8)  # nearer each class's centre
+    images, labels, _ = client.generate("pneumoniamnist", labels={"normal": 300, "pneumonia": 100}, seed=0)  # n=400
     for start, batch in client.iter_batches("mnist", n=600_000, seed=0): ...  # a Batch per request
     client.models()["datasets"]  # the catalog
     path = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
@@ -31,10 +32,28 @@ import numpy as np
 from .encoders import Batch, decode_npz
 
 MAX_SEED = 2**63 - 1
+DEFAULT_N = 64  # the service's default n
 RETRY_STATUSES = (429, 502, 503, 504)
 MAX_RETRY_AFTER_S = 30.0
 # Failures before the server answered: nothing was computed for the request, or its answer was cut off.
 RETRY_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError)
+
+
+def count_of(labels: dict) -> int | None:
+    """The images a labels object {class name: count} asks for, or None where a count is not an integer >= 0
+    (the service then says which)."""
+    counts = list(labels.values())
+    if all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+        return sum(counts)
+    return None
+
+
+def images_asked(n: int | None, labels) -> int:
+    """n as the service reads it: as given, else the sum of a labels object's counts, else 64."""
+    if n is not None:
+        return n
+    total = count_of(labels) if isinstance(labels, dict) else None
+    return DEFAULT_N if total is None else total
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -142,26 +161,32 @@ class SynthClient:
             raise SynthError(response.status_code, error_body(response))
         return response
 
-    def generate(self, dataset: str, n: int = 64, model: str | None = None, labels=None, seed: int | None = None,
-                 temperature: float | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def generate(self, dataset: str, n: int | None = None, model: str | None = None, labels=None,
+                 seed: int | None = None, temperature: float | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """(images uint8 N x H x W x C, labels int64 N, class_names); the seed used is in `last_seed`.
 
+        `labels` as the service takes them; n defaults to 64, or to the sum of a labels object's counts.
         n above what one request may ask (`chunk_rows`) comes in several requests: request i gives rows
-        i*m.. of the batch with seed `chunk_seed(seed, i)` and its slice of a labels list (for "balanced"
-        labels m is a multiple of the class count, so the batch is balanced as one request's would be). The
-        first request uses `seed` itself, so the batch starts with the images one request with that seed
-        gives. The same call with the same seed gives the same images on a server with the same max_n.
-        `temperature` (0..2, default 1) scales the latent noise of every request (see the service's /generate).
+        i*m.. of the batch with seed `chunk_seed(seed, i)` and its slice of a labels list (a labels object is
+        sent as the list it stands for; for "balanced" labels m is a multiple of the class count, so the batch
+        is balanced as one request's would be). The first request uses `seed` itself, so the batch starts with
+        the images one request with that seed gives. The same call with the same seed gives the same images on
+        a server with the same max_n. `temperature` (0..2, default 1) scales the latent noise of every request
+        (see the service's /generate).
         """
+        n = images_asked(n, labels)
         batch = join_batches(self.iter_batches(dataset, n, model, labels, seed, temperature), n)
         return batch.images, batch.labels, batch.class_names
 
-    def iter_batches(self, dataset: str, n: int, model: str | None = None, labels=None, seed: int | None = None,
-                     temperature: float | None = None):
+    def iter_batches(self, dataset: str, n: int | None = None, model: str | None = None, labels=None,
+                     seed: int | None = None, temperature: float | None = None):
         """Yield (start, Batch) for rows start.. of the images `generate` returns, one request at a time, so a
         set of any size can be written out without holding all of it (`python -m service.fetch`). `last_seed`
         is set once the first request has answered. n below 1 is sent as is, for the server's 400."""
+        n = images_asked(n, labels)
         rows = self.chunk_rows(dataset, model, labels) if n > 1 else 1
+        if isinstance(labels, dict) and n > rows and count_of(labels) == n:
+            labels = [name for name, count in labels.items() for _ in range(count)]  # the same images, sliceable
         for index, start in enumerate(range(0, max(n, 1), rows)):
             stop = min(start + rows, n)
             part = labels[start:stop] if isinstance(labels, (list, tuple)) else labels

@@ -62,6 +62,11 @@ def _allowed(prop: dict) -> list | dict:
     return {k: v for k, v in prop.items() if k not in ("title", "description", "default")}
 
 
+def _shape(allowed: dict, json_type: str) -> dict:
+    """The branch of a "oneOf" schema (`labels`) that takes one JSON type: "array", "object", ..."""
+    return next(branch for branch in allowed.get("oneOf", []) if branch.get("type") == json_type)
+
+
 def _rule(field: str, allowed) -> str:
     """A field's rule in words, for the sentence of an error."""
     if isinstance(allowed, list):
@@ -74,8 +79,10 @@ def _rule(field: str, allowed) -> str:
         return f"{field} must be a string of at most {allowed['maxLength']} characters" if "maxLength" in allowed \
             else f"{field} must be a string"
     if field == "labels":
-        return ("labels must be 'balanced', one class id (integer) or class name (string), or a list of n of them "
-                f"(at most {allowed['oneOf'][-1].get('maxItems')} items)")
+        return ("labels must be 'balanced', one class id (integer) or class name (string), a list of n of them "
+                f"(at most {_shape(allowed, 'array').get('maxItems')} items), or an object of class name -> count "
+                f"(integers 0..{_shape(allowed, 'object')['additionalProperties'].get('maximum')}, at most "
+                f"{_shape(allowed, 'object').get('maxProperties')} classes)")
     if field == "label":
         return "label must be a class id (integer) or a class name (string)"
     return f"{field} is not valid"
@@ -98,7 +105,11 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
             allowed = _allowed(fields[field])
             index = next((p for p in loc[1:] if isinstance(p, int)), None)
             key = (field,) if index is None else (field, index)
-            if kind == "missing":
+            count_key = loc[2] if len(loc) == 3 and str(loc[1]).startswith("dict[") else None
+            if count_key is not None:  # a bad count of a labels object: {"normal": -1}
+                key, allowed = (field, count_key), _shape(allowed, "object")["additionalProperties"]
+                msg = f"{field}[{str(count_key)[:40]!r}] must be a count, an integer in 0..{allowed.get('maximum')}"
+            elif kind == "missing":
                 msg = f"{field} is required; {_rule(field, allowed)}"
             elif kind == "too_long":
                 msg = _rule(field, allowed)
@@ -108,6 +119,8 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
                 msg = _rule(field, allowed)
         if key in items and kind != "too_long":
             continue  # the other branches of a union: one sentence per field is enough
+        if len(key) == 1 and any(len(other) > 1 and other[0] == field for other in items):
+            continue  # a later branch's error about the whole field, after a precise one about one of its items
         if key[:1] in items and len(key) > 1 or kind == "too_long":
             items.pop(key[:1], None)  # a list item's or length's error is more precise than the field's
         items[key] = {"loc": list(key), "msg": msg, "type": kind, **({"allowed": allowed} if allowed is not None else {})}

@@ -2,6 +2,7 @@
 
     python -m service.fetch mnist -n 60000 --seed 0 --out mnist-synth.npz        # one .npz
     python -m service.fetch pneumoniamnist -n 5000 --seed 0 --out pneumonia/    # an ImageFolder tree
+    python -m service.fetch pneumoniamnist --labels normal=3000,pneumonia=1000 --out mix.npz  # 4,000, by class
     synthgen-fetch ...                                                           # the same, once pip-installed
 
 `--out` ending in `.npz` writes one uncompressed .npz with the members of the service's npz format (images
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import httpx
 
-from .client import SynthClient, SynthError, join_batches
+from .client import SynthClient, SynthError, images_asked, join_batches
 from .encoders import encode_npz, image_name_width, labels_csv, png_bytes
 
 DEFAULT_URL = "http://127.0.0.1:3000"
@@ -52,16 +53,38 @@ def class_folder(label: int, name: str, num_classes: int) -> str:
     return f"{label:0{width}d}_{re.sub(r'[^A-Za-z0-9.-]+', '_', name).strip('_') or 'class'}"
 
 
+COUNT = re.compile(r"(.+?)=(\d+)(?:,|$)")  # name=count; names may hold commas (BloodMNIST's do), not "="
+
+
 def parse_labels(text: str):
-    """The --labels value as the service takes it: "balanced", or one class id (an int) or class name."""
+    """The --labels value as the service takes it: "balanced", one class id (an int) or class name, or class
+    counts as "name=count,name=count" (or a JSON object), which the service takes as a labels object."""
+    if text.lstrip().startswith("{"):
+        try:
+            counts = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise argparse.ArgumentTypeError(f"not a JSON object of class name -> count: {error}") from None
+        if not isinstance(counts, dict):
+            raise argparse.ArgumentTypeError("not a JSON object of class name -> count")
+        return counts
+    if "=" in text:
+        pairs = COUNT.findall(text)
+        if "".join(f"{name}={count}," for name, count in pairs) != text + ",":
+            raise argparse.ArgumentTypeError(f"{text!r}: class counts are written name=count,name=count "
+                                             "(counts are integers)")
+        counts = {name: int(count) for name, count in pairs}
+        if len(counts) < len(pairs):
+            raise argparse.ArgumentTypeError(f"{text!r}: a class is given twice")
+        return counts
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def fetch(client: SynthClient, dataset: str, n: int, out: Path, model: str | None = None, labels=None,
+def fetch(client: SynthClient, dataset: str, n: int | None, out: Path, model: str | None = None, labels=None,
           seed: int | None = None, temperature: float | None = None, progress=None) -> dict:
     """Write n images of `dataset` to `out` (a .npz file, or an ImageFolder tree); return what info.json holds.
 
-    `progress(done, n)` is called as each request's answer arrives."""
+    n None: the sum of a labels object's counts. `progress(done, n)` is called as each request's answer arrives."""
+    n = images_asked(n, labels)
     out = Path(out)
     to_npz = out.suffix == ".npz"
     if to_npz and out.exists():
@@ -110,12 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service.fetch", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("dataset", help="a dataset id from the service's /models, e.g. mnist")
-    parser.add_argument("-n", type=int, required=True, help="how many images (any number; large sets come in "
-                                                             "several requests)")
+    parser.add_argument("-n", type=int, help="how many images (any number; large sets come in several "
+                                             "requests); required unless --labels gives class counts")
     parser.add_argument("--out", type=Path, required=True, help="a .npz file, or a folder for an ImageFolder tree")
     parser.add_argument("--model", help="a model of the dataset (default: the dataset's default model)")
     parser.add_argument("--labels", type=parse_labels, default=None,
-                        help='"balanced" (default), or one class id or name for every image')
+                        help='"balanced" (default), one class id or name for every image, or how many of each '
+                             'class: "normal=3000,pneumonia=1000" (images class by class, in that order)')
     parser.add_argument("--seed", type=int, help="0..2**63-1; omitted, the server draws one (printed)")
     parser.add_argument("--temperature", type=float, help="0..2, the scale of the latent noise (default 1; below 1 "
                                                           "fewer odd images and less variety)")
@@ -139,7 +163,10 @@ def service_error_text(error: SynthError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.n is None and not isinstance(args.labels, dict):
+        parser.error("-n is required unless --labels gives class counts (name=count,...)")
 
     def progress(done: int, n: int) -> None:
         if not args.quiet:

@@ -2,7 +2,9 @@
 
     z        = numpy.random.Generator(numpy.random.PCG64(seed)).standard_normal((n, latent_dim), dtype=float32)
                times float32(temperature) when the request gives a temperature other than 1 (0..2)
-    labels   "balanced" -> [0, 1, ..., k-1, 0, 1, ...]; one id/name -> that class n times; a list -> as given
+    labels   "balanced" -> [0, 1, ..., k-1, 0, 1, ...]; one id/name -> that class n times; a list -> as given;
+             an object {class name: count} -> each class count times, class by class in the object's order
+             (n, when the request gives it, must equal the sum of the counts; otherwise it is that sum)
     images   uint8 = clip(rint(x * 255), 0, 255) (round half to even), laid out N x H x W x C
 
 The temperature scales the noise the generator was trained on, N(0, I): below 1 the images keep nearer the
@@ -66,14 +68,20 @@ def class_id(value: int | str, card: ModelCard, field: str) -> int:
                        allowed=list(card.classes)) from None
 
 
-def resolve_labels(labels, n: int, card: ModelCard) -> np.ndarray:
-    """The int64 label of each of the n images, following the module's rules; 4xx naming 'labels' otherwise."""
+def resolve_labels(labels, n: int | None, card: ModelCard, max_n: int | None = None) -> np.ndarray:
+    """The int64 label of each image, following the module's rules; 4xx naming 'labels' otherwise.
+
+    n is the request's image count, or None where the request gives a labels object and leaves n out: the
+    counts then give n. Counts must add up to at most max_n.
+    """
     if not card.conditional:
         if labels is None or labels == "balanced":
             return np.full(n, UNCONDITIONAL_LABEL, dtype=np.int64)
         raise ApiError(400, f"labels: {card.dataset}/{card.model} is an unconditional model and cannot follow "
                        "labels; omit 'labels' (every image gets label -1) or pick a conditional model",
                        field="labels", allowed=["balanced", None])
+    if isinstance(labels, dict):
+        return labels_from_counts(labels, n, card, max_n)
     if labels is None or labels == "balanced":
         return np.arange(n, dtype=np.int64) % card.num_classes
     if isinstance(labels, list):
@@ -93,6 +101,31 @@ def resolve_labels(labels, n: int, card: ModelCard) -> np.ndarray:
             raise ApiError(400, "; ".join(item["msg"] for item in shown) + more, field="labels", details=shown)
         return np.asarray(ids, dtype=np.int64)
     return np.full(n, class_id(labels, card, "labels"), dtype=np.int64)
+
+
+def labels_from_counts(counts: dict[str, int], n: int | None, card: ModelCard, max_n: int | None) -> np.ndarray:
+    """{class name: count} -> each class `count` times, in the object's order; 4xx naming 'labels' otherwise."""
+    ids, bad = {}, []
+    for name, count in counts.items():
+        if name not in card.classes:
+            shown = name if len(name) <= 40 else name[:40] + "..."
+            bad.append({"loc": ["labels", name], "msg": f"labels: unknown class name {shown!r} for {card.dataset}",
+                        "type": "value_error", "allowed": list(card.classes)})
+        else:
+            ids[name] = card.classes.index(name)
+    if bad:
+        shown = bad[:MAX_DETAIL]
+        more = f"; and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
+        raise ApiError(400, "; ".join(item["msg"] for item in shown) + more, field="labels", details=shown)
+    total = sum(counts.values())
+    limit = max_n if max_n is not None else total
+    if not 1 <= total <= limit:
+        raise ApiError(400, f"labels: the counts add up to {total}; they must add up to 1..{limit} images",
+                       field="labels", allowed={"type": "integer", "minimum": 1, "maximum": limit})
+    if n is not None and n != total:
+        raise ApiError(400, f"n is {n} but the labels' counts add up to {total}; leave n out or make them equal",
+                       field="n", allowed=[total])
+    return np.repeat(np.array(list(ids.values()), dtype=np.int64), [counts[name] for name in ids])
 
 
 def quantize_into(images: np.ndarray, out: np.ndarray) -> None:

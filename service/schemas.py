@@ -30,11 +30,16 @@ Format = Literal["npz", "png_grid", "zip", "json"]
 _ONE_LABEL = [{"type": "integer", "minimum": 0, "description": "class id"},
               {"type": "string", "description": "class name"}]
 Label = Annotated[Union[StrictInt, StrictStr, None], WithJsonSchema({"oneOf": _ONE_LABEL})]
+MAX_CLASSES = 256  # keys of a labels object; real datasets have at most a few dozen classes
+Count = Annotated[StrictInt, Field(ge=0, le=SETTINGS.max_n)]
 Labels = Annotated[
-    Union[Literal["balanced"], StrictInt, StrictStr, Annotated[list[Union[StrictInt, StrictStr]],
-                                                               Field(max_length=SETTINGS.max_n)], None],
-    WithJsonSchema({"oneOf": [*_ONE_LABEL, {"type": "array", "maxItems": SETTINGS.max_n,
-                                            "items": {"oneOf": _ONE_LABEL}}]}),
+    Union[Literal["balanced"], StrictInt, StrictStr,
+          Annotated[list[Union[StrictInt, StrictStr]], Field(max_length=SETTINGS.max_n)],
+          Annotated[dict[StrictStr, Count], Field(max_length=MAX_CLASSES)], None],
+    WithJsonSchema({"oneOf": [*_ONE_LABEL,
+                              {"type": "object", "maxProperties": MAX_CLASSES, "description": "class name -> count",
+                               "additionalProperties": {"type": "integer", "minimum": 0, "maximum": SETTINGS.max_n}},
+                              {"type": "array", "maxItems": SETTINGS.max_n, "items": {"oneOf": _ONE_LABEL}}]}),
 ]
 
 
@@ -56,11 +61,14 @@ class GenerateRequest(_Strict):
     dataset: StrictStr = Field(max_length=MAX_NAME, description="dataset id, e.g. 'mnist' (see /models)")
     model: StrictStr | None = Field(default=None, max_length=MAX_NAME,
                                     description="model family; default: the dataset's default model")
-    n: StrictInt = Field(default=64, ge=1, le=SETTINGS.max_n, description="number of images")
+    n: StrictInt = Field(default=64, ge=1, le=SETTINGS.max_n,
+                         description="number of images; default 64, or the sum of a labels object's counts")
     labels: Labels = Field(
         default=None,
         description="conditional models: 'balanced' (default: 0,1,..,k-1,0,1,..), one class id or name for "
-                    "all images, or a list of n ids/names. Unconditional models: omit (labels are -1).")
+                    "all images, a list of n ids/names, or an object of class name -> count (the images class "
+                    "by class in its order; n, if given, must equal the sum). Unconditional models: omit "
+                    "(labels are -1).")
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED,
                                    description="random seed; omitted: one is drawn and returned (X-Seed header, "
                                                "and inside npz/zip/json)")

@@ -267,13 +267,15 @@ class SyntheticImages:
         """
         try:
             entry = self._entry(request.dataset, request.model)
-            labels = resolve_labels(request.labels, request.n, entry.card)
+            counted = isinstance(request.labels, dict) and "n" not in request.model_fields_set
+            labels = resolve_labels(request.labels, None if counted else request.n, entry.card, self.settings.max_n)
         except ApiError as exc:
             return exc.response()
+        n = len(labels)
         seed = request.seed if request.seed is not None else secrets.randbits(32)
-        z = latents(seed, request.n, entry.card.latent_dim, request.temperature)
+        z = latents(seed, n, entry.card.latent_dim, request.temperature)
         meta = {"dataset": entry.dataset, "model": entry.model, "seed": seed, **temperature_meta(request.temperature)}
-        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}-n{request.n}{temperature_stem(request.temperature)}"
+        stem = f"synthgen-{entry.dataset}-{entry.model}-seed{seed}-n{n}{temperature_stem(request.temperature)}"
         response = await self._render(entry, z, labels, request.format, meta, stem)
         response.headers["X-Seed"] = str(seed)
         return response

@@ -67,6 +67,19 @@ def test_more_images_than_one_request_come_in_several_with_derived_seeds(url, cl
         assert np.array_equal(small.generate("mnist", model="mlp_vae", n=30, seed=small.last_seed)[0], images)
 
 
+def test_class_counts_give_the_images_of_the_list_they_stand_for_in_one_request_or_several(url, client):
+    counts, listed = {"3": 5, "1": 4}, ["3"] * 5 + ["1"] * 4
+    images, labels, _ = client.generate("mnist", labels=counts, seed=2)  # n is the counts' sum
+    assert labels.tolist() == [3] * 5 + [1] * 4
+    assert np.array_equal(images, client.generate("mnist", n=9, labels=listed, seed=2)[0])
+    with SynthClient(url, max_request_n=4) as small:  # 4 + 4 + 1, each request a slice of the list
+        assert np.array_equal(small.generate("mnist", labels=counts, seed=2)[0],
+                              small.generate("mnist", n=9, labels=listed, seed=2)[0])
+        with pytest.raises(SynthError) as info:
+            small.generate("mnist", n=10, labels=counts)
+        assert info.value.status == 400 and info.value.body["detail"][0]["loc"] == ["n"]
+
+
 def test_a_temperature_applies_to_every_request_of_a_batch(url, client):
     with SynthClient(url, max_request_n=20) as small:
         images, _, _ = small.generate("mnist", n=30, seed=3, temperature=0.5)
@@ -123,6 +136,8 @@ def test_synthetic_dataset_is_reproducible_and_follows_labels(url):
     b = SyntheticDataset(url, "mnist", n=12, seed=7)
     assert torch.equal(a.images, b.images) and torch.equal(a[5][0], b[5][0] * 2)
     assert [b[i][1].item() for i in range(12)] == [i % 10 for i in range(12)] and b.classes[3] == "3"
+    counted = SyntheticDataset(url, "mnist", None, labels={"4": 3, "9": 1}, seed=7)
+    assert len(counted) == 4 and counted.labels.tolist() == [4, 4, 4, 9]
 
 
 # --- retries: transient failures are retried, request errors are not (httpx.MockTransport, no server) ---------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import subprocess
@@ -13,7 +14,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 
 from service.client import SynthClient
-from service.fetch import class_folder, fetch, main
+from service.fetch import class_folder, fetch, main, parse_labels
 from service_harness import REPO, main_server
 
 
@@ -74,6 +75,29 @@ def test_unconditional_images_go_in_one_unlabelled_folder(url, tmp_path):
                  "--url", url, "--quiet"]) == 0
     assert sorted(p.relative_to(tmp_path / "vae").as_posix() for p in (tmp_path / "vae").rglob("*.png")) == \
         ["unlabelled/000000.png", "unlabelled/000001.png", "unlabelled/000002.png"]
+
+
+def test_class_counts_fetch_that_many_of_each_class_without_n(url, tmp_path):
+    out = tmp_path / "mix.npz"
+    assert main(["pneumoniamnist", "--labels", "normal=3,pneumonia=2", "--seed", "1", "--out", str(out),
+                 "--url", url, "--quiet"]) == 0
+    with np.load(out, allow_pickle=False) as npz, SynthClient(url) as client:
+        assert npz["labels"].tolist() == [0, 0, 0, 1, 1]
+        expected, _, _ = client.generate("pneumoniamnist", n=5, labels=["normal"] * 3 + ["pneumonia"] * 2, seed=1)
+        assert np.array_equal(npz["images"], expected)
+
+
+def test_labels_take_one_class_or_class_counts_and_n_is_needed_otherwise(tmp_path, capsys):
+    assert parse_labels("3") == 3 and parse_labels("pneumonia") == "pneumonia"
+    assert parse_labels('{"normal": 1}') == {"normal": 1}
+    granulocytes = "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)"  # a BloodMNIST class
+    assert parse_labels(f"{granulocytes}=5,basophil=3") == {granulocytes: 5, "basophil": 3}
+    for bad in ("normal=many", "normal=1,pneumonia", "normal=1,normal=2", "{oops", "{\"normal\": 1} x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_labels(bad)
+    with pytest.raises(SystemExit) as info:
+        main(["mnist", "--out", str(tmp_path / "x.npz")])
+    assert info.value.code == 2 and "-n is required" in capsys.readouterr().err
 
 
 def test_a_bad_request_prints_the_service_error_and_writes_nothing(url, tmp_path, capsys):

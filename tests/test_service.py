@@ -325,8 +325,35 @@ def test_a_number_out_of_range_gives_its_range(http):
 def test_a_bad_labels_item_is_one_error_at_its_index_not_one_per_union_branch(http):
     body = error(generate(http, **MNIST, n=2, labels=[1, 2.5]), 400)
     assert [item["loc"] for item in body["detail"]] == [["labels", 1]]
-    body = error(generate(http, **MNIST, n=2, labels={"a": 1}), 400)
+    body = error(generate(http, **MNIST, labels={"3": -1}), 400)
+    assert [item["loc"] for item in body["detail"]] == [["labels", "3"]] and "0..10000" in body["error"]
+    assert body["detail"][0]["allowed"] == {"type": "integer", "minimum": 0, "maximum": 10_000}
+    body = error(generate(http, **MNIST, labels=2.5), 400)
     assert [item["loc"] for item in body["detail"]] == [["labels"]] and "balanced" in body["error"]
+
+
+def test_class_counts_give_that_many_of_each_class_in_their_order(http):
+    counted = ok(generate(http, **MNIST, labels={"7": 3, "2": 0, "3": 2}, seed=4))
+    assert counted.headers["x-count"] == "5" and "-n5." in counted.headers["content-disposition"]
+    batch = encoders.decode_npz(counted.content)
+    assert batch.labels.tolist() == [7, 7, 7, 3, 3]
+    listed = npz(http, **MNIST, n=5, labels=["7", "7", "7", "3", "3"], seed=4)
+    assert np.array_equal(batch.images, listed.images)  # the list the counts stand for, byte for byte
+    assert np.array_equal(npz(http, **MNIST, n=5, labels={"7": 3, "3": 2}, seed=4).images, batch.images)
+
+
+def test_bad_class_counts_give_400_naming_the_class_or_n(http):
+    body = error(generate(http, **MNIST, labels={"seven": 2, "3": 1, "cat": 1}), 400)
+    assert [item["loc"] for item in body["detail"]] == [["labels", "seven"], ["labels", "cat"]]
+    assert body["detail"][0]["allowed"] == [str(i) for i in range(10)] and "'seven'" in body["error"]
+    body = error(generate(http, **MNIST, n=4, labels={"1": 2, "2": 1}), 400)
+    assert body["detail"] == [{"loc": ["n"], "msg": "n is 4 but the labels' counts add up to 3; leave n out or make "
+                                                    "them equal", "type": "value_error", "allowed": [3]}]
+    for counts, total in (({}, 0), ({"1": 0}, 0), ({"1": 6_000, "2": 5_000}, 11_000)):
+        body = error(generate(http, **MNIST, labels=counts), 400)
+        assert named_fields(body) == {"labels"} and f"add up to {total};" in body["error"]
+    body = error(generate(http, dataset="mnist", model="mlp_vae", labels={"1": 2}), 400)
+    assert "unconditional" in body["error"] and named_fields(body) == {"labels"}
 
 
 def test_every_bad_item_of_a_labels_list_is_reported_at_its_index(http):
@@ -412,7 +439,7 @@ def test_openapi_documents_every_endpoint_and_the_labels_shapes(http):
     spec = ok(http.get("/docs.json")).json()
     assert {"/generate", "/interpolate", "/models"} <= set(spec["paths"])
     labels = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["labels"]
-    assert {s["type"] for s in labels["oneOf"]} == {"integer", "string", "array"}
+    assert {s["type"] for s in labels["oneOf"]} == {"integer", "string", "array", "object"}
 
 
 def test_openapi_is_valid_and_documents_what_the_routes_answer(http):

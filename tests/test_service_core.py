@@ -187,6 +187,17 @@ def test_labels_rules(catalog):
     assert [item["loc"] for item in info.value.body()["detail"]] == [["labels", 0], ["labels", 2]]
 
 
+def test_class_counts_repeat_each_class_in_the_objects_order(catalog):
+    cond = catalog.entries[("pneumoniamnist", "cvae")].card
+    assert resolve_labels({"pneumonia": 3, "normal": 1}, None, cond, 10).tolist() == [1, 1, 1, 0]
+    assert resolve_labels({"normal": 0, "pneumonia": 2}, 2, cond, 10).tolist() == [1, 1]
+    for counts, n, field in (({"covid": 1}, None, "labels"), ({"normal": 11}, None, "labels"),
+                             ({"normal": 0}, None, "labels"), ({"normal": 2}, 3, "n")):
+        with pytest.raises(ApiError) as info:
+            resolve_labels(counts, n, cond, 10)
+        assert info.value.status == 400 and info.value.body()["detail"][0]["loc"][0] == field
+
+
 def test_quantization_is_round_half_to_even_in_nhwc():
     x = np.array([0.0, 0.5 / 255, 1.5 / 255, 0.2, 1.0, 1.2, -0.1], dtype=np.float32).reshape(1, 7, 1, 1)
     out = np.empty((1, 1, 1, 7), dtype=np.uint8)
@@ -429,7 +440,8 @@ generate_requests = st.fixed_dictionaries(
     {"dataset": st.text(min_size=1, max_size=64)},
     optional={"model": st.text(max_size=64), "n": st.integers(1, schemas.SETTINGS.max_n),
               "labels": st.one_of(st.just("balanced"), st.integers(0, 9), st.text(max_size=10),
-                                  st.lists(st.integers(0, 9) | st.text(max_size=5), max_size=20)),
+                                  st.lists(st.integers(0, 9) | st.text(max_size=5), max_size=20),
+                                  st.dictionaries(st.text(max_size=5), st.integers(0, 100), max_size=10)),
               "seed": st.integers(0, schemas.MAX_SEED), "format": st.sampled_from(encoders.FORMATS),
               "temperature": st.floats(0.0, schemas.MAX_TEMPERATURE) | st.integers(0, 2)})
 
@@ -444,7 +456,8 @@ def test_every_request_inside_the_schema_validates(body):
 @settings(max_examples=60, deadline=None)
 @given(generate_requests, st.sampled_from([
     ("n", 0), ("n", schemas.SETTINGS.max_n + 1), ("n", "64"), ("n", 2.5), ("seed", -1), ("seed", 2**63),
-    ("format", "gif"), ("labels", 1.5), ("labels", {"a": 1}), ("dataset", None), ("dataset", "x" * 65),
+    ("format", "gif"), ("labels", 1.5), ("labels", {"a": -1}), ("labels", {"a": 1.5}),
+    ("labels", {str(i): 1 for i in range(schemas.MAX_CLASSES + 1)}), ("dataset", None), ("dataset", "x" * 65),
     ("label", 3), ("model", 7), ("temperature", -0.1), ("temperature", 2.5), ("temperature", "0.5"),
     ("temperature", True), ("temperature", float("nan")), ("temperature", float("inf")),
 ]))

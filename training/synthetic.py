@@ -5,12 +5,14 @@
 
     synthetic = SyntheticDataset("http://127.0.0.1:3000", "pneumoniamnist", n=5000, seed=0)
     train = ConcatDataset([real_train, synthetic])
+    minority = SyntheticDataset(url, "pneumoniamnist", None, labels={"normal": 2000}, seed=0)  # n from the counts
 
 The n images are fetched once (npz; above the server's max_n in several requests, see
 `service.client.SynthClient.generate`), when the dataset is created; items are
 (float tensor C x H x W in [0, 1], int64 0-d tensor label), the item layout of the TensorDataset that
 `training.data.ImageData.loader()` builds over real data, so the two concatenate and collate together.
-Labels follow the service's rules ("balanced" by default; -1 for unconditional models). The same arguments
+Labels follow the service's rules ("balanced" by default; a labels object of class counts, with n None,
+asks for its sum; -1 for unconditional models). The same arguments
 with the same seed give the same data.
 """
 
@@ -24,7 +26,7 @@ from service.client import SynthClient
 
 
 class SyntheticDataset(Dataset):
-    def __init__(self, url: str, dataset: str, n: int, model: str | None = None, labels="balanced",
+    def __init__(self, url: str, dataset: str, n: int | None, model: str | None = None, labels="balanced",
                  seed: int | None = 0, transform=None, token: str | None = None, temperature: float | None = None):
         with SynthClient(url, token=token) as client:
             images, label_ids, class_names = client.generate(dataset, n=n, model=model, labels=labels, seed=seed,

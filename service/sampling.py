@@ -89,34 +89,30 @@ def resolve_labels(labels, n: int | None, card: ModelCard, max_n: int | None = N
             raise ApiError(400, f"labels: a list of labels must have exactly n={n} items, it has {len(labels)}",
                            field="labels", allowed=[f"a list of {n} class ids or names", "balanced",
                                                     "one class id or name"])
-        ids, bad = [], []
-        for i, value in enumerate(labels):
-            try:
-                ids.append(class_id(value, card, f"labels[{i}]"))
-            except ApiError as exc:  # every bad item is reported at its index, not only the first
-                bad.append(exc.detail_item(["labels", i]))
-        if bad:
-            shown = bad[:MAX_DETAIL]
-            more = f"; and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
-            raise ApiError(400, "; ".join(item["msg"] for item in shown) + more, field="labels", details=shown)
-        return np.asarray(ids, dtype=np.int64)
+        return np.asarray(class_ids([(i, value, f"labels[{i}]") for i, value in enumerate(labels)], card),
+                          dtype=np.int64)
     return np.full(n, class_id(labels, card, "labels"), dtype=np.int64)
 
 
-def labels_from_counts(counts: dict[str, int], n: int | None, card: ModelCard, max_n: int | None) -> np.ndarray:
-    """{class name: count} -> each class `count` times, in the object's order; 4xx naming 'labels' otherwise."""
-    ids, bad = {}, []
-    for name, count in counts.items():
-        if name not in card.classes:
-            shown = name if len(name) <= 40 else name[:40] + "..."
-            bad.append({"loc": ["labels", name], "msg": f"labels: unknown class name {shown!r} for {card.dataset}",
-                        "type": "value_error", "allowed": list(card.classes)})
-        else:
-            ids[name] = card.classes.index(name)
+def class_ids(items: list[tuple[int | str, int | str, str]], card: ModelCard) -> list[int]:
+    """`class_id` of each (key, value, field) of a labels list or object; every bad one is reported at
+    ["labels", key] (up to MAX_DETAIL of them), not only the first."""
+    ids, bad = [], []
+    for key, value, field in items:
+        try:
+            ids.append(class_id(value, card, field))
+        except ApiError as exc:
+            bad.append(exc.detail_item(["labels", key]))
     if bad:
         shown = bad[:MAX_DETAIL]
         more = f"; and {len(bad) - len(shown)} more" if len(bad) > len(shown) else ""
         raise ApiError(400, "; ".join(item["msg"] for item in shown) + more, field="labels", details=shown)
+    return ids
+
+
+def labels_from_counts(counts: dict[str, int], n: int | None, card: ModelCard, max_n: int | None) -> np.ndarray:
+    """{class name: count} -> each class `count` times, in the object's order; 4xx naming 'labels' otherwise."""
+    ids = class_ids([(name, name, "labels") for name in counts], card)
     total = sum(counts.values())
     limit = max_n if max_n is not None else total
     if not 1 <= total <= limit:
@@ -125,7 +121,7 @@ def labels_from_counts(counts: dict[str, int], n: int | None, card: ModelCard, m
     if n is not None and n != total:
         raise ApiError(400, f"n is {n} but the labels' counts add up to {total}; leave n out or make them equal",
                        field="n", allowed=[total])
-    return np.repeat(np.array(list(ids.values()), dtype=np.int64), [counts[name] for name in ids])
+    return np.repeat(np.array(ids, dtype=np.int64), list(counts.values()))
 
 
 def quantize_into(images: np.ndarray, out: np.ndarray) -> None:

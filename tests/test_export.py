@@ -12,6 +12,7 @@ from conftest import train_tiny
 from training.export import PARITY_ATOL, export_run, inference_module, store_weights_in_float16
 from training.manifest import sha256_of
 from training.models import MODEL_FAMILIES
+from training.sampling import noise_dim
 from training.train import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*official file", "ignore::FutureWarning")
@@ -19,13 +20,17 @@ DATASET_FOR = {"cdcgan": "bloodmnist_64", "conv_vae": "breastmnist_64", "cwgan_g
 
 
 # Every family with its defaults, and the conditional DCGAN generators with class-conditional batch norm.
-EXPORT_CASES = [(model_id, {}) for model_id in MODEL_FAMILIES] + [("cdcgan", {"class_norm": True}), ("cwgan_gp", {"class_norm": True})]
+# and the VAEs sampling through a fitted mixture prior (one per class for the conditional VAE).
+EXPORT_CASES = [(model_id, {}) for model_id in MODEL_FAMILIES] + [
+    ("cdcgan", {"class_norm": True}), ("cwgan_gp", {"class_norm": True}),
+    ("mlp_vae", {"prior_components": 3}), ("cvae", {"prior_components": 2})]
+CASE_IDS = [m + "".join(f"-{k}" for k in o) for m, o in EXPORT_CASES]
 
 
 def eager_module_and_inputs(run, n: int):
     """The run's exported graph in eager PyTorch, and n fresh inputs for it (labels cycle through the classes)."""
     model, _ = load_checkpoint(run)
-    z = torch.randn(n, model.latent_dim)
+    z = torch.randn(n, noise_dim(model))
     return inference_module(model), ((z, torch.arange(n) % model.num_classes) if model.num_classes else (z,))
 
 
@@ -35,7 +40,7 @@ def run_onnx(path, inputs) -> np.ndarray:
     return images
 
 
-@pytest.mark.parametrize("model_id,overrides", EXPORT_CASES, ids=[m + "-class_norm" * bool(o) for m, o in EXPORT_CASES])
+@pytest.mark.parametrize("model_id,overrides", EXPORT_CASES, ids=CASE_IDS)
 def test_exported_onnx_and_torchscript_match_eager_within_1e_5(model_id, overrides, data_dir, tmp_path):
     dataset = DATASET_FOR.get(model_id, "mnist")
     run = train_tiny(data_dir, tmp_path / "run", dataset, model_id, steps=2, **overrides)

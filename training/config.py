@@ -38,6 +38,7 @@ class TrainConfig:
     width: int = 32  # ngf/ndf of the DCGANs, first conv width of the conv VAEs
     disc_width: int | None = None  # ndf of the DCGAN discriminator / critic alone (None = width): not exported, so it costs no bytes
     beta: float = 1.0  # VAE KL weight: beta-VAE when != 1
+    prior_components: int = 0  # VAEs: sample from a K-component Gaussian mixture fitted to the training codes after the last epoch (0 = N(0, I))
     n_critic: int = 5  # WGAN-GP critic steps per generator step
     gp_weight: float = 10.0  # WGAN-GP gradient-penalty weight
     label_smoothing: float = 0.0  # GAN: real targets become 1 - label_smoothing
@@ -100,6 +101,9 @@ class TrainConfig:
                              f"not {self.model!r}")
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be at least 1, not {self.embed_dim}")
+        if self.prior_components < 0 or (self.prior_components and family.objective != "vae"):
+            raise ValueError(f"prior_components is the VAEs' fitted latent prior (mlp_vae, conv_vae, cvae; 0 = N(0, I)): "
+                             f"got {self.prior_components} for {self.model!r}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
         if self.out_dir is None:

@@ -5,7 +5,8 @@
     python -m training.export runs/mnist/cdcgan --weights float16   # files half the size, float32 compute
 
 The inference contract, the same for every model:
-    inputs   z       float32 [N, latent_dim]   standard normal noise
+    inputs   z       float32 [N, latent_dim]   standard normal noise (a VAE with a fitted mixture prior:
+                                               one more coordinate, which picks the component; models/prior.py)
              labels  int64   [N]               class ids (conditional models only)
     output   images  float32 [N, C, H, W]      in [0, 1]
 with a dynamic batch axis N. The export checks itself: onnx.checker, and ONNX Runtime and TorchScript
@@ -32,7 +33,7 @@ from torch.nn.utils import parametrize
 from .cli import user_errors_exit
 from .manifest import CARD, sha256_of, write_manifest
 from .models import MODEL_FAMILIES
-from .sampling import class_rows, sample, save_grid
+from .sampling import class_rows, noise_dim, sample, save_grid
 from .train import code_version, load_checkpoint
 
 ONNX_FILE, TORCHSCRIPT_FILE, SAMPLES_FILE = "generator.onnx", "generator.pt", "samples.png"
@@ -73,7 +74,7 @@ def inference_module(model: nn.Module) -> nn.Module:
 
 def example_inputs(model: nn.Module, n: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, model.latent_dim, generator=g)
+    z = torch.randn(n, noise_dim(model), generator=g)
     if model.num_classes > 0:
         return z, torch.randint(0, model.num_classes, (n,), generator=g)
     return (z,)
@@ -198,12 +199,13 @@ def export_run(run_dir: str | Path, out_root: str | Path = "exported", weights: 
         "num_classes": len(info["classes"]),
         "conditional": family.conditional,
         "image_shape": [info["channels"], info["size"], info["size"]],
-        "latent_dim": model.latent_dim,
+        "latent_dim": noise_dim(model),  # the width of z the graph takes
         "contract": {
             "inputs": {"z": "float32 [N, latent_dim], standard normal",
                        **({"labels": "int64 [N], class ids 0..num_classes-1"} if family.conditional else {})},
             "output": {"images": "float32 [N, C, H, W] in [0, 1]"},
         },
+        **({"latent_prior": state["latent_prior"]["report"]} if "latent_prior" in state else {}),
         "samples_grid": "one row per class, fixed seed 0" if family.conditional else "8x8 grid, fixed seed 0",
         "files": files,
         "sha256": {kind: sha256_of(out / name) for kind, name in files.items()},

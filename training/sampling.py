@@ -14,6 +14,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def noise_dim(model: nn.Module) -> int:
+    """Width of the standard normal noise `model.generate` takes: its latent_dim, or the noise_dim of a VAE
+    whose fitted mixture prior (`models/prior.py`) adds a component coordinate."""
+    return getattr(model, "noise_dim", model.latent_dim)
+
+
 def balanced_labels(n: int, num_classes: int, device=None) -> torch.Tensor:
     """0, 1, ..., k-1, 0, 1, ...: the 'balanced' label mix (same rule as the service)."""
     return torch.arange(n, device=device) % num_classes
@@ -33,7 +39,7 @@ def sample(model: nn.Module, n: int, labels: torch.Tensor | None = None, generat
     was_training = model.training
     model.eval()
     try:
-        z = torch.randn(n, model.latent_dim, generator=generator, device="cpu").to(device)
+        z = torch.randn(n, noise_dim(model), generator=generator, device="cpu").to(device)
         y = None
         if model.num_classes > 0:
             y = (labels if labels is not None else balanced_labels(n, model.num_classes)).to(device)

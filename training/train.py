@@ -8,7 +8,9 @@
 A run directory (default runs/<dataset>/<model>) gets: config.json (the resolved config), checkpoint.pt
 (self-describing: weights, the generator's EMA copy, optimisers, epoch, step, config, code version), metrics.csv and metrics.jsonl
 (per-epoch mean losses), loss_curve.png, samples/epoch_NNN.png (fixed-seed grid, one row per class for
-conditional models) and, with --tensorboard, TensorBoard events. Run again with --resume to continue; a resume
+conditional models) and, with --tensorboard, TensorBoard events. A VAE run with --prior-components K then fits
+its latent prior (training/latent_prior.py) to the final weights: the checkpoint's `latent_prior`, and
+samples/epoch_NNN_prior.png drawn through it. Run again with --resume to continue; a resume
 that changes a training setting (say, more epochs with --aux-classifier) is recorded in the checkpoint's
 `resumes` and from there on the model card.
 
@@ -41,7 +43,9 @@ from .config import TrainConfig
 from .data import dataset_info, known_dataset_ids, load_dataset
 from .hardware import cpu_model
 from .ema import GeneratorEMA
+from .latent_prior import fit_prior
 from .models import MODEL_FAMILIES, build_model
+from .models.prior import MixturePrior
 from .objectives import build_objective
 from .sampling import class_rows, sample, save_grid, unwrap
 
@@ -258,7 +262,39 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    if is_main and family.objective == "vae" and checkpoint_path.exists():
+        _update_latent_prior(out, cfg, data.images, data.labels, resumes)
     return out
+
+
+def _update_latent_prior(out: Path, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
+                         resumes: list[dict]) -> None:
+    """Fit the VAE's mixture prior to the final weights (`--prior-components`; training/latent_prior.py), or drop
+    one when the run asks for none, and save it in the checkpoint with the config that asked. Skipped when the
+    checkpoint already holds a prior of that size fitted to these weights."""
+    path = out / CHECKPOINT
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    have = state.get("latent_prior", {}).get("report", {})
+    if have.get("components", 0) == cfg.prior_components and have.get("epoch", state["epoch"]) == state["epoch"]:
+        return
+    state.pop("latent_prior", None)
+    if cfg.prior_components:
+        model, _ = load_checkpoint(out)
+        t0 = time.perf_counter()
+        prior, report = fit_prior(model, images, labels, cfg.prior_components, cfg.seed)
+        report.update(epoch=state["epoch"], seconds=round(time.perf_counter() - t0, 1))
+        state["latent_prior"] = {"state": prior.state(), "report": report}
+        print(json.dumps({"latent_prior": report}), flush=True)
+        model.prior = prior
+        grid = sample(model, 64 if model.num_classes == 0 else model.num_classes * PREVIEW_PER_CLASS,
+                      class_rows(model.num_classes, PREVIEW_PER_CLASS) if model.num_classes else None,
+                      torch.Generator().manual_seed(1234))
+        save_grid(grid, out / "samples" / f"epoch_{state['epoch']:03d}_prior.png",
+                  nrow=PREVIEW_PER_CLASS if model.num_classes else 8)
+    state["config"], state["resumes"] = cfg.to_dict(), resumes
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
 
 
 # A resume cannot change these: the data and model family the weights were trained for, and what shapes them.
@@ -391,6 +427,8 @@ def load_checkpoint(run_dir: str | Path, device="cpu"):
                                class_norm=cfg.class_norm, embed_dim=cfg.embed_dim)
     weights = state["generator_ema"]["model"] if "generator_ema" in state else state["models"]["generator"]
     generator.load_state_dict(weights)
+    if "latent_prior" in state:  # a VAE's fitted mixture prior: the decoder samples through it
+        generator.prior = MixturePrior.from_state(state["latent_prior"]["state"])
     return generator.to(device).eval(), state
 
 

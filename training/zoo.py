@@ -83,7 +83,9 @@ SHIPPED = [
     ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10),
            then=(dict(epochs=80, lr_decay_epochs=15),)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=240, lr_decay_epochs=80, sample_every=40, **SMALL)),
-    ZooRun("retinamnist", "cvae", dict(epochs=150, lr_decay_epochs=50, sample_every=25, **SMALL)),
+    # beta 0.1 with a 5-component prior per class: FID 4.54 against 11.0 at beta 1 with N(0, I), CAS the same.
+    ZooRun("retinamnist", "cvae", dict(epochs=150, lr_decay_epochs=50, beta=0.1, prior_components=5, sample_every=25,
+                                       **SMALL)),
     ZooRun("fashion_mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10),
            then=(dict(epochs=80, lr_decay_epochs=15),)),
     ZooRun("fashion_mnist", "cdcgan", dict(epochs=30, lr_decay_epochs=8, width=96, latent_dim=32, embed_dim=10,
@@ -108,7 +110,9 @@ SHIPPED = [
            then=(dict(epochs=80, lr_decay_epochs=20, sample_every=10), dict(epochs=110, lr_decay_epochs=15), dict(epochs=130),
                  dict(epochs=160), dict(epochs=190), dict(epochs=215), dict(epochs=245), dict(epochs=275))),
     ZooRun("retinamnist", "dcgan", dict(epochs=150, diff_augment="translation,cutout", sample_every=25, **SMALL)),
-    ZooRun("retinamnist", "conv_vae", dict(epochs=500, lr_decay_epochs=150, sample_every=100, **SMALL)),
+    # beta 0.1 with a 20-component prior: FID 2.62 against 7.68 at beta 1 with N(0, I) (4.69 at beta 1 with the prior).
+    ZooRun("retinamnist", "conv_vae", dict(epochs=500, lr_decay_epochs=150, beta=0.1, prior_components=20,
+                                           sample_every=100, **SMALL)),
     ZooRun("breastmnist_64", "dcgan", dict(epochs=200, lr_decay_epochs=60, sample_every=25, **SMALL)),
 ]
 

@@ -80,7 +80,8 @@ SHIPPED = [
     # against 107.6 for the beta-1 file of 200 epochs, and 227 for the same beta-0.1 weights with an N(0, I) prior.
     ZooRun("mnist", "mlp_vae", dict(epochs=60, lr_decay_epochs=20, beta=0.1, prior_components=60, sample_every=20),
            then=(dict(epochs=200, lr_decay_epochs=40),)),
-    ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10),
+    # beta 0.1 with a 10-component prior per class: FID 3.30 and CAS 98.8% against 13.05 and 97.2% at beta 1.
+    ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, beta=0.1, prior_components=10, sample_every=10),
            then=(dict(epochs=80, lr_decay_epochs=15),)),
     ZooRun("pneumoniamnist", "cvae", dict(epochs=240, lr_decay_epochs=80, sample_every=40, **SMALL)),
     # beta 0.1 with a 5-component prior per class: FID 4.54 against 11.0 at beta 1 with N(0, I), CAS the same.

@@ -83,11 +83,14 @@ SHIPPED = [
     # beta 0.1 with a 10-component prior per class: FID 3.30 and CAS 98.8% against 13.05 and 97.2% at beta 1.
     ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, beta=0.1, prior_components=10, sample_every=10),
            then=(dict(epochs=80, lr_decay_epochs=15),)),
-    ZooRun("pneumoniamnist", "cvae", dict(epochs=240, lr_decay_epochs=80, sample_every=40, **SMALL)),
+    # beta 0.1 with a 10-component prior per class: FID 0.59 and CAS 90.0% against 1.27 and 82.0% at beta 1.
+    ZooRun("pneumoniamnist", "cvae", dict(epochs=240, lr_decay_epochs=80, beta=0.1, prior_components=10, sample_every=40,
+                                          **SMALL)),
     # beta 0.1 with a 5-component prior per class: FID 4.54 against 11.0 at beta 1 with N(0, I), CAS the same.
     ZooRun("retinamnist", "cvae", dict(epochs=150, lr_decay_epochs=50, beta=0.1, prior_components=5, sample_every=25,
                                        **SMALL)),
-    ZooRun("fashion_mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, sample_every=10),
+    # beta 0.1 with a 10-component prior per class: FID 4.36 and CAS 80.2% against 13.73 and 77.1% at beta 1.
+    ZooRun("fashion_mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, beta=0.1, prior_components=10, sample_every=10),
            then=(dict(epochs=80, lr_decay_epochs=15),)),
     ZooRun("fashion_mnist", "cdcgan", dict(epochs=30, lr_decay_epochs=8, width=96, latent_dim=32, embed_dim=10,
                                           disc_width=192, aux_classifier=1.0, twin_classifier=True,

@@ -78,8 +78,9 @@ SHIPPED = [
     ZooRun("breastmnist", "cdcgan", dict(epochs=200, sample_every=25, **SMALL)),
     # The VAEs at beta 0.1 sample through a fitted 60-component mixture prior (training/latent_prior.py): FID 9.7
     # against 107.6 for the beta-1 file of 200 epochs, and 227 for the same beta-0.1 weights with an N(0, I) prior.
+    # Stored in float16 (FID 9.72 either way) to keep exported/ within its budget with the priors' buffers.
     ZooRun("mnist", "mlp_vae", dict(epochs=60, lr_decay_epochs=20, beta=0.1, prior_components=60, sample_every=20),
-           then=(dict(epochs=200, lr_decay_epochs=40),)),
+           then=(dict(epochs=200, lr_decay_epochs=40),), weights="float16"),
     # beta 0.1 with a 10-component prior per class: FID 3.30 and CAS 98.8% against 13.05 and 97.2% at beta 1.
     ZooRun("mnist", "cvae", dict(epochs=30, lr_decay_epochs=10, beta=0.1, prior_components=10, sample_every=10),
            then=(dict(epochs=80, lr_decay_epochs=15),)),

@@ -128,13 +128,14 @@ def fit_prior(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, comp
     draws = max(1, math.ceil(PRIOR_POINTS / len(images)))
     conditional = model.num_classes > 0
     codes = posterior_codes(model, images, labels if conditional else None, draws, generator)
-    groups = [labels.repeat_interleave(draws) == c for c in range(model.num_classes)] if conditional else [slice(None)]
-    fits = [fit_gaussian_mixture(codes[group], components, generator) for group in groups]
+    code_labels = labels.repeat_interleave(draws)
+    groups = [codes[code_labels == c] for c in range(model.num_classes)] if conditional else [codes]
+    fits = [fit_gaussian_mixture(group, components, generator) for group in groups]
     standard = torch.distributions.Normal(0.0, 1.0).log_prob(codes).sum(1).mean()
     report = {
         "type": "gaussian_mixture", "components": components, "per_class": conditional,
         "codes": len(codes), "posterior_draws_per_image": draws, "seed": seed,
-        "log_likelihood_per_code": sum(f["log_likelihood"] * len(codes[g]) for f, g in zip(fits, groups)) / len(codes),
+        "log_likelihood_per_code": sum(f["log_likelihood"] * len(g) for f, g in zip(fits, groups)) / len(codes),
         "log_likelihood_per_code_standard_normal": float(standard),
         "em_iterations": [f["iterations"] for f in fits],
     }

@@ -196,8 +196,6 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             from torch.utils.tensorboard import SummaryWriter
 
             log = SummaryWriter(str(out / "tensorboard"))
-    preview_labels = class_rows(info.num_classes, PREVIEW_PER_CLASS) if family.conditional else None
-    preview_n = info.num_classes * PREVIEW_PER_CLASS if family.conditional else 64
 
     n_shard = len(images) // world
     batch = min(cfg.batch_size, n_shard)
@@ -251,8 +249,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         print(json.dumps(row), flush=True)
         last = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
         if epoch % cfg.sample_every == 0 or last:
-            grid = sample(ema.model if ema is not None else generator, preview_n, preview_labels, torch.Generator().manual_seed(1234))
-            save_grid(grid, out / "samples" / f"epoch_{epoch:03d}.png", nrow=PREVIEW_PER_CLASS if family.conditional else 8)
+            _save_preview(ema.model if ema is not None else generator, out / "samples" / f"epoch_{epoch:03d}.png")
             _plot_losses(out)
         if epoch % cfg.checkpoint_every == 0 or last:
             _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time,
@@ -267,30 +264,33 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     return out
 
 
+def _save_preview(model: torch.nn.Module, path: Path) -> None:
+    """The fixed-seed sample grid of a run: one row of PREVIEW_PER_CLASS per class, or 8x8 for an unconditional model."""
+    classes = unwrap(model).num_classes
+    labels = class_rows(classes, PREVIEW_PER_CLASS) if classes else None
+    grid = sample(model, len(labels) if classes else 64, labels, torch.Generator().manual_seed(1234))
+    save_grid(grid, path, nrow=PREVIEW_PER_CLASS if classes else 8)
+
+
 def _update_latent_prior(out: Path, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
                          resumes: list[dict]) -> None:
     """Fit the VAE's mixture prior to the final weights (`--prior-components`; training/latent_prior.py), or drop
     one when the run asks for none, and save it in the checkpoint with the config that asked. Skipped when the
     checkpoint already holds a prior of that size fitted to these weights."""
     path = out / CHECKPOINT
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    model, state = load_checkpoint(out)
     have = state.get("latent_prior", {}).get("report", {})
     if have.get("components", 0) == cfg.prior_components and have.get("epoch", state["epoch"]) == state["epoch"]:
         return
     state.pop("latent_prior", None)
     if cfg.prior_components:
-        model, _ = load_checkpoint(out)
         t0 = time.perf_counter()
         prior, report = fit_prior(model, images, labels, cfg.prior_components, cfg.seed)
         report.update(epoch=state["epoch"], seconds=round(time.perf_counter() - t0, 1))
         state["latent_prior"] = {"state": prior.state(), "report": report}
         print(json.dumps({"latent_prior": report}), flush=True)
         model.prior = prior
-        grid = sample(model, 64 if model.num_classes == 0 else model.num_classes * PREVIEW_PER_CLASS,
-                      class_rows(model.num_classes, PREVIEW_PER_CLASS) if model.num_classes else None,
-                      torch.Generator().manual_seed(1234))
-        save_grid(grid, out / "samples" / f"epoch_{state['epoch']:03d}_prior.png",
-                  nrow=PREVIEW_PER_CLASS if model.num_classes else 8)
+        _save_preview(model, out / "samples" / f"epoch_{state['epoch']:03d}_prior.png")
     state["config"], state["resumes"] = cfg.to_dict(), resumes
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

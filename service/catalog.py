@@ -56,10 +56,11 @@ class ModelCard:
 
     @property
     def weight_storage(self) -> str:
-        """"float16" when the files store the weights as float16 (cast to float32 in the graph), else "float32"
-        (cards written before the field have none: float32)."""
+        """"float16" when the files store the weights as float16 (cast to float32 in the graph), "mixed" for a
+        mixture whose members store them differently, else "float32" (cards written before the field: float32)."""
         weights = self.raw.get("weights")
-        return "float16" if isinstance(weights, dict) and weights.get("storage") == "float16" else "float32"
+        storage = weights.get("storage") if isinstance(weights, dict) else None
+        return storage if storage in ("float16", "mixed") else "float32"
 
     @property
     def image_bytes(self) -> int:

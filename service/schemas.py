@@ -105,8 +105,9 @@ class ModelInfo(BaseModel):
     latent_dim: int
     metrics: dict[str, Any] = Field(description="quality metrics from the model card (fid, precision, ...)")
     parameters: int | None = None
-    weight_storage: Literal["float32", "float16"] = Field(
-        default="float32", description="how the model files store the weights; compute is float32 either way")
+    weight_storage: Literal["float32", "float16", "mixed"] = Field(
+        default="float32", description="how the model files store the weights (mixed: a mixture whose members differ); "
+                                       "compute is float32 either way")
     merges_requests: bool = Field(description="concurrent requests share model calls (its outputs were checked "
                                               "to be row-independent at start-up)")
     training: dict[str, Any] = Field(default_factory=dict,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from training.data import dataset_info
 from training.export import WEIGHT_DTYPES
-from training.zoo import PLANNED, SHIPPED, TRAINABLE_NOT_SHIPPED, command
+from training.zoo import MIXTURES, PLANNED, SHIPPED, TRAINABLE_NOT_SHIPPED, command, mixture_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,7 +66,22 @@ def test_model_table_has_a_row_per_exported_card(exported_dir):
 
 def test_the_shipped_list_is_what_exported_holds():
     exported = REPO / "exported"
-    assert {p.parent.relative_to(exported).as_posix() for p in exported.glob("*/*/card.json")} == {r.key for r in SHIPPED}
+    assert {p.parent.relative_to(exported).as_posix() for p in exported.glob("*/*/card.json")} == (
+        {r.key for r in SHIPPED} | {m.key for m in MIXTURES})
+
+
+def test_each_shipped_mixture_is_its_zoo_entry_built_from_the_shipped_member_files():
+    """A member re-exported after the mixture was composed changes its sha256: compose the mixture again
+    (`python -m training.zoo export --only DATASET/mixture`, or the command `python -m training.zoo list` prints)."""
+    for mixture in MIXTURES:
+        card = json.loads((REPO / "exported" / mixture.key / "card.json").read_text())
+        members = {m["model"]: m for m in card["mixture"]["members"]}
+        assert {model: (share, scale) for model, share, scale in mixture.members} == {
+            model: (m["share"], m["noise_scale"]) for model, m in members.items()}, mixture.key
+        for model in members:
+            member_card = json.loads((REPO / "exported" / mixture.dataset / model / "card.json").read_text())
+            assert members[model]["onnx_sha256"] == member_card["sha256"]["onnx"], (mixture.key, model, mixture_command(mixture))
+            assert members[model]["torchscript_sha256"] == member_card["sha256"]["torchscript"], (mixture.key, model)
 
 
 def test_the_shipped_models_fit_the_80_mb_budget_of_exported():

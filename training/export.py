@@ -3,6 +3,7 @@
     python -m training.export runs/mnist/cdcgan                 # -> exported/mnist/cdcgan/
     python -m training.export runs/mnist/cdcgan --out exported
     python -m training.export runs/mnist/cdcgan --weights float16   # files half the size, float32 compute
+    python -m training.export exported/mnist/mlp_gan --from-exported --weights float16  # the same, without the run
 
 The inference contract, the same for every model:
     inputs   z       float32 [N, latent_dim]   standard normal noise (a VAE with a fitted mixture prior:
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import json
 import warnings
@@ -30,7 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .cli import user_errors_exit
+from .cli import UsageError, user_errors_exit
 from .manifest import CARD, sha256_of, write_manifest
 from .models import MODEL_FAMILIES
 from .sampling import class_rows, noise_dim, sample, save_grid
@@ -160,9 +162,62 @@ def check_parity(module: nn.Module, onnx_path: Path, ts_path: Path, model: nn.Mo
 def export_run(run_dir: str | Path, out_root: str | Path = "exported", weights: str = "float32") -> Path:
     """Export one run directory to out_root/<dataset>/<model>/ and refresh the manifest; returns that folder.
     weights: how the files store the parameters, "float32" or "float16" (see `store_weights_in_float16`)."""
+    model, state = load_checkpoint(run_dir)
+    return export_model(model, state, out_root, weights)
+
+
+def rebuild_from_exported(model_dir: str | Path) -> tuple[nn.Module, dict]:
+    """(model, checkpoint-like dict) rebuilt from an exported folder alone: the network its card's config
+    builds, the weights of its TorchScript file, the training record of its card.
+
+    Why: to store a shipped model's weights another way (`--from-exported DIR --weights float16`) when its
+    training checkpoint is gone. Only files stored in float32 can be read back this way."""
+    from .config import TrainConfig
+    from .data import dataset_info
+    from .models import build_model
+    from .models.prior import MixturePrior
+
+    model_dir = Path(model_dir)
+    card_path = model_dir / CARD
+    if not card_path.is_file():
+        raise UsageError(f"{model_dir} has no {CARD}: pass an exported model folder (e.g. exported/mnist/mlp_gan)")
+    card = json.loads(card_path.read_text())
+    if "mixture" in card:
+        raise UsageError(f"{model_dir} is a mixture: export its members, then compose it again (python -m training.mixture)")
+    if card.get("weights", {}).get("storage", "float32") != "float32":
+        raise UsageError(f"{model_dir} stores its weights as {card['weights']['storage']}; only float32 files can be rebuilt")
+    ts_path = model_dir / card["files"]["torchscript"]
+    if sha256_of(ts_path) != card["sha256"]["torchscript"]:
+        raise UsageError(f"{ts_path} does not match the sha256 on its card")
+    training = card["training"]
+    cfg = TrainConfig.from_dict(training["config"])
+    info = dataclasses.asdict(dataset_info(card["dataset"]))
+    if list(info["classes"]) != card["classes"]:
+        raise UsageError(f"{model_dir}: the card's classes differ from dataset {card['dataset']!r}'s")
+    generator, _ = build_model(cfg.model, tuple(card["image_shape"]), len(card["classes"]), cfg.latent_dim, cfg.width,
+                               class_norm=cfg.class_norm, embed_dim=cfg.embed_dim)
+    for name in getattr(generator, "encoder_modules", ()):  # a VAE's files hold its decoder only
+        setattr(generator, name, None)
+    weights = {k.removeprefix("model."): v for k, v in torch.jit.load(str(ts_path)).state_dict().items()}
+    prior = {k.removeprefix("prior."): v for k, v in weights.items() if k.startswith("prior.")}
+    if prior:
+        generator.prior = MixturePrior.from_state(prior)
+    generator.load_state_dict(weights)
+    state = {
+        "config": training["config"], "dataset_info": info, "epoch": training["epochs"], "step": training["steps"],
+        "wall_time_s": training["wall_time_s"], "hardware": training["hardware"], "precision": training["precision"],
+        "torch_version": training["torch_version"], "version": training["code_version"], "train_data": training["data"],
+        "resumes": training.get("resumes", []),
+        **({"latent_prior": {"report": card["latent_prior"]}} if "latent_prior" in card else {}),
+    }
+    return generator.eval(), state
+
+
+def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported", weights: str = "float32") -> Path:
+    """Export a generator or VAE with its checkpoint record (`load_checkpoint`, `rebuild_from_exported`) to
+    out_root/<dataset>/<model>/ and refresh the manifest; returns that folder."""
     if weights not in WEIGHT_DTYPES:
         raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, not {weights!r}")
-    model, state = load_checkpoint(run_dir)
     cfg, info = state["config"], state["dataset_info"]
     family = MODEL_FAMILIES[cfg["model"]]
     out = Path(out_root) / info["id"] / cfg["model"]
@@ -244,9 +299,15 @@ def main() -> None:
     parser.add_argument("--out", default="exported", help="export root (default: exported)")
     parser.add_argument("--weights", default="float32", choices=WEIGHT_DTYPES,
                         help="parameter storage in the files (default: float32; float16 halves them, compute stays float32)")
+    parser.add_argument("--from-exported", action="store_true",
+                        help="the folders are exported models, not runs: rebuild each from its card and TorchScript "
+                             "file (to store its weights another way when the checkpoint is gone)")
     args = parser.parse_args()
     for run_dir in args.run_dirs:
-        out = export_run(run_dir, args.out, args.weights)
+        if args.from_exported:
+            out = export_model(*rebuild_from_exported(run_dir), args.out, args.weights)
+        else:
+            out = export_run(run_dir, args.out, args.weights)
         card = json.loads((out / CARD).read_text())
         print(f"{out}: parity {card['parity_max_abs_error']}, {card['parameters']} parameters")
 

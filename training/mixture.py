@@ -1,0 +1,331 @@
+"""Compose exported models of one dataset into one exported model: each image comes from one member.
+
+    python -m training.mixture exported/fashion_mnist/cdcgan exported/fashion_mnist/cvae \\
+        --shares 0.35 0.65 --noise-scales 1 1.3 [--name mixture] [--out exported]
+
+Why: a classifier trained on synthetic images learns what the generator shows it. Two generators of
+different families fail in different ways (a GAN drops modes, a VAE blurs), so a pool drawn from both covers
+more of the real distribution than either: on Fashion-MNIST, half the CAS pool from the cDCGAN and half from
+the cVAE trains a better classifier than the same number of images from either alone (docs/zoo-experiments.md,
+"A mixture of the two Fashion-MNIST generators"; Eilertsen et al. 2021, "Ensembles of GANs for synthetic
+training data", found the same with several GANs).
+
+The result is an ordinary exported model (generator.onnx, generator.pt, card.json, samples.png), so the
+service, the evaluation and any ONNX user run it unchanged. Its contract, like the fitted prior's
+(models/prior.py):
+
+    noise (N, 1 + max member latent_dim) ~ N(0, I)
+    member k = how many of the thresholds noise[:, 0] exceeds         (P(k) = share_k)
+    image    = member_k(noise_scale_k * noise[:, 1 : 1 + latent_dim_k], labels)
+
+The thresholds are standard normal quantiles of the cumulative shares, members ordered with the largest share
+in the middle, so a request's temperature (which scales all the noise) still favours the common member below
+1. A member's noise scale is the temperature it runs at inside the mixture (the service's temperature
+multiplies it). Each row is computed by its own member only (the graph gathers each member's rows and scatters
+its images back), so a call costs the members' calls weighted by their shares, and rows stay independent of
+each other, as the service's batching requires.
+
+The members are read from their exported files (ONNX and TorchScript), not from training checkpoints: any
+exported model can join, including ones trained elsewhere. The card lists each member with the sha256 of the
+file it was built from, so a replaced member shows (tests/test_zoo.py checks the shipped mixture against its
+members).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cli import UsageError, user_errors_exit
+from .export import ONNX_FILE, PARITY_ATOL, SAMPLES_FILE, TORCHSCRIPT_FILE
+from .latent_prior import middle_out_order
+from .manifest import CARD, sha256_of, write_manifest
+from .sampling import class_rows, save_grid
+from .train import code_version
+
+SHARED_FIELDS = ("dataset", "classes", "conditional", "image_shape")  # members must agree on these
+
+
+class MemberMixture(nn.Module):
+    """(noise, labels) -> images: each row from the member its first noise coordinate picks.
+
+    members: callables with the exported contract (here the members' TorchScript modules), in picker order;
+    thresholds: the K-1 ascending standard normal quantiles between them."""
+
+    def __init__(self, members: list[nn.Module], latent_dims: list[int], noise_scales: list[float],
+                 thresholds: list[float], conditional: bool, image_shape: tuple[int, int, int]):
+        super().__init__()
+        if not (len(members) == len(latent_dims) == len(noise_scales) == len(thresholds) + 1):
+            raise ValueError("a mixture needs one latent_dim and noise scale per member and K-1 thresholds")
+        self.members = nn.ModuleList(members)
+        self.latent_dims, self.noise_scales = list(latent_dims), list(noise_scales)
+        self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32))
+        self.conditional, self.image_shape = conditional, tuple(image_shape)
+        self.noise_dim = 1 + max(latent_dims)
+
+    def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        picked = (noise[:, :1] > self.thresholds).sum(1)  # (N,) member index
+        images = noise.new_zeros((noise.shape[0], *self.image_shape))
+        for k, (member, dim, scale) in enumerate(zip(self.members, self.latent_dims, self.noise_scales)):
+            rows = (picked == k).nonzero().squeeze(1)  # only the member's own rows are computed
+            z = noise[rows, 1:1 + dim] * scale
+            out = member(z, labels[rows]) if self.conditional else member(z)
+            images = images.index_copy(0, rows, out)
+        return images
+
+
+def picker_thresholds(shares: list[float]) -> tuple[list[int], list[float]]:
+    """(member order, K-1 thresholds): the largest share in the middle, thresholds at the standard normal
+    quantiles of the ordered shares' cumulative sums."""
+    order = middle_out_order(torch.tensor(shares, dtype=torch.float64)).tolist()
+    cumulative = torch.tensor([shares[i] for i in order], dtype=torch.float64).cumsum(0)[:-1]
+    return order, torch.special.ndtri(cumulative.clamp(1e-12, 1 - 1e-12)).tolist()
+
+
+def compose_onnx(members: list, latent_dims: list[int], noise_scales: list[float], thresholds: list[float],
+                 conditional: bool, image_shape: tuple[int, int, int]):
+    """One ONNX graph holding every member's graph (under the prefixes m0/, m1/, ...): each member gathers the
+    rows it is picked for, and its images are scattered back into place. The ONNX twin of `MemberMixture`."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    opsets = {tuple((o.domain, o.version) for o in m.opset_import) for m in members}
+    if len(opsets) != 1:
+        raise UsageError(f"the members' ONNX files use different opsets {sorted(opsets)}: re-export them with one exporter")
+    nodes, initializers = [], []
+
+    def const(name: str, values, dtype=TensorProto.INT64, dims=None) -> str:
+        array = np.asarray(values)
+        initializers.append(helper.make_tensor(name, dtype, list(array.shape) if dims is None else dims, array.flatten().tolist()))
+        return name
+
+    def node(op: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    pick = node("Reshape", [node("Slice", ["z", const("pick_start", [0]), const("pick_end", [1]), const("axis1", [1])],
+                                 "pick_column"), const("flat", [-1])], "pick")  # (N,)
+    above = node("Greater", [node("Unsqueeze", [pick, "axis1"], "pick_2d"), const("thresholds", thresholds, TensorProto.FLOAT)],
+                 "above")  # (N, K-1)
+    picked = node("ReduceSum", [node("Cast", [above], "above_int", to=TensorProto.INT64), "axis1"], "picked", keepdims=0)
+    batch = node("Shape", ["z"], "batch", end=1)
+    images = node("ConstantOfShape", [node("Concat", [batch, const("image_shape", list(image_shape))], "images_shape", axis=0)],
+                  "images_zero", value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+    for k, (member, dim, scale) in enumerate(zip(members, latent_dims, noise_scales)):
+        prefix = f"m{k}/"
+        member = compose.add_prefix(member, prefix)
+        graph = member.graph
+        rows = node("NonZero", [node("Equal", [picked, const(f"{prefix}index", k)], f"{prefix}is_picked")], f"{prefix}rows_2d")
+        rows = node("Reshape", [rows, "flat"], f"{prefix}rows")  # (M,)
+        z = node("Slice", ["z", const(f"{prefix}start", [1]), const(f"{prefix}end", [1 + dim]), "axis1"], f"{prefix}z_all")
+        z = node("Gather", [z, rows], f"{prefix}z_rows", axis=0)
+        node("Mul", [z, const(f"{prefix}scale", scale, TensorProto.FLOAT, [])], f"{prefix}z")
+        if conditional:
+            node("Gather", ["labels", rows], f"{prefix}labels", axis=0)
+        nodes.extend(graph.node)
+        initializers.extend(graph.initializer)
+        scatter_rows = node("Unsqueeze", [rows, "axis1"], f"{prefix}rows_column")  # (M, 1)
+        images = node("ScatterND", [images, scatter_rows, graph.output[0].name],
+                      "images" if k == len(members) - 1 else f"{prefix}images_so_far")
+
+    inputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 1 + max(latent_dims)])]
+    if conditional:
+        inputs.append(helper.make_tensor_value_info("labels", TensorProto.INT64, ["n"]))
+    # The members' value_info is left out: its batch dimension ("n") is each member's own row count here.
+    outputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", *image_shape])]
+    graph = helper.make_graph(nodes, "member_mixture", inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=list(members[0].opset_import), ir_version=members[0].ir_version,
+                              producer_name="synthgen.training.mixture")
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _read_member(model_dir: Path) -> dict:
+    card_path = model_dir / CARD
+    if not card_path.is_file():
+        raise UsageError(f"{model_dir} has no {CARD}: pass exported model folders (e.g. exported/fashion_mnist/cdcgan)")
+    card = json.loads(card_path.read_text())
+    for kind in ("onnx", "torchscript"):
+        path = model_dir / card["files"][kind]
+        if sha256_of(path) != card["sha256"][kind]:
+            raise UsageError(f"{path} does not match the sha256 on its card: re-export {model_dir}")
+    if "mixture" in card:
+        raise UsageError(f"{model_dir} is itself a mixture: list its members instead")
+    return card
+
+
+def _check_mixture_args(cards: list[dict], shares: list[float], noise_scales: list[float]) -> None:
+    if len(cards) < 2:
+        raise UsageError("a mixture needs at least two member folders")
+    if len(shares) != len(cards) or len(noise_scales) != len(cards):
+        raise UsageError(f"--shares and --noise-scales need one value per member ({len(cards)}); "
+                         f"got {len(shares)} and {len(noise_scales)}")
+    if any(not (0 < s < 1) for s in shares) or not math.isclose(sum(shares), 1.0, abs_tol=1e-6):
+        raise UsageError(f"--shares must each lie in (0, 1) and sum to 1; got {shares}")
+    if any(not (0 < s <= 10) for s in noise_scales):
+        raise UsageError(f"--noise-scales must each lie in (0, 10]; got {noise_scales}")
+    for field in SHARED_FIELDS:
+        values = {json.dumps(card[field]) for card in cards}
+        if len(values) > 1:
+            raise UsageError(f"the members disagree on {field}: {', '.join(sorted(values))}")
+    names = [card["model"] for card in cards]
+    if len(set(names)) != len(names):
+        raise UsageError(f"each member must be a different model; got {', '.join(names)}")
+
+
+def _check_parity(mixture: MemberMixture, onnx_path: Path, ts_path: Path, conditional: bool, num_classes: int) -> dict:
+    """The written ONNX and TorchScript files against the eager mixture of the members' TorchScript modules."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    scripted = torch.jit.load(str(ts_path))
+    worst = {"onnxruntime": 0.0, "torchscript": 0.0}
+    for n, seed in ((1, 11), (64, 12)):
+        g = torch.Generator().manual_seed(seed)
+        inputs = (torch.randn(n, mixture.noise_dim, generator=g),)
+        if conditional:
+            inputs += (torch.randint(0, num_classes, (n,), generator=g),)
+        with torch.no_grad():
+            eager, ts = mixture(*inputs).numpy(), scripted(*inputs).numpy()
+        (ort_out,) = session.run(["images"], {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
+        worst["onnxruntime"] = max(worst["onnxruntime"], float(np.abs(ort_out - eager).max()))
+        worst["torchscript"] = max(worst["torchscript"], float(np.abs(ts - eager).max()))
+    for backend, err in worst.items():
+        if err > PARITY_ATOL:
+            raise AssertionError(f"{backend} output differs from eager by {err:.2e} (> {PARITY_ATOL:g})")
+    return worst
+
+
+def _training_summary(cards: list[dict]) -> dict:
+    """The card's `training`: the members' own figures as lists in member order (the catalog shows them)."""
+    trainings = [card["training"] for card in cards]
+    return {
+        "mixture_of": [card["model"] for card in cards],
+        **{key: [t.get(key) for t in trainings] for key in ("epochs", "steps", "hardware", "precision")},
+        "wall_time_s": round(sum(t.get("wall_time_s", 0.0) for t in trainings), 1),
+    }
+
+
+def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_scales: list[float],
+                   name: str = "mixture", out_root: str | Path = "exported") -> Path:
+    """Write out_root/<dataset>/<name>/ from the exported member folders and refresh the manifest; returns it."""
+    import onnx
+
+    member_dirs = [Path(d) for d in member_dirs]
+    cards = [_read_member(d) for d in member_dirs]
+    _check_mixture_args(cards, shares, noise_scales)
+    if not name.isidentifier():
+        raise UsageError(f"--name must be a plain identifier (letters, digits, _); got {name!r}")
+    order, thresholds = picker_thresholds(shares)
+    cards, member_dirs = [cards[i] for i in order], [member_dirs[i] for i in order]
+    shares, noise_scales = [shares[i] for i in order], [noise_scales[i] for i in order]
+    first = cards[0]
+    conditional, latent_dims = bool(first["conditional"]), [int(card["latent_dim"]) for card in cards]
+    out = Path(out_root) / first["dataset"] / name
+    if any(out.resolve() == d.resolve() for d in member_dirs):
+        raise UsageError(f"--name {name} would overwrite a member's folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+    members = [torch.jit.load(str(d / card["files"]["torchscript"])).eval() for d, card in zip(member_dirs, cards)]
+    mixture = MemberMixture(members, latent_dims, noise_scales, thresholds, conditional,
+                            tuple(first["image_shape"])).eval().requires_grad_(False)
+    onnx_members = [onnx.load(str(d / card["files"]["onnx"])) for d, card in zip(member_dirs, cards)]
+    onnx.save(compose_onnx(onnx_members, latent_dims, noise_scales, thresholds, conditional, tuple(first["image_shape"])),
+              str(out / ONNX_FILE))
+    num_classes = len(first["classes"])
+    g = torch.Generator().manual_seed(0)
+    example = (torch.randn(4, mixture.noise_dim, generator=g),)
+    if conditional:
+        example += (torch.randint(0, num_classes, (4,), generator=g),)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(mixture, example, check_trace=False).save(str(out / TORCHSCRIPT_FILE))
+    parity = _check_parity(mixture, out / ONNX_FILE, out / TORCHSCRIPT_FILE, conditional, num_classes)
+
+    per_class = 10
+    n_grid = num_classes * per_class if conditional else 64
+    noise = torch.randn(n_grid, mixture.noise_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        grid = mixture(noise, class_rows(num_classes, per_class)) if conditional else mixture(noise)
+    save_grid(grid.clamp(0, 1), out / SAMPLES_FILE, nrow=per_class if conditional else 8)
+
+    storages = {card.get("weights", {}).get("storage", "float32") for card in cards}
+    files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
+    card = {
+        "format": "synthgen-card/1",
+        "dataset": first["dataset"],
+        "model": name,
+        "description": "Mixture of " + " and ".join(f"{c['model']} ({100 * s:g}%)" for c, s in zip(cards, shares)) +
+                       ": each image from one member",
+        "classes": first["classes"],
+        "num_classes": num_classes,
+        "conditional": conditional,
+        "image_shape": first["image_shape"],
+        "latent_dim": mixture.noise_dim,
+        "contract": {
+            "inputs": {"z": "float32 [N, latent_dim], standard normal; z[:, 0] picks the member",
+                       **({"labels": "int64 [N], class ids 0..num_classes-1"} if conditional else {})},
+            "output": {"images": "float32 [N, C, H, W] in [0, 1]"},
+        },
+        "mixture": {
+            "members": [{"model": c["model"], "share": s, "noise_scale": scale, "latent_dim": dim,
+                         "picked_when": _interval(k, thresholds), "onnx_sha256": c["sha256"]["onnx"],
+                         "torchscript_sha256": c["sha256"]["torchscript"]}
+                        for k, (c, s, scale, dim) in enumerate(zip(cards, shares, noise_scales, latent_dims))],
+            "rule": "member k when z[:, 0] lies in its interval; it gets noise_scale * z[:, 1:1 + latent_dim]",
+        },
+        "samples_grid": "one row per class, fixed seed 0" if conditional else "8x8 grid, fixed seed 0",
+        "files": files,
+        "sha256": {kind: sha256_of(out / file) for kind, file in files.items()},
+        "parameters": sum(int(c["parameters"]) for c in cards),
+        "weights": {"storage": storages.pop() if len(storages) == 1 else "mixed", "compute": "float32",
+                    "members": [c.get("weights", {"storage": "float32"})["storage"] for c in cards]},
+        "parity_max_abs_error": parity,
+        "training": _training_summary(cards),
+        "metrics": {},
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_code_version": code_version(),
+    }
+    old_card = out / CARD
+    if old_card.exists():
+        old = json.loads(old_card.read_text())
+        if old.get("sha256", {}).get("onnx") == card["sha256"]["onnx"]:
+            card["metrics"] = old.get("metrics", {})
+    old_card.write_text(json.dumps(card, indent=2) + "\n")
+    write_manifest(out_root)
+    return out
+
+
+def _interval(k: int, thresholds: list[float]) -> str:
+    low = f"{thresholds[k - 1]:.4f} < " if k > 0 else ""
+    high = f" <= {thresholds[k]:.4f}" if k < len(thresholds) else ""
+    return f"{low}z[:, 0]{high}"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("members", nargs="+", help="exported model folders of one dataset (at least two)")
+    parser.add_argument("--shares", nargs="+", type=float, required=True, help="each member's share of the images (sum 1)")
+    parser.add_argument("--noise-scales", nargs="+", type=float, default=None,
+                        help="each member's noise scale inside the mixture (default: 1 for each)")
+    parser.add_argument("--name", default="mixture", help="the mixture's model name (default: mixture)")
+    parser.add_argument("--out", default="exported", help="export root (default: exported)")
+    args = parser.parse_args(argv)
+    scales = args.noise_scales if args.noise_scales is not None else [1.0] * len(args.members)
+    out = export_mixture(args.members, args.shares, scales, args.name, args.out)
+    card = json.loads((out / CARD).read_text())
+    print(f"{out}: parity {card['parity_max_abs_error']}, members "
+          + ", ".join(f"{m['model']} {m['share']:g} x{m['noise_scale']:g}" for m in card["mixture"]["members"]))
+
+
+if __name__ == "__main__":
+    with user_errors_exit():
+        main()

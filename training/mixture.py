@@ -100,6 +100,11 @@ def compose_onnx(members: list, latent_dims: list[int], noise_scales: list[float
     opsets = {tuple((o.domain, o.version) for o in m.opset_import) for m in members}
     if len(opsets) != 1:
         raise UsageError(f"the members' ONNX files use different opsets {sorted(opsets)}: re-export them with one exporter")
+    expected = ["z", "labels"] if conditional else ["z"]
+    for member in members:
+        if [i.name for i in member.graph.input] != expected or len(member.graph.output) != 1:
+            raise UsageError(f"a member's ONNX graph takes {[i.name for i in member.graph.input]}, not the contract's "
+                             f"{expected}: re-export it with python -m training.export")
     nodes, initializers = [], []
 
     def const(name: str, values, dtype=TensorProto.INT64, dims=None) -> str:
@@ -120,21 +125,20 @@ def compose_onnx(members: list, latent_dims: list[int], noise_scales: list[float
     images = node("ConstantOfShape", [node("Concat", [batch, const("image_shape", list(image_shape))], "images_shape", axis=0)],
                   "images_zero", value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
     for k, (member, dim, scale) in enumerate(zip(members, latent_dims, noise_scales)):
-        prefix = f"m{k}/"
-        member = compose.add_prefix(member, prefix)
-        graph = member.graph
-        rows = node("NonZero", [node("Equal", [picked, const(f"{prefix}index", k)], f"{prefix}is_picked")], f"{prefix}rows_2d")
-        rows = node("Reshape", [rows, "flat"], f"{prefix}rows")  # (M,)
-        z = node("Slice", ["z", const(f"{prefix}start", [1]), const(f"{prefix}end", [1 + dim]), "axis1"], f"{prefix}z_all")
-        z = node("Gather", [z, rows], f"{prefix}z_rows", axis=0)
-        node("Mul", [z, const(f"{prefix}scale", scale, TensorProto.FLOAT, [])], f"{prefix}z")
+        prefix, own = f"m{k}/", f"mixture{k}_"  # the member's names, and this graph's names around it
+        graph = compose.add_prefix(member, prefix).graph
+        rows = node("NonZero", [node("Equal", [picked, const(f"{own}index", k)], f"{own}is_picked")], f"{own}rows_2d")
+        rows = node("Reshape", [rows, "flat"], f"{own}rows")  # (M,)
+        z = node("Slice", ["z", const(f"{own}start", [1]), const(f"{own}end", [1 + dim]), "axis1"], f"{own}z_all")
+        z = node("Gather", [z, rows], f"{own}z_rows", axis=0)
+        node("Mul", [z, const(f"{own}scale", scale, TensorProto.FLOAT, [])], f"{prefix}z")  # the member's input z
         if conditional:
             node("Gather", ["labels", rows], f"{prefix}labels", axis=0)
         nodes.extend(graph.node)
         initializers.extend(graph.initializer)
-        scatter_rows = node("Unsqueeze", [rows, "axis1"], f"{prefix}rows_column")  # (M, 1)
+        scatter_rows = node("Unsqueeze", [rows, "axis1"], f"{own}rows_column")  # (M, 1)
         images = node("ScatterND", [images, scatter_rows, graph.output[0].name],
-                      "images" if k == len(members) - 1 else f"{prefix}images_so_far")
+                      "images" if k == len(members) - 1 else f"{own}images_so_far")
 
     inputs = [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 1 + max(latent_dims)])]
     if conditional:

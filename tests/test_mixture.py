@@ -111,6 +111,9 @@ def test_the_service_serves_a_mixture_and_its_row_parts_give_the_bytes_of_one_ca
     in_parts = load_runner(entry, "onnxruntime", threads=2, part_rows=32)
     assert one_call.row_independent
     assert one_call.run(z, labels).tobytes() == in_parts.run(z, labels).tobytes()
+    ts_entry = load_catalog(members_root, "torchscript").entries[("pneumoniamnist", "mixture")]
+    scripted = load_runner(ts_entry, "torchscript", threads=1, device="cpu")
+    np.testing.assert_allclose(scripted.run(z, labels), one_call.run(z, labels), atol=1e-5)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -151,3 +154,23 @@ def test_a_model_rebuilt_from_its_exported_files_exports_the_same_model(data_dir
     shutil.copy(half / "generator.pt", original / "generator.pt")
     with pytest.raises(UsageError, match="sha256"):
         rebuild_from_exported(original)
+
+
+def test_zoo_export_composes_each_mixture_from_its_exported_members(members_root, tmp_path, monkeypatch, capsys):
+    from training import zoo
+
+    root = tmp_path / "exported"
+    shutil.copytree(members_root, root)
+    shutil.rmtree(root / "pneumoniamnist" / "mixture", ignore_errors=True)  # composed by another test, if any
+    monkeypatch.setattr(zoo, "MIXTURES", [zoo.ZooMixture("pneumoniamnist", (("cdcgan", 0.4, 1.0), ("cvae", 0.6, 1.2)))])
+    monkeypatch.setattr("sys.argv", ["zoo", "export", "--runs", str(tmp_path / "runs"), "--out", str(root),
+                                     "--only", "pneumoniamnist/mixture"])
+    zoo.main()
+    assert "pneumoniamnist/mixture: composed" in capsys.readouterr().out
+    card = json.loads((root / "pneumoniamnist" / "mixture" / "card.json").read_text())
+    assert {m["model"]: (m["share"], m["noise_scale"]) for m in card["mixture"]["members"]} == {
+        "cdcgan": (0.4, 1.0), "cvae": (0.6, 1.2)}
+
+    shutil.rmtree(root / "pneumoniamnist" / "cvae")
+    zoo.main()  # a member that is not exported: said, and nothing composed
+    assert "members not exported" in capsys.readouterr().out

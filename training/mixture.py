@@ -37,7 +37,6 @@ import argparse
 import datetime as dt
 import json
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +44,7 @@ import torch
 from torch import nn
 
 from .cli import UsageError, user_errors_exit
-from .export import ONNX_FILE, PARITY_ATOL, SAMPLES_FILE, TORCHSCRIPT_FILE
+from .export import ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript
 from .latent_prior import middle_out_order
 from .manifest import CARD, sha256_of, write_manifest
 from .sampling import class_rows, save_grid
@@ -61,14 +60,14 @@ class MemberMixture(nn.Module):
     thresholds: the K-1 ascending standard normal quantiles between them."""
 
     def __init__(self, members: list[nn.Module], latent_dims: list[int], noise_scales: list[float],
-                 thresholds: list[float], conditional: bool, image_shape: tuple[int, int, int]):
+                 thresholds: list[float], num_classes: int, image_shape: tuple[int, int, int]):
         super().__init__()
         if not (len(members) == len(latent_dims) == len(noise_scales) == len(thresholds) + 1):
             raise ValueError("a mixture needs one latent_dim and noise scale per member and K-1 thresholds")
         self.members = nn.ModuleList(members)
         self.latent_dims, self.noise_scales = list(latent_dims), list(noise_scales)
         self.register_buffer("thresholds", torch.tensor(thresholds, dtype=torch.float32))
-        self.conditional, self.image_shape = conditional, tuple(image_shape)
+        self.num_classes, self.image_shape = num_classes, tuple(image_shape)  # num_classes 0: unconditional
         self.noise_dim = 1 + max(latent_dims)
 
     def forward(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
@@ -77,7 +76,7 @@ class MemberMixture(nn.Module):
         for k, (member, dim, scale) in enumerate(zip(self.members, self.latent_dims, self.noise_scales)):
             rows = (picked == k).nonzero().squeeze(1)  # only the member's own rows are computed
             z = noise[rows, 1:1 + dim] * scale
-            out = member(z, labels[rows]) if self.conditional else member(z)
+            out = member(z, labels[rows]) if self.num_classes else member(z)
             images = images.index_copy(0, rows, out)
         return images
 
@@ -185,29 +184,6 @@ def _check_mixture_args(cards: list[dict], shares: list[float], noise_scales: li
         raise UsageError(f"each member must be a different model; got {', '.join(names)}")
 
 
-def _check_parity(mixture: MemberMixture, onnx_path: Path, ts_path: Path, conditional: bool, num_classes: int) -> dict:
-    """The written ONNX and TorchScript files against the eager mixture of the members' TorchScript modules."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    scripted = torch.jit.load(str(ts_path))
-    worst = {"onnxruntime": 0.0, "torchscript": 0.0}
-    for n, seed in ((1, 11), (64, 12)):
-        g = torch.Generator().manual_seed(seed)
-        inputs = (torch.randn(n, mixture.noise_dim, generator=g),)
-        if conditional:
-            inputs += (torch.randint(0, num_classes, (n,), generator=g),)
-        with torch.no_grad():
-            eager, ts = mixture(*inputs).numpy(), scripted(*inputs).numpy()
-        (ort_out,) = session.run(["images"], {name: t.numpy() for name, t in zip(["z", "labels"], inputs)})
-        worst["onnxruntime"] = max(worst["onnxruntime"], float(np.abs(ort_out - eager).max()))
-        worst["torchscript"] = max(worst["torchscript"], float(np.abs(ts - eager).max()))
-    for backend, err in worst.items():
-        if err > PARITY_ATOL:
-            raise AssertionError(f"{backend} output differs from eager by {err:.2e} (> {PARITY_ATOL:g})")
-    return worst
-
-
 def _training_summary(cards: list[dict]) -> dict:
     """The card's `training`: the members' own figures as lists in member order (the catalog shows them)."""
     trainings = [card["training"] for card in cards]
@@ -239,20 +215,14 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
     out.mkdir(parents=True, exist_ok=True)
 
     members = [torch.jit.load(str(d / card["files"]["torchscript"])).eval() for d, card in zip(member_dirs, cards)]
-    mixture = MemberMixture(members, latent_dims, noise_scales, thresholds, conditional,
+    num_classes = len(first["classes"]) if conditional else 0
+    mixture = MemberMixture(members, latent_dims, noise_scales, thresholds, num_classes,
                             tuple(first["image_shape"])).eval().requires_grad_(False)
     onnx_members = [onnx.load(str(d / card["files"]["onnx"])) for d, card in zip(member_dirs, cards)]
     onnx.save(compose_onnx(onnx_members, latent_dims, noise_scales, thresholds, conditional, tuple(first["image_shape"])),
               str(out / ONNX_FILE))
-    num_classes = len(first["classes"])
-    g = torch.Generator().manual_seed(0)
-    example = (torch.randn(4, mixture.noise_dim, generator=g),)
-    if conditional:
-        example += (torch.randint(0, num_classes, (4,), generator=g),)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.jit.trace(mixture, example, check_trace=False).save(str(out / TORCHSCRIPT_FILE))
-    parity = _check_parity(mixture, out / ONNX_FILE, out / TORCHSCRIPT_FILE, conditional, num_classes)
+    export_torchscript(mixture, example_inputs(mixture, 4), out / TORCHSCRIPT_FILE)
+    parity = check_parity(mixture, out / ONNX_FILE, out / TORCHSCRIPT_FILE, mixture)  # against the members' modules
 
     per_class = 10
     n_grid = num_classes * per_class if conditional else 64
@@ -270,7 +240,7 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
         "description": "Mixture of " + " and ".join(f"{c['model']} ({100 * s:g}%)" for c, s in zip(cards, shares)) +
                        ": each image from one member",
         "classes": first["classes"],
-        "num_classes": num_classes,
+        "num_classes": len(first["classes"]),
         "conditional": conditional,
         "image_shape": first["image_shape"],
         "latent_dim": mixture.noise_dim,

@@ -17,7 +17,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def noise_dim(model: nn.Module) -> int:
     """Width of the standard normal noise `model.generate` takes: its latent_dim, or the noise_dim of a VAE
     whose fitted mixture prior (`models/prior.py`) adds a component coordinate."""
-    return getattr(model, "noise_dim", model.latent_dim)
+    return model.noise_dim if hasattr(model, "noise_dim") else model.latent_dim
 
 
 def balanced_labels(n: int, num_classes: int, device=None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Compose exported models of one dataset into one exported model: each image comes from one member.
 
     python -m training.mixture exported/fashion_mnist/cdcgan exported/fashion_mnist/cvae \\
-        --shares 0.35 0.65 --noise-scales 1 1.3 [--name mixture] [--out exported]
+        --shares 0.5 0.5 --noise-scales 1 1.3 [--name mixture] [--out exported]   # the shipped one
 
 Why: a classifier trained on synthetic images learns what the generator shows it. Two generators of
 different families fail in different ways (a GAN drops modes, a VAE blurs), so a pool drawn from both covers

@@ -242,8 +242,6 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
     grid = sample(module.model, len(info["classes"]) * per_class if family.conditional else 64, labels, torch.Generator().manual_seed(0))
     save_grid(grid, out / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
 
-    card_path = out / CARD
-    old_card = json.loads(card_path.read_text()) if card_path.exists() else {}
     files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
     card = {
         "format": "synthgen-card/1",
@@ -282,15 +280,25 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
             # Checkpoints older than `train_data` (the shipped models') were trained on the real files here.
             "data": state.get("train_data", f"{info['id']} train split, real files"),
         },
-        # Metrics come from `python -m training.evaluate`, measured on generator.onnx: a re-export that writes
-        # the same ONNX bytes (export is deterministic) keeps them, any other model starts without.
-        "metrics": old_card.get("metrics", {}) if old_card.get("sha256", {}).get("onnx") == sha256_of(out / ONNX_FILE) else {},
+        "metrics": metrics_to_keep(out),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "export_code_version": code_version(),
     }
-    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
     write_manifest(out_root)
     return out
+
+
+def metrics_to_keep(model_dir: Path) -> dict:
+    """The metrics of the card in model_dir when its ONNX sha256 is that of the generator.onnx just written there.
+
+    Metrics come from `python -m training.evaluate`, measured on generator.onnx: a re-export that writes the same
+    ONNX bytes (export is deterministic) keeps them, any other model starts without."""
+    card_path = model_dir / CARD
+    if not card_path.exists():
+        return {}
+    old = json.loads(card_path.read_text())
+    return old.get("metrics", {}) if old.get("sha256", {}).get("onnx") == sha256_of(model_dir / ONNX_FILE) else {}
 
 
 def main() -> None:

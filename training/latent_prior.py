@@ -109,13 +109,21 @@ def middle_out_order(weights: torch.Tensor) -> torch.Tensor:
     return torch.tensor(left[::-1] + by_weight[:1] + right)
 
 
+def picker_thresholds(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, K-1 thresholds) for picking one of K items with these weights by a standard normal coordinate:
+    the items in `middle_out_order`, the thresholds at the standard normal quantiles of their cumulative weights.
+    The fitted prior picks its component this way, a mixture of exported models (training/mixture.py) its member."""
+    order = middle_out_order(weights)
+    cumulative = weights[order].cumsum(0)[:-1].clamp(1e-12, 1 - 1e-12)
+    return order, torch.special.ndtri(cumulative)
+
+
 def mixture_prior(fits: list[dict]) -> MixturePrior:
     """The served module for one fitted mixture per class (a single one for an unconditional VAE)."""
     thresholds, means, chols = [], [], []
     for fit in fits:
-        order = middle_out_order(fit["weights"])
-        cumulative = fit["weights"][order].cumsum(0)[:-1].clamp(1e-12, 1 - 1e-12)
-        thresholds.append(torch.special.ndtri(cumulative))
+        order, fit_thresholds = picker_thresholds(fit["weights"])
+        thresholds.append(fit_thresholds)
         means.append(fit["means"][order])
         chols.append(fit["chol"][order])
     return MixturePrior(torch.stack(thresholds), torch.stack(means), torch.stack(chols))

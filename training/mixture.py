@@ -44,8 +44,9 @@ import torch
 from torch import nn
 
 from .cli import UsageError, user_errors_exit
-from .export import ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript
-from .latent_prior import middle_out_order
+from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
+                     metrics_to_keep)
+from . import latent_prior
 from .manifest import CARD, sha256_of, write_manifest
 from .sampling import class_rows, save_grid
 from .train import code_version
@@ -83,17 +84,15 @@ class MemberMixture(nn.Module):
 
 def picker_thresholds(shares: list[float]) -> tuple[list[int], list[float]]:
     """(member order, K-1 thresholds): the largest share in the middle, thresholds at the standard normal
-    quantiles of the ordered shares' cumulative sums."""
-    order = middle_out_order(torch.tensor(shares, dtype=torch.float64)).tolist()
-    cumulative = torch.tensor([shares[i] for i in order], dtype=torch.float64).cumsum(0)[:-1]
-    return order, torch.special.ndtri(cumulative.clamp(1e-12, 1 - 1e-12)).tolist()
+    quantiles of the ordered shares' cumulative sums, the rule of the fitted prior's component picker."""
+    order, thresholds = latent_prior.picker_thresholds(torch.tensor(shares, dtype=torch.float64))
+    return order.tolist(), thresholds.tolist()
 
 
 def compose_onnx(members: list, latent_dims: list[int], noise_scales: list[float], thresholds: list[float],
                  conditional: bool, image_shape: tuple[int, int, int]):
     """One ONNX graph holding every member's graph (under the prefixes m0/, m1/, ...): each member gathers the
     rows it is picked for, and its images are scattered back into place. The ONNX twin of `MemberMixture`."""
-    import onnx
     from onnx import TensorProto, compose, helper
 
     opsets = {tuple((o.domain, o.version) for o in m.opset_import) for m in members}
@@ -145,10 +144,8 @@ def compose_onnx(members: list, latent_dims: list[int], noise_scales: list[float
     # The members' value_info is left out: its batch dimension ("n") is each member's own row count here.
     outputs = [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", *image_shape])]
     graph = helper.make_graph(nodes, "member_mixture", inputs, outputs, initializer=initializers)
-    model = helper.make_model(graph, opset_imports=list(members[0].opset_import), ir_version=members[0].ir_version,
-                              producer_name="synthgen.training.mixture")
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return helper.make_model(graph, opset_imports=list(members[0].opset_import), ir_version=members[0].ir_version,
+                             producer_name="synthgen.training.mixture")  # checked by export's check_parity
 
 
 def _read_member(model_dir: Path) -> dict:
@@ -264,16 +261,11 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
                     "members": [c.get("weights", {"storage": "float32"})["storage"] for c in cards]},
         "parity_max_abs_error": parity,
         "training": _training_summary(cards),
-        "metrics": {},
+        "metrics": metrics_to_keep(out),
         "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "export_code_version": code_version(),
     }
-    old_card = out / CARD
-    if old_card.exists():
-        old = json.loads(old_card.read_text())
-        if old.get("sha256", {}).get("onnx") == card["sha256"]["onnx"]:
-            card["metrics"] = old.get("metrics", {})
-    old_card.write_text(json.dumps(card, indent=2) + "\n")
+    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
     write_manifest(out_root)
     return out
 

@@ -280,25 +280,25 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
             # Checkpoints older than `train_data` (the shipped models') were trained on the real files here.
             "data": state.get("train_data", f"{info['id']} train split, real files"),
         },
-        "metrics": metrics_to_keep(out),
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "export_code_version": code_version(),
     }
-    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    write_manifest(out_root)
+    write_card(out, out_root, card)
     return out
 
 
-def metrics_to_keep(model_dir: Path) -> dict:
-    """The metrics of the card in model_dir when its ONNX sha256 is that of the generator.onnx just written there.
+def write_card(model_dir: Path, out_root: str | Path, card: dict) -> None:
+    """Write model_dir's card.json, ending with what every export records (the metrics, when, by which code), and
+    refresh the manifest of out_root.
 
     Metrics come from `python -m training.evaluate`, measured on generator.onnx: a re-export that writes the same
-    ONNX bytes (export is deterministic) keeps them, any other model starts without."""
+    ONNX bytes (export is deterministic) keeps the old card's, any other model starts without."""
     card_path = model_dir / CARD
-    if not card_path.exists():
-        return {}
-    old = json.loads(card_path.read_text())
-    return old.get("metrics", {}) if old.get("sha256", {}).get("onnx") == sha256_of(model_dir / ONNX_FILE) else {}
+    old = json.loads(card_path.read_text()) if card_path.exists() else {}
+    same_onnx = old.get("sha256", {}).get("onnx") == sha256_of(model_dir / ONNX_FILE)
+    card = {**card, "metrics": old.get("metrics", {}) if same_onnx else {},
+            "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "export_code_version": code_version()}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    write_manifest(out_root)
 
 
 def main() -> None:

@@ -34,7 +34,6 @@ members).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 from pathlib import Path
@@ -44,12 +43,11 @@ import torch
 from torch import nn
 
 from .cli import UsageError, user_errors_exit
-from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
-                     metrics_to_keep)
 from . import latent_prior
-from .manifest import CARD, sha256_of, write_manifest
+from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
+                     write_card)
+from .manifest import CARD, sha256_of
 from .sampling import class_rows, save_grid
-from .train import code_version
 
 SHARED_FIELDS = ("dataset", "classes", "conditional", "image_shape")  # members must agree on these
 
@@ -261,12 +259,8 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
                     "members": [c.get("weights", {"storage": "float32"})["storage"] for c in cards]},
         "parity_max_abs_error": parity,
         "training": _training_summary(cards),
-        "metrics": metrics_to_keep(out),
-        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "export_code_version": code_version(),
     }
-    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    write_manifest(out_root)
+    write_card(out, out_root, card)
     return out
 
 

@@ -118,6 +118,18 @@ class Catalog:
 
         return min(models, key=rank)
 
+    def best_for_training(self, dataset: str) -> str | None:
+        """The usable conditional model whose card has the highest CAS (a classifier trained only on its
+        images, tested on real ones): the one to ask for when the images are a training set. None when no
+        conditional model of the dataset has a measured CAS. Ties go to the name first in order."""
+        scored = []
+        for name in self.datasets().get(dataset, []):
+            card = self.entries[(dataset, name)].card
+            cas = card.metrics.get("cas")
+            if card.conditional and isinstance(cas, (int, float)) and not isinstance(cas, bool):
+                scored.append((-cas, name))
+        return min(scored)[1] if scored else None
+
 
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()

@@ -116,6 +116,9 @@ class ModelInfo(BaseModel):
 
 class DatasetInfo(BaseModel):
     default_model: str
+    best_for_training: str | None = Field(
+        default=None, description="the conditional model whose images trained the best classifier (highest CAS on "
+                                  "its card): ask for it when the images are a training set; null when none has a CAS")
     models: list[str]
     classes: list[str]
     image_shape: list[int] = Field(description="[C, H, W]")

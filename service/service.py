@@ -191,7 +191,9 @@ class SyntheticImages:
         for dataset, names in self.catalog.datasets().items():
             default = self.catalog.default_model(dataset)
             card = self.catalog.entries[(dataset, default)].card
-            datasets[dataset] = schemas.DatasetInfo(default_model=default, models=names, classes=list(card.classes),
+            datasets[dataset] = schemas.DatasetInfo(default_model=default,
+                                                    best_for_training=self.catalog.best_for_training(dataset),
+                                                    models=names, classes=list(card.classes),
                                                     image_shape=list(card.image_shape))
             for name in names:
                 entry = self.catalog.entries[(dataset, name)]

@@ -203,6 +203,7 @@ def test_catalog_lists_every_dataset_model_and_default(http):
     assert ok(http.get("/models")).json() == catalog
     assert set(catalog["datasets"]) == {"mnist", "bloodmnist_64", "pneumoniamnist"}
     assert catalog["datasets"]["mnist"]["default_model"] == "cdcgan"
+    assert catalog["datasets"]["mnist"]["best_for_training"] is None  # no card of the tiny zoo has a CAS
     assert catalog["datasets"]["mnist"]["models"] == ["cdcgan", "mlp_vae"]
     assert catalog["failed"] == [] and catalog["backend"] == "onnxruntime" and catalog["max_n"] == 10_000
     models = {(m["dataset"], m["model"]): m for m in catalog["models"]}

@@ -91,6 +91,24 @@ def test_default_falls_back_to_a_usable_model_when_the_manifest_default_is_broke
     assert load_catalog(root).default_model("mnist") == "mlp_vae"
 
 
+def test_best_for_training_is_the_conditional_model_with_the_highest_cas(exported_dir, tmp_path):
+    """What to ask for when the images are a training set: the CAS on the cards decides, and only conditional
+    models count (an unconditional model's images come without labels)."""
+    assert load_catalog(exported_dir).best_for_training("mnist") is None  # the tiny cards have no CAS
+    root = damaged_copy(exported_dir, tmp_path)
+    for model, cas in (("cdcgan", 0.9), ("mlp_vae", 0.99)):
+        card_path = root / "mnist" / model / "card.json"
+        card = json.loads(card_path.read_text())
+        card["metrics"] = {**card.get("metrics", {}), "cas": cas}
+        card_path.write_text(json.dumps(card))
+    from training.manifest import write_manifest
+
+    write_manifest(root)
+    catalog = load_catalog(root)
+    assert catalog.best_for_training("mnist") == "cdcgan"
+    assert catalog.best_for_training("bloodmnist_64") is None and catalog.best_for_training("cifar10") is None
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "no manifest"),
     ("{not json", "not valid JSON"),

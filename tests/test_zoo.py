@@ -97,6 +97,18 @@ def test_the_readme_model_table_is_what_the_shipped_cards_say():
     assert table in (REPO / "README.md").read_text(), "README table is stale: paste `python -m training.zoo table`"
 
 
+def test_the_readme_names_the_shipped_catalogs_best_model_for_training_of_each_dataset():
+    from service.catalog import load_catalog
+
+    catalog = load_catalog(REPO / "exported")
+    best = {d: catalog.best_for_training(d) for d in catalog.datasets()}
+    assert best == {"mnist": "cvae", "fashion_mnist": "mixture", "pneumoniamnist": "cvae", "retinamnist": "cdcgan",
+                    "breastmnist": "cdcgan", "breastmnist_64": None}
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert ("on the shipped models `mnist` → `cvae`, `fashion_mnist` → `mixture`, `pneumoniamnist` → `cvae`, "
+            "`retinamnist` and `breastmnist` → `cdcgan`") in readme
+
+
 def test_each_shipped_card_was_trained_by_its_zoo_command():
     """Epochs and every setting that changes what is learned; a field a card lacks predates that option."""
     from training.train import NOT_TRAINING_FIELDS

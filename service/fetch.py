@@ -3,6 +3,7 @@
     python -m service.fetch mnist -n 60000 --seed 0 --out mnist-synth.npz        # one .npz
     python -m service.fetch pneumoniamnist -n 5000 --seed 0 --out pneumonia/    # an ImageFolder tree
     python -m service.fetch pneumoniamnist --labels normal=3000,pneumonia=1000 --out mix.npz  # 4,000, by class
+    python -m service.fetch fashion_mnist -n 60000 --best-for-training --out train.npz  # the highest-CAS model
     synthgen-fetch ...                                                           # the same, once pip-installed
 
 `--out` ending in `.npz` writes one uncompressed .npz with the members of the service's npz format (images
@@ -136,7 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-n", type=int, help="how many images (any number; large sets come in several "
                                              "requests); required unless --labels gives class counts")
     parser.add_argument("--out", type=Path, required=True, help="a .npz file, or a folder for an ImageFolder tree")
-    parser.add_argument("--model", help="a model of the dataset (default: the dataset's default model)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--model", help="a model of the dataset (default: the dataset's default model)")
+    which.add_argument("--best-for-training", action="store_true",
+                       help="the dataset's best_for_training model in /models: the conditional model whose images "
+                            "trained the best classifier (highest CAS on its card)")
     parser.add_argument("--labels", type=parse_labels, default=None,
                         help='"balanced" (default), one class id or name for every image, or how many of each '
                              'class: "normal=3000,pneumonia=1000" (images class by class, in that order)')
@@ -150,6 +155,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-request-n", type=int, help="images per request, below the server's max_n")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
+
+
+class NoModelToFetch(ValueError):
+    """The dataset or its best_for_training model is not in the service's catalog."""
+
+
+def best_for_training(client: SynthClient, dataset: str) -> str:
+    """The catalog's best_for_training model of a dataset; NoModelToFetch naming what to do where there is none."""
+    datasets = client.models()["datasets"]
+    if dataset not in datasets:
+        raise NoModelToFetch(f"unknown dataset {dataset!r}; the service has: {', '.join(sorted(datasets))}")
+    best = datasets[dataset].get("best_for_training")
+    if best is None:
+        raise NoModelToFetch(f"{dataset} has no conditional model with a measured CAS, so no best_for_training; "
+                         f"name one with --model ({', '.join(datasets[dataset]['models'])})")
+    return best
 
 
 def service_error_text(error: SynthError) -> str:
@@ -174,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         with SynthClient(args.url, token=args.token, max_request_n=args.max_request_n) as client:
-            info = fetch(client, args.dataset, args.n, args.out, model=args.model, labels=args.labels,
+            model = best_for_training(client, args.dataset) if args.best_for_training else args.model
+            info = fetch(client, args.dataset, args.n, args.out, model=model, labels=args.labels,
                          seed=args.seed, temperature=args.temperature, progress=progress)
     except SynthError as error:
         print(f"error: {service_error_text(error)}", file=sys.stderr)
@@ -182,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as error:
         print(f"error: cannot reach {args.url}: {error}", file=sys.stderr)
         return 1
-    except FileExistsError as error:
+    except (FileExistsError, NoModelToFetch) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     images = f"{info['n']:,} image{'s' if info['n'] != 1 else ''}"

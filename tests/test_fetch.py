@@ -109,6 +109,28 @@ def test_a_bad_request_prints_the_service_error_and_writes_nothing(url, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+def test_best_for_training_fetches_the_model_the_catalog_names(url, tmp_path, monkeypatch):
+    catalog = SynthClient(url).models()
+    assert catalog["datasets"]["mnist"]["default_model"] == "cdcgan"
+    catalog["datasets"]["mnist"]["best_for_training"] = "mlp_vae"  # as if its card had the highest CAS
+    monkeypatch.setattr(SynthClient, "models", lambda self: catalog)
+    assert main(["mnist", "-n", "3", "--best-for-training", "--seed", "1", "--out", str(tmp_path / "s.npz"),
+                 "--url", url, "--quiet"]) == 0
+    with np.load(tmp_path / "s.npz", allow_pickle=False) as npz:
+        assert str(npz["model"]) == "mlp_vae"
+
+
+def test_best_for_training_without_one_says_which_models_to_name_instead(url, tmp_path, capsys):
+    assert main(["mnist", "-n", "3", "--best-for-training", "--out", str(tmp_path / "s.npz"), "--url", url]) == 2
+    assert "no conditional model with a measured CAS" in capsys.readouterr().err  # the tiny cards have no CAS
+    assert main(["cifar10", "-n", "3", "--best-for-training", "--out", str(tmp_path / "s.npz"), "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert "unknown dataset 'cifar10'" in err and "mnist" in err
+    with pytest.raises(SystemExit):
+        main(["mnist", "-n", "3", "--best-for-training", "--model", "cdcgan", "--out", str(tmp_path / "s.npz")])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_an_existing_file_or_non_empty_folder_is_not_overwritten(url, tmp_path, capsys):
     (tmp_path / "set.npz").write_bytes(b"mine")
     (tmp_path / "tree").mkdir()

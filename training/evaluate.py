@@ -415,6 +415,10 @@ class Settings:
     def steps(self, n_train: int) -> int:
         return self.classifier_steps or classifier_steps(n_train, self.classifier_epochs)
 
+    def pool_size(self, n_train: int) -> int:
+        """Images in the synthetic pool of CAS and augmentation: n_synthetic, else max(n_generated, N_train)."""
+        return self.n_synthetic or max(self.n_generated, n_train)
+
     def fractions_for(self, n_train: int) -> tuple[float, ...]:
         if self.fractions:
             return tuple(self.fractions)
@@ -688,7 +692,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
 
     pool_images = pool_labels = None
     if conditional:
-        n_pool = settings.n_synthetic or max(n_gen, n_train)
+        n_pool = settings.pool_size(n_train)
         if settings.label_mix == "balanced":
             pool_labels = balanced_labels(n_pool, k)
         elif settings.label_mix == "prior":

@@ -86,8 +86,8 @@ def run_probe(model_dir: str | Path, data_dir, settings: Settings, candidates: i
                          "requested class, so it takes a conditional model")
     ctx = DatasetContext(card["dataset"], data_dir, Path(classifier_dir), settings)
     k = ctx.info.num_classes
-    n = settings.n_synthetic or max(settings.n_generated, len(ctx.train))
-    n -= n % k
+    n = settings.pool_size(len(ctx.train))
+    n -= n % k  # the same count of every class
     gen = OnnxGenerator(model_dir, temperature=settings.temperature)
     labels = balanced_labels(n, k)
 

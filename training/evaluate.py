@@ -644,6 +644,14 @@ def open_generator(model_dir: Path, ctx: DatasetContext, temperature: float = 1.
     return gen
 
 
+def synthetic_only_runs(ctx: DatasetContext, images: torch.Tensor, labels: torch.Tensor, settings: Settings) -> list[dict]:
+    """CAS's runs: per classifier seed, a fresh classifier trained only on the synthetic images, its report on
+    the real test split."""
+    return [accuracy_report(train_classifier([(images, labels, 1.0)], ctx.info, ctx.steps, seed,
+                                             batch_size=settings.batch_size), ctx.test)
+            for seed in range(settings.seeds)]
+
+
 def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:
     """Run the protocol on one exported model folder; returns the metrics dict (flat keys + nested details)."""
     t0 = time.time()
@@ -717,10 +725,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         _log(f"{name}: label fidelity {metrics['label_fidelity']:.4f}; synthetic pool {n_pool} ({settings.label_mix})", t0)
 
         # CAS: synthetic only vs real only, same recipe and seeds.
-        cas_runs = []
-        for seed in seeds:
-            model = train_classifier([(pool_images, pool_labels, 1.0)], info, ctx.steps, seed, batch_size=settings.batch_size)
-            cas_runs.append(accuracy_report(model, ctx.test))
+        cas_runs = synthetic_only_runs(ctx, pool_images, pool_labels, settings)
         real_runs = [ctx.real_run(1.0, seed) for seed in seeds]
         cas, cas_real = _mean_std([r["accuracy"] for r in cas_runs]), _mean_std([r["accuracy"] for r in real_runs])
         metrics.update({"cas": cas["mean"], "cas_std": cas["std"], "cas_real": cas_real["mean"], "cas_real_std": cas_real["std"],

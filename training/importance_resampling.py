@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError, user_errors_exit
-from .evaluate import (GENERATION_SEED, DatasetContext, OnnxGenerator, Settings, accuracy_report,
-                       balanced_labels, frechet_distance, precision_recall, predict, train_classifier)
+from .evaluate import (GENERATION_SEED, DatasetContext, OnnxGenerator, Settings, balanced_labels, frechet_distance,
+                       precision_recall, predict, synthetic_only_runs, train_classifier)
 from .manifest import CARD
 
 RATIO_SEED = 5  # the ratio classifier's seed (the reference classifier's is 0)
@@ -63,14 +63,13 @@ def resample_per_class(log_ratio: torch.Tensor, labels: torch.Tensor, per_class:
     return torch.cat(chosen)
 
 
-def measure_pool(ctx: DatasetContext, images: torch.Tensor, labels: torch.Tensor, seeds: int) -> dict:
-    """The evaluation's sample-quality figures on up to 10,000 of the pool's images, and CAS over `seeds`."""
+def measure_pool(ctx: DatasetContext, images: torch.Tensor, labels: torch.Tensor, settings: Settings) -> dict:
+    """The evaluation's sample-quality figures on up to 10,000 of the pool's images, and its CAS runs."""
     subset = torch.randperm(len(images), generator=torch.Generator().manual_seed(3))[:N_MEASURED]
     logits, feats = predict(ctx.reference, images[subset])
     n_pr = min(len(subset), len(ctx.test_feats))
     precision, recall = precision_recall(ctx.test_feats[:n_pr], feats[:n_pr])
-    cas = [accuracy_report(train_classifier([(images, labels, 1.0)], ctx.info, ctx.steps, s), ctx.test)["accuracy"]
-           for s in range(seeds)]
+    cas = [run["accuracy"] for run in synthetic_only_runs(ctx, images, labels, settings)]
     return {"fid": round(frechet_distance(feats, ctx.test_feats), 3), "precision": round(precision, 3),
             "recall": round(recall, 3), "label_fidelity": round(float((logits.argmax(1) == labels[subset]).float().mean()), 4),
             "cas": [round(c, 4) for c in cas], "cas_mean": round(sum(cas) / len(cas), 4)}
@@ -110,7 +109,7 @@ def run_probe(model_dir: str | Path, data_dir, settings: Settings, candidates: i
     for name, alpha in pools:
         # The first n candidates are the evaluation's own pool (seed GENERATION_SEED + 1, balanced labels).
         chosen = torch.arange(n) if alpha is None else resample_per_class(log_ratio, pool_labels, n // k, alpha)
-        row = {**base, "pool": name, **measure_pool(ctx, pool[chosen], pool_labels[chosen], settings.seeds),
+        row = {**base, "pool": name, **measure_pool(ctx, pool[chosen], pool_labels[chosen], settings),
                "seconds": round(time.time() - t0)}
         emit(json.dumps(row), flush=True)
         rows.append(row)

@@ -380,6 +380,37 @@ def test_in_batch_mode_seeking_pairs_the_batch_halves_by_label_and_runs_the_gene
         assert torch.equal(asked[0], paired_labels(y) if in_batch else y)
 
 
+def test_class_grouped_std_gives_each_minibatch_std_group_one_label_and_d_outputs_in_the_batchs_order(data_dir):
+    from training.models.gan import class_grouped_order
+
+    labels = torch.tensor([3, 1, 0, 1, 3, 0, 1, 3, 0, 1, 3, 0])
+    order = class_grouped_order(labels, 4)
+    assert sorted(order.tolist()) == list(range(12))
+    groups = labels[order].view(4, -1).t()  # MinibatchStd's groups: rows i, i + N/4, i + N/2, i + 3N/4
+    assert [set(g.tolist()) for g in groups] == [{0}, {1}, {3}]
+    assert class_grouped_order(labels[:10], 4) is None  # 10 rows do not split into groups of 4
+
+    data = load_dataset("mnist", "train", data_dir)
+    x, y = data.images[:16].float() * 2 / 255 - 1, data.labels[:16]
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
+                      class_grouped_std=True, mode_seeking_in_batch=True).resolve()
+    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
+                                           twin_head=True)
+    seen = []
+    discriminator.register_forward_hook(lambda module, args, out: seen.append(args[1].clone()))
+    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    outputs = objective._discriminate(x, y)
+    grouped = class_grouped_order(y, 4)
+    assert torch.equal(seen[0], y[grouped])  # D judged the rows grouped by label
+    restore = torch.argsort(grouped)
+    for output, expected in zip(outputs, discriminator(x[grouped], y[grouped], with_classes=True)):
+        torch.testing.assert_close(output, expected[restore])  # each row's outputs back in the batch's order
+    losses = objective.step(x, y)
+    assert all(torch.isfinite(v) for v in losses.values())
+    with pytest.raises(ValueError, match="class_grouped_std .* applies to cdcgan"):
+        TrainConfig(model="dcgan", class_grouped_std=True).resolve()
+
+
 def test_in_batch_mode_seeking_is_refused_where_there_is_no_mode_seeking_term():
     for overrides in (dict(model="cvae"), dict(model="cwgan_gp"), dict(model="cdcgan", mode_seeking=0.0),
                       dict(model="dcgan")):

@@ -46,6 +46,7 @@ class TrainConfig:
     mode_seeking_in_batch: bool = False  # the mode-seeking pairs from the batch halves, no second G pass (MNIST cdcgan: 29% less arithmetic, worse FID on 2 of 4 datasets)
     ema_decay: float | None = None  # generator weight EMA, the exported copy (GANs 0.999; VAEs 0 = off)
     aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
+    class_grouped_std: bool = False  # cdcgan: D's minibatch-std groups each hold one class (see class_grouped_order)
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
@@ -84,6 +85,9 @@ class TrainConfig:
             raise ValueError(f"lr_decay_epochs must be in [0, epochs); got {self.lr_decay_epochs} with epochs={self.epochs}")
         if self.aux_classifier and self.model != "cdcgan":
             raise ValueError(f"aux_classifier applies to the conditional DCGAN (cdcgan), not {self.model!r}")
+        if self.class_grouped_std and self.model != "cdcgan":
+            raise ValueError("class_grouped_std groups the minibatch-std of a conditional DCGAN's discriminator by label: "
+                             f"it applies to cdcgan, not {self.model!r}")
         if self.twin_classifier and not self.aux_classifier:
             raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":

@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .augment import DiffAugment
 from .config import TrainConfig
+from .models.gan import MinibatchStd, class_grouped_order
 from .sampling import unwrap
 
 
@@ -174,6 +175,8 @@ class GANObjective(Objective):
     its own optimiser too.
     With cfg.diff_augment (training/augment.py), every image D sees, real or generated, in both steps, goes
     through the same random differentiable transforms; the mode-seeking term compares unaugmented images.
+    With cfg.class_grouped_std, every batch D judges is reordered so that its minibatch-std groups each hold one
+    label (`class_grouped_order`): the std then shows D the variety within a class rather than between classes.
     With cfg.mode_seeking_in_batch, G is asked for `paired_labels(labels)` (the batch's second half repeats its
     first half's labels), D and both heads judge the images against those labels, and the mode-seeking term
     compares the two halves: one generator pass per step instead of two.
@@ -186,6 +189,12 @@ class GANObjective(Objective):
         self.augment = DiffAugment(cfg.diff_augment)
         self.twin = cfg.twin_classifier
         d = unwrap(discriminator)
+        self.std_group = None  # with cfg.class_grouped_std: the size of D's minibatch-std groups
+        if cfg.class_grouped_std:
+            groups = [m.group for m in d.modules() if isinstance(m, MinibatchStd)]
+            if not (conditional and groups):
+                raise ValueError("class_grouped_std needs a conditional discriminator with a minibatch-std layer")
+            self.std_group = groups[0]
         head = list(d.classifier.parameters()) if self.aux else []
         twin = list(d.twin_classifier.parameters()) if self.twin else []
         body = [p for p in discriminator.parameters() if all(p is not h for h in head + twin)]
@@ -198,9 +207,17 @@ class GANObjective(Objective):
         """(real/fake logits, class logits of the class head, of the twin head), of the augmented images; None
         for a head D lacks, and for both heads when not `classes`."""
         images = self.augment(images)
+        order = class_grouped_order(y, self.std_group) if self.std_group else None
+        if order is not None:  # D sees the rows grouped by label; its outputs go back to the batch's order
+            images, y = images[order], y[order]
         if classes and self.aux:
-            return self.D(images, y, with_classes=True)
-        return self.D(images, y), None, None
+            outputs = self.D(images, y, with_classes=True)
+        else:
+            outputs = self.D(images, y), None, None
+        if order is None:
+            return outputs
+        restore = torch.argsort(order)
+        return tuple(None if out is None else out[restore] for out in outputs)
 
     def generator_loss(self, d_gen, classes_gen, twin_gen, labels, diversity, losses: dict) -> torch.Tensor:
         """G's loss on its images' logits: non-saturating BCE [+ mode seeking] [+ w * class head CE

@@ -155,7 +155,7 @@ class MinibatchStd(nn.Module):
 
     def __init__(self, group: int = 4):
         super().__init__()
-        self.group = group
+        self.group = group  # the trainer reads it to group rows by class (cfg.class_grouped_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -166,6 +166,22 @@ class MinibatchStd(nn.Module):
         std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,)
         std = std.view(-1, 1, 1, 1).repeat(g, 1, h, w)  # (N, 1, H, W)
         return torch.cat([x, std], 1)
+
+
+def class_grouped_order(labels: torch.Tensor, group: int) -> torch.Tensor | None:
+    """A permutation of the batch after which `MinibatchStd(group)`'s groups hold images of one label each
+    (all but the groups that straddle two labels), or None when the batch does not split into such groups.
+
+    Why: the std channel is how the discriminator sees a batch's lack of variety. Its groups are rows i, i + N/G,
+    i + 2N/G, ... of a batch in random order, so in a conditional GAN they mix classes, and the std mostly measures
+    how different the classes are, which a generator that draws few digits per class gets right. Grouped by label,
+    it measures the variety within a class, real against generated: the variety that a classifier trained on the
+    generated images needs. Apply the same order to images and labels, and its inverse to D's outputs."""
+    n = labels.shape[0]
+    if n % group or n == group:
+        return None
+    by_label = torch.sort(labels, stable=True).indices  # rows of one label next to each other
+    return by_label.view(n // group, group).t().reshape(-1)  # row j * N/G + i holds by_label[i * G + j]
 
 
 class DCGANDiscriminator(nn.Module):

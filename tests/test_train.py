@@ -353,6 +353,15 @@ def test_a_resume_that_would_add_or_drop_class_norm_is_refused_naming_the_flag(d
         main(cfg, resume=True)
 
 
+def tiny_cdcgan_with_both_heads(**overrides):
+    """(generator, discriminator, objective) of a width-8 MNIST cDCGAN with the class head and its twin."""
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
+                      **overrides).resolve()
+    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
+                                           twin_head=True)
+    return generator, discriminator, build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+
+
 def test_in_batch_mode_seeking_pairs_the_batch_halves_by_label_and_runs_the_generator_once_per_step(data_dir):
     from training.objectives import in_batch_pairs, paired_labels
 
@@ -368,13 +377,9 @@ def test_in_batch_mode_seeking_pairs_the_batch_halves_by_label_and_runs_the_gene
     x, y = data.images[:16].float() / 255, data.labels[:16]
     for in_batch, generator_calls in ((False, 2), (True, 1)):
         torch.manual_seed(0)
-        cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
-                          mode_seeking_in_batch=in_batch).resolve()
-        generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
-                                               twin_head=True)
+        generator, _, objective = tiny_cdcgan_with_both_heads(mode_seeking_in_batch=in_batch)
         asked = []
         generator.register_forward_hook(lambda module, args, out: asked.append(args[1].clone()))
-        objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
         losses = objective.step(x, y)
         assert len(asked) == generator_calls and all(torch.isfinite(v) for v in losses.values())
         assert torch.equal(asked[0], paired_labels(y) if in_batch else y)
@@ -392,13 +397,9 @@ def test_class_grouped_std_gives_each_minibatch_std_group_one_label_and_d_output
 
     data = load_dataset("mnist", "train", data_dir)
     x, y = data.images[:16].float() * 2 / 255 - 1, data.labels[:16]
-    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
-                      class_grouped_std=True, mode_seeking_in_batch=True).resolve()
-    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
-                                           twin_head=True)
+    _, discriminator, objective = tiny_cdcgan_with_both_heads(class_grouped_std=True, mode_seeking_in_batch=True)
     seen = []
     discriminator.register_forward_hook(lambda module, args, out: seen.append(args[1].clone()))
-    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
     outputs = objective._discriminate(x, y)
     grouped = class_grouped_order(y, 4)
     assert torch.equal(seen[0], y[grouped])  # D judged the rows grouped by label

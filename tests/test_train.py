@@ -206,6 +206,41 @@ def test_a_run_saved_with_a_class_head_resumes_with_its_twin(data_dir, tmp_path)
     assert after["models"]["discriminator"]["twin_classifier.weight"].shape == (10, 17, 7, 7)
 
 
+def test_reconstruction_trains_a_latent_encoder_with_the_generator_until_g_redraws_real_images(data_dir):
+    torch.manual_seed(0)
+    data = load_dataset("mnist", "train", data_dir)
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, reconstruction=10.0, lr=1e-3).resolve()
+    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, encoder=True)
+    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    assert set(objective.optimizers) == {"generator", "discriminator", "encoder"}
+    encoder = {id(p) for p in discriminator.encoder.parameters()}
+    body = {id(p) for group in objective.optimizers["discriminator"].param_groups for p in group["params"]}
+    assert encoder and not encoder & body  # D's loss never moves the encoder
+    x, y = data.images[:32].float() / 255, data.labels[:32]
+    before = discriminator.encoder.to_latent.weight.detach().clone()
+    losses = [objective.step(x, y) for _ in range(40)]
+    assert not torch.equal(before, discriminator.encoder.to_latent.weight)  # it learns in G's step, kept out of `frozen`
+    assert losses[-1]["reconstruction_l1"] < 0.7 * losses[0]["reconstruction_l1"], losses
+    assert all(torch.isfinite(v) for v in losses[-1].values())
+    for model in ("cvae", "mlp_gan", "cwgan_gp"):
+        with pytest.raises(ValueError, match="reconstruction .* applies to dcgan and cdcgan"):
+            TrainConfig(model=model, reconstruction=1.0).resolve()
+
+
+def test_a_run_saved_without_a_latent_encoder_resumes_with_one(data_dir, tmp_path):
+    from training.train import main
+
+    def cfg(epochs, reconstruction):
+        return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8,
+                           reconstruction=reconstruction, data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve()
+
+    main(cfg(1, 0.0))
+    main(cfg(2, 5.0), resume=True)
+    after = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert "encoder" in after["optimizers"] and after["resumes"] == [{"from_epoch": 2, "changed": {"reconstruction": [0.0, 5.0]}}]
+    assert after["models"]["discriminator"]["encoder.to_latent.weight"].shape == (2 * 100, 16 * 7 * 7 + 10)
+
+
 def test_a_resume_records_changed_settings_only_and_not_fields_newer_than_the_checkpoint():
     from training.train import _record_resume
 
@@ -441,7 +476,7 @@ def test_the_generator_step_skips_the_discriminators_weight_gradients_and_trains
     x, y = data.images[:16].float() / 255, data.labels[:16]
     frozen = objectives.frozen
     trained = {}
-    for name, freeze in (("frozen", frozen), ("textbook", lambda module: contextlib.nullcontext())):
+    for name, freeze in (("frozen", frozen), ("textbook", lambda module, keep=None: contextlib.nullcontext())):
         monkeypatch.setattr(objectives, "frozen", freeze)
         torch.manual_seed(0)
         cfg = TrainConfig(dataset="mnist", model=model_id, width=8, amp=False, n_critic=1,

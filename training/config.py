@@ -47,6 +47,8 @@ class TrainConfig:
     ema_decay: float | None = None  # generator weight EMA, the exported copy (GANs 0.999; VAEs 0 = off)
     aux_classifier: float = 0.0  # cdcgan: weight of the AC-GAN class loss (a class head on D; 0 = off)
     class_grouped_std: bool = False  # cdcgan: D's minibatch-std groups each hold one class (see class_grouped_order)
+    reconstruction: float = 0.0  # dcgan, cdcgan: weight of the cVAE-GAN term, L1 of G redrawing real images from an encoder's z (0 = off)
+    reconstruction_kl: float = 0.01  # with reconstruction: weight of the encoder's KL to N(0, I)
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
@@ -88,6 +90,10 @@ class TrainConfig:
         if self.class_grouped_std and self.model != "cdcgan":
             raise ValueError("class_grouped_std groups the minibatch-std of a conditional DCGAN's discriminator by label: "
                              f"it applies to cdcgan, not {self.model!r}")
+        if self.reconstruction < 0 or self.reconstruction_kl < 0:
+            raise ValueError(f"reconstruction and reconstruction_kl must be >= 0, not {self.reconstruction}, {self.reconstruction_kl}")
+        if self.reconstruction and self.model not in ("dcgan", "cdcgan"):
+            raise ValueError(f"reconstruction (a cVAE-GAN's encoder) applies to dcgan and cdcgan, not {self.model!r}")
         if self.twin_classifier and not self.aux_classifier:
             raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":

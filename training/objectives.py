@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .augment import DiffAugment
 from .config import TrainConfig
 from .models.gan import MinibatchStd, class_grouped_order
+from .models.vae import reparameterize
 from .sampling import unwrap
 
 
@@ -66,12 +67,14 @@ def in_batch_pairs(fake: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 @contextlib.contextmanager
-def frozen(module: nn.Module):
+def frozen(module: nn.Module, keep: nn.Module | None = None):
     """The block runs with `module`'s parameters out of autograd: the generator's step backpropagates through D
     only to reach G, and D's weight gradients there would be computed to be thrown away (the next D step
     starts from zeroed gradients). Under DistributedDataParallel the block also skips D's gradient sync, which
-    would otherwise wait for gradients that never come. The losses and G's gradients are unchanged."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    would otherwise wait for gradients that never come. The losses and G's gradients are unchanged.
+    `keep`: a submodule trained in the block (the latent encoder that D holds) stays in autograd."""
+    kept = {id(p) for p in keep.parameters()} if keep is not None else set()
+    params = [p for p in module.parameters() if p.requires_grad and id(p) not in kept]
     wrapped = getattr(module, "_orig_mod", module)  # torch.compile(DDP(D)) -> DDP(D)
     sync = wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) else contextlib.nullcontext()
     for p in params:
@@ -180,6 +183,11 @@ class GANObjective(Objective):
     With cfg.mode_seeking_in_batch, G is asked for `paired_labels(labels)` (the batch's second half repeats its
     first half's labels), D and both heads judge the images against those labels, and the mode-seeking term
     compares the two halves: one generator pass per step instead of two.
+    With cfg.reconstruction = r > 0 (a cVAE-GAN: Larsen et al. 2016, BicycleGAN's cVAE-GAN branch), D's
+    `LatentEncoder` infers (mu, logvar) of z for each real image and its label, and G's step adds
+    r * L1(G(z_enc, label), real) + cfg.reconstruction_kl * KL(q(z | x) || N(0, I)), z_enc drawn from q; the
+    encoder has its own optimiser and learns in G's step. G must then be able to redraw every real training
+    image, not only the ones D finds easiest to be fooled by.
     """
 
     def __init__(self, cfg, device, generator: nn.Module, discriminator: nn.Module, conditional: bool):
@@ -195,12 +203,17 @@ class GANObjective(Objective):
             if not (conditional and groups):
                 raise ValueError("class_grouped_std needs a conditional discriminator with a minibatch-std layer")
             self.std_group = groups[0]
+        self.encoder = getattr(d, "encoder", None) if cfg.reconstruction else None
+        if cfg.reconstruction and self.encoder is None:
+            raise ValueError("reconstruction needs a discriminator built with a latent encoder (build_model(..., encoder=True))")
         head = list(d.classifier.parameters()) if self.aux else []
         twin = list(d.twin_classifier.parameters()) if self.twin else []
-        body = [p for p in discriminator.parameters() if all(p is not h for h in head + twin)]
+        encoder = list(self.encoder.parameters()) if self.encoder is not None else []
+        body = [p for p in discriminator.parameters() if all(p is not h for h in head + twin + encoder)]
         self.optimizers = {"generator": _adam(generator, cfg), "discriminator": _adam(body, cfg),
                            **({"class_head": _adam(head, cfg)} if head else {}),
-                           **({"twin_head": _adam(twin, cfg)} if twin else {})}
+                           **({"twin_head": _adam(twin, cfg)} if twin else {}),
+                           **({"encoder": _adam(encoder, cfg)} if encoder else {})}
 
     def _discriminate(self, images: torch.Tensor, y, classes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                                  torch.Tensor | None]:
@@ -231,6 +244,18 @@ class GANObjective(Objective):
             loss_g = loss_g - self.aux * _logged_cross_entropy(twin_gen, labels, losses, "twin_loss_gen")
         return loss_g
 
+    def reconstruction_loss(self, real: torch.Tensor, y, losses: dict) -> torch.Tensor:
+        """r * L1(G(z_enc, y), real) + kl * KL(q(z | real, y) || N(0, I)) (cfg.reconstruction, .reconstruction_kl);
+        the L1 (per pixel, on the [-1, 1] scale) and the KL (summed over z, mean over the batch) also logged."""
+        with self.autocast():
+            mu, logvar = self.encoder(real, y)
+            mu, logvar = mu.float(), logvar.float()
+            redrawn = self.G(reparameterize(mu, logvar), y).float()
+        l1 = (redrawn - real).abs().mean()
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        losses["reconstruction_l1"], losses["encoder_kl"] = l1.detach(), kl.detach()
+        return self.cfg.reconstruction * l1 + self.cfg.reconstruction_kl * kl
+
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         in_batch = self.cfg.mode_seeking_in_batch and self.cfg.mode_seeking > 0
         fake_labels = paired_labels(labels) if in_batch else labels  # what G is asked for, what D's heads judge
@@ -257,7 +282,7 @@ class GANObjective(Objective):
         for opt in d_optimizers:
             opt.step()
 
-        with frozen(self.D):
+        with frozen(self.D, keep=self.encoder):
             with self.autocast():
                 d_gen, classes_gen, twin_gen = self._discriminate(fake, y_fake)
                 d_gen = d_gen.float()
@@ -268,9 +293,14 @@ class GANObjective(Objective):
                     z2 = torch.randn_like(z)
                     diversity = mode_seeking_term(fake, self.G(z2, y_fake), z, z2).float()
             loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses)
-            opt_g.zero_grad(set_to_none=True)
+            g_optimizers = [opt_g] + ([self.optimizers["encoder"]] if self.encoder is not None else [])
+            if self.encoder is not None:
+                loss_g = loss_g + self.reconstruction_loss(real, y, losses)
+            for opt in g_optimizers:
+                opt.zero_grad(set_to_none=True)
             loss_g.backward()
-            opt_g.step()
+            for opt in g_optimizers:
+                opt.step()
         return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach(), "d_real": torch.sigmoid(d_real.detach()).mean(),
                 "d_fake": torch.sigmoid(d_fake.detach()).mean(), **losses}
 

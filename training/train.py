@@ -151,7 +151,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
                                            class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier,
-                                           disc_width=cfg.disc_width, class_norm=cfg.class_norm, embed_dim=cfg.embed_dim)
+                                           disc_width=cfg.disc_width, class_norm=cfg.class_norm, embed_dim=cfg.embed_dim,
+                                           encoder=cfg.reconstruction > 0)
     generator = generator.to(device)
     discriminator = discriminator.to(device) if discriminator is not None else None
 
@@ -317,10 +318,11 @@ def _check_resume_matches(state: dict, cfg: TrainConfig) -> None:
 
 
 def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
-    """Resume the discriminator; a class head or twin head the checkpoint lacks (--aux-classifier or
-    --twin-classifier added on resume) starts fresh."""
+    """Resume the discriminator; a class head, twin head or latent encoder the checkpoint lacks
+    (--aux-classifier, --twin-classifier or --reconstruction added on resume) starts fresh."""
     missing, unexpected = discriminator.load_state_dict(weights, strict=False)
-    heads = {"classifier.": "class head; --aux-classifier", "twin_classifier.": "twin head; --twin-classifier"}
+    heads = {"classifier.": "class head; --aux-classifier", "twin_classifier.": "twin head; --twin-classifier",
+             "encoder.": "latent encoder; --reconstruction"}
     if unexpected or any(not key.startswith(tuple(heads)) for key in missing):
         raise RuntimeError(f"checkpoint does not match the discriminator: missing {missing}, unexpected {unexpected}")
     for prefix, what in heads.items():

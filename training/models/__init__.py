@@ -41,7 +41,7 @@ MODEL_FAMILIES = {
 def build_model(model: str, image_shape, num_classes: int, latent_dim: int, width: int,
                 class_head: bool = False, twin_head: bool = False,
                 disc_width: int | None = None, class_norm: bool = False,
-                embed_dim: int = 50) -> tuple[nn.Module, nn.Module | None]:
+                embed_dim: int = 50, encoder: bool = False) -> tuple[nn.Module, nn.Module | None]:
     """(generator or VAE, discriminator or critic or None) for a family, a data shape and its class count.
 
     `num_classes` is used only by conditional families. `width` is ngf/ndf for GANs and the first
@@ -52,7 +52,8 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
     discriminator costs training time, not bytes in `exported/`. `class_norm` makes the (conditional DCGAN)
     generator's batch norms class-conditional (`--class-norm`). `embed_dim` is the size of the conditional DCGAN
     generator's label embedding (`--embed-dim`): its first layer has (latent_dim + embed_dim) x 16 x 4 ngf weights
-    for 28x28, most of the generator, so a smaller embedding leaves bytes for width.
+    for 28x28, most of the generator, so a smaller embedding leaves bytes for width. `encoder` gives the (BCE)
+    DCGAN discriminator a `LatentEncoder` of the generator's z (`--reconstruction`).
     """
     if model not in MODEL_FAMILIES:
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_FAMILIES)}")
@@ -67,7 +68,8 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
     norm = "none" if family.objective == "wgan_gp" else "batch"
     generator = DCGANGenerator(latent_dim, image_shape, width, num_classes=k, embed_dim=embed_dim, class_norm=class_norm)
     discriminator = DCGANDiscriminator(image_shape, disc_width or width, num_classes=k, norm=norm, minibatch_std=norm == "batch",
-                                       class_head=class_head, twin_head=twin_head)
+                                       class_head=class_head, twin_head=twin_head,
+                                       encoder_latent_dim=latent_dim if encoder else 0)
     generator.apply(init_dcgan_weights)
     discriminator.apply(init_dcgan_weights)
     return generator, discriminator

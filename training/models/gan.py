@@ -184,6 +184,36 @@ def class_grouped_order(labels: torch.Tensor, group: int) -> torch.Tensor | None
     return by_label.view(n // group, group).t().reshape(-1)  # row j * N/G + i holds by_label[i * G + j]
 
 
+class LatentEncoder(nn.Module):
+    """Image [+ label] -> (mu, logvar) of the z the generator would draw it from: the encoder of a cVAE-GAN
+    (Larsen et al. 2016; BicycleGAN's cVAE-GAN branch, Zhu et al. 2017), for `--reconstruction`.
+
+    Why: the adversarial loss lets a generator leave out the real images it draws badly (low recall), and a
+    classifier trained only on its images then fails on those real ones. Asked to redraw every real training
+    image from the z this encoder infers for it, the generator must keep a z for each. The DCGAN
+    discriminator's strided convolutions, then a linear map of the features and the label to 2 x latent_dim.
+    """
+
+    def __init__(self, image_shape, latent_dim: int, ndf: int, num_classes: int = 0):
+        super().__init__()
+        channels, size, _ = image_shape
+        steps = 2 if size == 28 else 4
+        width, layers = ndf, [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        for _ in range(steps - 1):
+            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, True)]
+            width *= 2
+        self.features = nn.Sequential(*layers, nn.Flatten())
+        self.label_embedding = LabelEmbedding(num_classes, num_classes)
+        final = size // 2**steps
+        self.to_latent = nn.Linear(width * final * final + (num_classes if num_classes > 0 else 0), 2 * latent_dim)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        y = self.label_embedding(labels)
+        mu, logvar = self.to_latent(h if y is None else torch.cat([h, y], 1)).chunk(2, dim=1)
+        return mu, logvar  # (N, latent_dim) each
+
+
 class DCGANDiscriminator(nn.Module):
     """HxW -> ... -> 4x4 (or 7x7) -> 1 logit with strided Conv2d + norm + LeakyReLU(0.2).
 
@@ -198,10 +228,14 @@ class DCGANDiscriminator(nn.Module):
     the digit from the 7x7 features at 94 %, from their spatial mean at 70 %.)
     twin_head: a second classifier of the same shape (TAC-GAN, Gong et al. 2019), returned after the first;
     the objective trains it on generated images, so it reads the labels of the generator's distribution.
+    encoder_latent_dim > 0: also a `LatentEncoder` (`self.encoder`, `--reconstruction`), a network of its own
+    that shares nothing with D; it lives here because, like the heads, it is trained and saved with the
+    discriminator and never exported. `forward` does not run it.
     """
 
     def __init__(self, image_shape=(1, 28, 28), ndf: int = 32, num_classes: int = 0, norm: str = "batch",
-                 minibatch_std: bool = True, class_head: bool = False, twin_head: bool = False):
+                 minibatch_std: bool = True, class_head: bool = False, twin_head: bool = False,
+                 encoder_latent_dim: int = 0):
         super().__init__()
         if norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', not {norm!r}")
@@ -227,6 +261,7 @@ class DCGANDiscriminator(nn.Module):
         if twin_head and not class_head:
             raise ValueError("twin_head needs class_head (it is the class head's twin)")
         self.twin_classifier = nn.Conv2d(width, num_classes, final, 1, 0) if twin_head else None
+        self.encoder = LatentEncoder(image_shape, encoder_latent_dim, ndf, num_classes) if encoder_latent_dim else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, with_classes: bool = False):
         """(N,) real/fake logits; with_classes: (logits, classes, twin_classes), the (N, num_classes) class

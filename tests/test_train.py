@@ -227,6 +227,15 @@ def test_reconstruction_trains_a_latent_encoder_with_the_generator_until_g_redra
             TrainConfig(model=model, reconstruction=1.0).resolve()
 
 
+def test_reconstruction_is_refused_under_torchrun_before_joining_the_process_group(monkeypatch):
+    from training.cli import UsageError
+    from training.train import setup_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UsageError, match="--reconstruction trains in one process only"):
+        setup_distributed(TrainConfig(model="cdcgan", reconstruction=5.0, device="cpu").resolve())
+
+
 def test_a_run_saved_without_a_latent_encoder_resumes_with_one(data_dir, tmp_path):
     from training.train import main
 

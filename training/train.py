@@ -124,6 +124,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     if want_cuda and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg.device}: torch {torch.__version__} sees no CUDA GPU here; use --device cpu "
                          "(or auto)")
+    if world > 1 and cfg.reconstruction:
+        raise UsageError("--reconstruction trains in one process only: its encoder lives in the discriminator's module, "
+                         "and DistributedDataParallel would wait for encoder gradients that the discriminator's step never makes")
     if world > 1:
         dist.init_process_group("nccl" if want_cuda else "gloo")
         rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))

@@ -130,12 +130,25 @@ def test_resume_gives_the_same_weights_as_one_uninterrupted_run(aux_classifier, 
             assert torch.equal(a[net][name], b[net][name]), f"{net}.{name}"
 
 
+def tiny_cdcgan(**overrides):
+    """(generator, discriminator, objective) of a width-8 MNIST cDCGAN, built with what its config asks for: the
+    class head (aux_classifier), its twin (twin_classifier), the latent encoder (reconstruction)."""
+    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, **overrides).resolve()
+    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width,
+                                           class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier,
+                                           encoder=cfg.reconstruction > 0)
+    return generator, discriminator, build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+
+
+def tiny_cdcgan_with_both_heads(**overrides):
+    """`tiny_cdcgan` with the class head and its twin."""
+    return tiny_cdcgan(aux_classifier=1.0, twin_classifier=True, **overrides)
+
+
 def test_the_aux_classifier_head_learns_the_real_labels_and_steers_the_generator(data_dir):
     torch.manual_seed(0)
     data = load_dataset("mnist", "train", data_dir)
-    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, lr=1e-3).resolve()
-    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True)
-    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    generator, discriminator, objective = tiny_cdcgan(aux_classifier=1.0, lr=1e-3)
     assert set(objective.optimizers) == {"generator", "discriminator", "class_head"}
     x, y = data.images[:32].float() / 255, data.labels[:32]
     losses = [objective.step(x, y) for _ in range(40)]
@@ -146,11 +159,7 @@ def test_the_aux_classifier_head_learns_the_real_labels_and_steers_the_generator
 def test_the_twin_head_learns_the_generated_labels_and_the_generator_plays_against_it(data_dir):
     torch.manual_seed(0)
     data = load_dataset("mnist", "train", data_dir)
-    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
-                      lr=1e-3).resolve()
-    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
-                                           twin_head=True)
-    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    generator, discriminator, objective = tiny_cdcgan_with_both_heads(lr=1e-3)
     assert set(objective.optimizers) == {"generator", "discriminator", "class_head", "twin_head"}
     x, y = data.images[:32].float() / 255, data.labels[:32]
     twin_before = discriminator.twin_classifier.weight.detach().clone()
@@ -209,9 +218,7 @@ def test_a_run_saved_with_a_class_head_resumes_with_its_twin(data_dir, tmp_path)
 def test_reconstruction_trains_a_latent_encoder_with_the_generator_until_g_redraws_real_images(data_dir):
     torch.manual_seed(0)
     data = load_dataset("mnist", "train", data_dir)
-    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, reconstruction=10.0, lr=1e-3).resolve()
-    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, encoder=True)
-    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
+    generator, discriminator, objective = tiny_cdcgan(reconstruction=10.0, lr=1e-3)
     assert set(objective.optimizers) == {"generator", "discriminator", "encoder"}
     encoder = {id(p) for p in discriminator.encoder.parameters()}
     body = {id(p) for group in objective.optimizers["discriminator"].param_groups for p in group["params"]}
@@ -395,15 +402,6 @@ def test_a_resume_that_would_add_or_drop_class_norm_is_refused_naming_the_flag(d
                       out_dir=str(out)).resolve()
     with pytest.raises(ValueError, match="trained with --class-norm, not --no-class-norm; resume with --class-norm"):
         main(cfg, resume=True)
-
-
-def tiny_cdcgan_with_both_heads(**overrides):
-    """(generator, discriminator, objective) of a width-8 MNIST cDCGAN with the class head and its twin."""
-    cfg = TrainConfig(dataset="mnist", model="cdcgan", width=8, aux_classifier=1.0, twin_classifier=True,
-                      **overrides).resolve()
-    generator, discriminator = build_model("cdcgan", (1, 28, 28), 10, cfg.latent_dim, cfg.width, class_head=True,
-                                           twin_head=True)
-    return generator, discriminator, build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
 
 
 def test_in_batch_mode_seeking_pairs_the_batch_halves_by_label_and_runs_the_generator_once_per_step(data_dir):

@@ -293,9 +293,10 @@ class GANObjective(Objective):
                     z2 = torch.randn_like(z)
                     diversity = mode_seeking_term(fake, self.G(z2, y_fake), z, z2).float()
             loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses)
-            g_optimizers = [opt_g] + ([self.optimizers["encoder"]] if self.encoder is not None else [])
+            g_optimizers = [opt_g]
             if self.encoder is not None:
                 loss_g = loss_g + self.reconstruction_loss(real, y, losses)
+                g_optimizers.append(self.optimizers["encoder"])
             for opt in g_optimizers:
                 opt.zero_grad(set_to_none=True)
             loss_g.backward()

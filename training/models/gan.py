@@ -84,6 +84,21 @@ def _upsampling_plan(size: int) -> tuple[int, int]:
     raise ValueError(f"DCGAN supports image sizes 28 and 64, not {size}")
 
 
+def _downsampling_layers(channels: int, size: int, ndf: int, norm: str) -> tuple[list[nn.Module], int, int]:
+    """The DCGAN discriminator's strided 4x4 convolutions (28 -> 14 -> 7; 64 -> 32 -> 16 -> 8 -> 4), widths
+    doubling from ndf, LeakyReLU(0.2), the layers after the first normalised by `norm` ("batch" or "none").
+    Returns (layers, last width, last side)."""
+    steps = 2 if size == 28 else 4
+    width, layers = ndf, [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+    for _ in range(steps - 1):
+        layers.append(nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"))
+        if norm == "batch":
+            layers.append(nn.BatchNorm2d(width * 2))
+        layers.append(nn.LeakyReLU(0.2, True))
+        width *= 2
+    return layers, width, size // 2**steps
+
+
 class ClassBatchNorm2d(nn.Module):
     """Batch norm whose scale and shift are looked up per class (conditional batch norm: de Vries et al. 2017,
     the generator of Miyato & Koyama 2018's projection cGAN and of BigGAN).
@@ -191,21 +206,17 @@ class LatentEncoder(nn.Module):
     Why: the adversarial loss lets a generator leave out the real images it draws badly (low recall), and a
     classifier trained only on its images then fails on those real ones. Asked to redraw every real training
     image from the z this encoder infers for it, the generator must keep a z for each. The DCGAN
-    discriminator's strided convolutions, then a linear map of the features and the label to 2 x latent_dim.
+    discriminator's strided convolutions (`_downsampling_layers`), then a linear map of the features and the label
+    to 2 x latent_dim.
     """
 
     def __init__(self, image_shape, latent_dim: int, ndf: int, num_classes: int = 0):
         super().__init__()
         channels, size, _ = image_shape
-        steps = 2 if size == 28 else 4
-        width, layers = ndf, [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        for _ in range(steps - 1):
-            layers += [nn.Conv2d(width, width * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(width * 2), nn.LeakyReLU(0.2, True)]
-            width *= 2
+        layers, width, final = _downsampling_layers(channels, size, ndf, "batch")
         self.features = nn.Sequential(*layers, nn.Flatten())
         self.label_embedding = LabelEmbedding(num_classes, num_classes)
-        final = size // 2**steps
-        self.to_latent = nn.Linear(width * final * final + (num_classes if num_classes > 0 else 0), 2 * latent_dim)
+        self.to_latent = nn.Linear(width * final * final + num_classes, 2 * latent_dim)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.features(x)
@@ -240,19 +251,11 @@ class DCGANDiscriminator(nn.Module):
         if norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', not {norm!r}")
         channels, size, _ = image_shape
-        steps = 2 if size == 28 else 4  # 28 -> 14 -> 7 ; 64 -> 32 -> 16 -> 8 -> 4
-        width, layers = ndf, [nn.Conv2d(channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
-        for _ in range(steps - 1):
-            layers.append(nn.Conv2d(width, width * 2, 4, 2, 1, bias=norm == "none"))
-            if norm == "batch":
-                layers.append(nn.BatchNorm2d(width * 2))
-            layers.append(nn.LeakyReLU(0.2, True))
-            width *= 2
+        layers, width, final = _downsampling_layers(channels, size, ndf, norm)  # final: 7 for 28x28, 4 for 64x64
         if minibatch_std:
             layers.append(MinibatchStd())
             width += 1
         self.features = nn.Sequential(*layers)
-        final = size // 2**steps  # 7 for 28x28, 4 for 64x64
         self.head = nn.Conv2d(width, 1, final, 1, 0)
         self.projection = LabelEmbedding(num_classes, width)
         if class_head and num_classes < 2:

@@ -181,43 +181,6 @@ def test_twin_classifier_needs_the_class_head():
         build_model("cdcgan", (1, 28, 28), 10, 100, 8, twin_head=True)
 
 
-def test_confidence_matching_asks_for_as_many_uncertain_images_as_the_real_batch_has():
-    from training.objectives import confidence_matching_term
-
-    labels = torch.zeros(4, dtype=torch.long)
-    def logits(ce_values):  # class logits whose cross-entropy against label 0 is each value
-        p = torch.exp(-torch.tensor(ce_values))
-        return torch.stack([p.log(), (1 - p).clamp_min(1e-12).log()] + [torch.full((4,), -1e9)] * 8, 1)
-
-    real_ce = torch.tensor([0.01, 0.02, 0.03, 1.5])
-    same = logits([0.03, 1.5, 0.01, 0.02]).requires_grad_(True)  # the same values in another order: no gap
-    assert confidence_matching_term(same, labels, real_ce) < 1e-10
-    clean = logits([0.01, 0.02, 0.03, 0.04]).requires_grad_(True)  # one uncertain image short
-    gap = confidence_matching_term(clean, labels, real_ce)
-    assert torch.isclose(gap, torch.tensor((1.5 - 0.04) ** 2 / 4), rtol=1e-4)
-    gap.backward()
-    moved = clean.grad.abs().sum(1)
-    assert moved[3] > 100 * moved[:3].max()  # only the least certain image is asked to be less certain
-
-    with pytest.raises(ValueError, match="confidence_matching .* needs aux_classifier > 0"):
-        TrainConfig(model="cdcgan", confidence_matching=1.0).resolve()
-
-
-def test_confidence_matching_changes_the_generator_step_only(data_dir):
-    data = load_dataset("mnist", "train", data_dir)
-    x, y = data.images[:32].float() / 255, data.labels[:32]
-    weights = {}
-    for weight in (0.0, 10.0):
-        torch.manual_seed(0)
-        generator, discriminator, objective = tiny_cdcgan_with_both_heads(confidence_matching=weight, lr=1e-3)
-        losses = objective.step(x, y)
-        assert ("confidence_gap" in losses) == (weight > 0) and all(torch.isfinite(v) for v in losses.values())
-        weights[weight] = (generator.state_dict(), discriminator.state_dict(), losses)
-    (g0, d0, l0), (g1, d1, l1) = weights[0.0], weights[10.0]
-    assert torch.equal(l0["loss_d"], l1["loss_d"]) and all(torch.equal(d0[k], d1[k]) for k in d0)  # D's step is the same
-    assert not all(torch.equal(g0[k], g1[k]) for k in g0)  # G's is not
-
-
 def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
     from training.train import main
 

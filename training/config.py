@@ -49,7 +49,6 @@ class TrainConfig:
     class_grouped_std: bool = False  # cdcgan: D's minibatch-std groups each hold one class (see class_grouped_order)
     reconstruction: float = 0.0  # dcgan, cdcgan: weight of the cVAE-GAN term, L1 of G redrawing real images from an encoder's z (0 = off)
     reconstruction_kl: float = 0.01  # with reconstruction: weight of the encoder's KL to N(0, I)
-    confidence_matching: float = 0.0  # cdcgan with aux_classifier: weight of matching the class head's sorted per-image CE on G's images to a real batch's (0 = off)
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
@@ -95,9 +94,6 @@ class TrainConfig:
             raise ValueError(f"reconstruction and reconstruction_kl must be >= 0, not {self.reconstruction}, {self.reconstruction_kl}")
         if self.reconstruction and self.model not in ("dcgan", "cdcgan"):
             raise ValueError(f"reconstruction (a cVAE-GAN's encoder) applies to dcgan and cdcgan, not {self.model!r}")
-        if self.confidence_matching < 0 or (self.confidence_matching and not self.aux_classifier):
-            raise ValueError("confidence_matching matches what the class head reads from generated and real images: it needs "
-                             f"aux_classifier > 0 and a weight >= 0; got {self.confidence_matching} with aux_classifier={self.aux_classifier}")
         if self.twin_classifier and not self.aux_classifier:
             raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":

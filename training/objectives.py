@@ -87,17 +87,6 @@ def frozen(module: nn.Module, keep: nn.Module | None = None):
             p.requires_grad_(True)
 
 
-def confidence_matching_term(classes_gen: torch.Tensor, labels_gen: torch.Tensor, real_ce: torch.Tensor) -> torch.Tensor:
-    """Squared 1-D Wasserstein distance between the class head's per-image cross-entropies on generated images
-    (against the requested labels) and on a real batch (against theirs, `real_ce`, detached): both sorted, the
-    mean squared gap between equal ranks. The head reads a few per cent of real images as uncertain and a GAN's
-    images about half as often; this term asks for as many uncertain images as the real batch has, without
-    asking each image to be less certain (the ranks that already match cost nothing)."""
-    gen_ce = F.cross_entropy(classes_gen.float(), labels_gen, reduction="none")
-    n = min(len(gen_ce), len(real_ce))
-    return (gen_ce.sort().values[-n:] - real_ce.sort().values[-n:]).pow(2).mean()
-
-
 def _logged_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, losses: dict, key: str) -> torch.Tensor:
     """Cross-entropy of class logits (computed in fp32) against labels, its value also logged as losses[key]."""
     loss = F.cross_entropy(logits.float(), labels)
@@ -243,11 +232,9 @@ class GANObjective(Objective):
         restore = torch.argsort(order)
         return tuple(None if out is None else out[restore] for out in outputs)
 
-    def generator_loss(self, d_gen, classes_gen, twin_gen, labels, diversity, losses: dict,
-                       real_ce: torch.Tensor | None = None) -> torch.Tensor:
+    def generator_loss(self, d_gen, classes_gen, twin_gen, labels, diversity, losses: dict) -> torch.Tensor:
         """G's loss on its images' logits: non-saturating BCE [+ mode seeking] [+ w * class head CE
-        - w * twin head CE] [+ cfg.confidence_matching * the gap to `real_ce`]; the class terms are also logged
-        into `losses`."""
+        - w * twin head CE]; the class terms are also logged into `losses`."""
         loss_g = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         if diversity is not None:
             loss_g = loss_g + self.cfg.mode_seeking * diversity
@@ -255,10 +242,6 @@ class GANObjective(Objective):
             loss_g = loss_g + self.aux * _logged_cross_entropy(classes_gen, labels, losses, "class_loss_fake")
         if self.twin:
             loss_g = loss_g - self.aux * _logged_cross_entropy(twin_gen, labels, losses, "twin_loss_gen")
-        if real_ce is not None:
-            gap = confidence_matching_term(classes_gen, labels, real_ce)
-            losses["confidence_gap"] = gap.detach()
-            loss_g = loss_g + self.cfg.confidence_matching * gap
         return loss_g
 
     def reconstruction_loss(self, real: torch.Tensor, y, losses: dict) -> torch.Tensor:
@@ -288,11 +271,8 @@ class GANObjective(Objective):
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         losses = {}
-        real_ce = None  # with cfg.confidence_matching: the head's per-image CE on the real batch, for G's step
         if self.aux:
             loss_d = loss_d + self.aux * _logged_cross_entropy(classes_real, labels, losses, "class_loss_real")
-            if self.cfg.confidence_matching:
-                real_ce = F.cross_entropy(classes_real.detach().float(), labels, reduction="none")
         if self.twin:
             loss_d = loss_d + self.aux * _logged_cross_entropy(twin_fake, fake_labels, losses, "twin_loss_fake")
         d_optimizers = [opt for name, opt in self.optimizers.items() if name != "generator"]  # body [+ class head, twin head]
@@ -312,7 +292,7 @@ class GANObjective(Objective):
                 elif self.cfg.mode_seeking:
                     z2 = torch.randn_like(z)
                     diversity = mode_seeking_term(fake, self.G(z2, y_fake), z, z2).float()
-            loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses, real_ce)
+            loss_g = self.generator_loss(d_gen, classes_gen, twin_gen, fake_labels, diversity, losses)
             g_optimizers = [opt_g]
             if self.encoder is not None:
                 loss_g = loss_g + self.reconstruction_loss(real, y, losses)

@@ -26,8 +26,14 @@ from .sampling import unwrap
 def vae_loss(recon, x, mu, logvar, beta: float = 1.0):
     """Negative ELBO per image: Bernoulli reconstruction (BCE summed over pixels) + beta * KL(q(z|x) || N(0, I))."""
     reconstruction = F.binary_cross_entropy(recon, x, reduction="sum") / x.shape[0]
-    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
+    kl = kl_to_standard_normal(mu, logvar)
     return reconstruction + beta * kl, reconstruction, kl
+
+
+def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) of (N, D) posteriors, summed over D, mean over the batch: the VAEs' KL
+    term and the cVAE-GAN encoder's (`GANObjective.reconstruction_loss`)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / mu.shape[0]
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, labels) -> torch.Tensor:
@@ -252,7 +258,7 @@ class GANObjective(Objective):
             mu, logvar = mu.float(), logvar.float()
             redrawn = self.G(reparameterize(mu, logvar), y).float()
         l1 = (redrawn - real).abs().mean()
-        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1).mean()
+        kl = kl_to_standard_normal(mu, logvar)
         losses["reconstruction_l1"], losses["encoder_kl"] = l1.detach(), kl.detach()
         return self.cfg.reconstruction * l1 + self.cfg.reconstruction_kl * kl
 

@@ -52,6 +52,7 @@ class TrainConfig:
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
+    self_diagnosing_from: int = 0  # mlp_gan, dcgan, cdcgan: from this epoch on, D sees each real image in proportion to how much G under-represents it (Self-Diagnosing GAN, training/diagnosis.py; 0 = off)
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
@@ -98,6 +99,9 @@ class TrainConfig:
             raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":
             raise ValueError(f"diff_augment applies to the GANs trained with BCE (mlp_gan, dcgan, cdcgan), not {self.model!r}")
+        if self.self_diagnosing_from < 0 or (self.self_diagnosing_from and family.objective != "gan"):
+            raise ValueError(f"self_diagnosing_from reads a BCE discriminator's logits (mlp_gan, dcgan, cdcgan; 0 = off): "
+                             f"got {self.self_diagnosing_from} for {self.model!r}")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
         if self.disc_width is not None and self.model not in DCGAN_MODELS:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")

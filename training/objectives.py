@@ -194,6 +194,8 @@ class GANObjective(Objective):
     r * L1(G(z_enc, label), real) + cfg.reconstruction_kl * KL(q(z | x) || N(0, I)), z_enc drawn from q; the
     encoder has its own optimiser and learns in G's step. G must then be able to redraw every real training
     image, not only the ones D finds easiest to be fooled by.
+    After each step `real_logits` holds D's logits on the batch's real images, which the trainer's
+    `RealImageDiagnosis` (training/diagnosis.py, cfg.self_diagnosing_from) records.
     """
 
     def __init__(self, cfg, device, generator: nn.Module, discriminator: nn.Module, conditional: bool):
@@ -274,6 +276,7 @@ class GANObjective(Objective):
             d_real, classes_real, _ = self._discriminate(real, y)
             d_fake, _, twin_fake = self._discriminate(fake.detach(), y_fake, classes=self.twin)
             d_real, d_fake = d_real.float(), d_fake.float()
+        self.real_logits = d_real.detach()  # (N,) in the batch's order, for the trainer's RealImageDiagnosis
         loss_d = F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - self.cfg.label_smoothing)) + \
             F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
         losses = {}

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from .cli import UsageError, user_errors_exit
 from .config import TrainConfig
 from .data import dataset_info, known_dataset_ids, load_dataset
+from .diagnosis import RealImageDiagnosis
 from .hardware import cpu_model
 from .ema import GeneratorEMA
 from .latent_prior import fit_prior
@@ -127,6 +128,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     if world > 1 and cfg.reconstruction:
         raise UsageError("--reconstruction trains in one process only: its encoder lives in the discriminator's module, "
                          "and DistributedDataParallel would wait for encoder gradients that the discriminator's step never makes")
+    if world > 1 and cfg.self_diagnosing_from:
+        raise UsageError("--self-diagnosing-from trains in one process only: each process would keep the record of its "
+                         "own share of the real images, and draw its batches from it")
     if world > 1:
         dist.init_process_group("nccl" if want_cuda else "gloo")
         rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))
@@ -186,6 +190,11 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         generator = torch.compile(generator, dynamic=False)
         discriminator = torch.compile(discriminator, dynamic=False) if discriminator is not None else None
     objective = build_objective(cfg, device, generator, discriminator, family.conditional)
+    diagnosis = None
+    if cfg.self_diagnosing_from:
+        diagnosis = RealImageDiagnosis(len(images), device)
+        if state is not None and "real_image_diagnosis" in state:
+            diagnosis.load_state_dict(state["real_image_diagnosis"])
     resumes = _record_resume(state, cfg, start_epoch, objective.precision) if state is not None else []
     if state is not None:
         objective.load_state_dict(state["optimizers"])
@@ -215,7 +224,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         lr = learning_rate(cfg, epoch)
         objective.set_lr(lr)
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)  # noise: reproducible per epoch, so resume is exact
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        order_rng = torch.Generator().manual_seed(cfg.seed + epoch)
+        reweighted = diagnosis is not None and epoch >= cfg.self_diagnosing_from and diagnosis.ready()
+        order = diagnosis.epoch_order(order_rng) if reweighted else torch.randperm(len(images), generator=order_rng)
         shard = order[rank * n_shard:(rank + 1) * n_shard].to(device)
         sums: dict[str, torch.Tensor] = {}  # on the device, read once at the end of the epoch
         counts: dict[str, int] = {}
@@ -229,6 +240,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             idx = shard[i * batch:(i + 1) * batch]
             x = images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
             losses = objective.step(x, labels[idx])
+            if diagnosis is not None:
+                diagnosis.record(idx, objective.real_logits)
             if ema is not None:
                 ema.update(unwrap(generator))
             step += 1
@@ -245,6 +258,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         row = {"epoch": epoch, "step": step, "seconds": round(seconds, 3),
                "images_per_s": round(count * batch * world / seconds, 1), "lr": lr,
                **{k: v.item() / counts[k] for k, v in sums.items()}}
+        if reweighted:
+            row["real_draws_effective_fraction"] = round(diagnosis.effective_fraction(), 4)  # of this epoch's weights
         _append_metrics(out, row)
         if log is not None:
             for key, value in row.items():
@@ -257,7 +272,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             _plot_losses(out)
         if epoch % cfg.checkpoint_every == 0 or last:
             _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time,
-                             device, resumes, train_data)
+                             device, resumes, train_data, diagnosis)
     if log is not None:
         log.close()
     if world > 1:
@@ -362,7 +377,7 @@ def describe_data(images: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 
 def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device,
-                     resumes: list[dict], train_data: dict) -> None:
+                     resumes: list[dict], train_data: dict, diagnosis: RealImageDiagnosis | None = None) -> None:
     state = {
         "format": "synthgen-checkpoint/1",
         "version": code_version(),
@@ -381,6 +396,7 @@ def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objec
         "optimizers": objective.state_dict(),
         "objective_steps": getattr(objective, "steps", 0),
         "resumes": resumes,  # [{"from_epoch": 61, "changed": {"aux_classifier": [0.0, 1.0]}}, ...]
+        **({"real_image_diagnosis": diagnosis.state_dict()} if diagnosis is not None else {}),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)

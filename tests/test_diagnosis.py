@@ -34,6 +34,19 @@ def test_the_weights_are_the_mean_plus_the_spread_of_each_images_logits_clipped_
     assert diagnosis.effective_fraction() < 1
 
 
+def test_ratio_weights_are_the_density_ratio_the_mean_logit_estimates_capped_at_fifty_to_one():
+    diagnosis = RealImageDiagnosis(4, "cpu", weighting="ratio")
+    for _ in range(2):
+        diagnosis.record(torch.arange(4), torch.tensor([1.0, 0.0, -10.0, 800.0]))  # 800: exp would overflow float32
+    weights = diagnosis.weights()
+    assert torch.isfinite(weights).all() and weights[3] == 1
+    assert weights[2] == pytest.approx(1 / MAX_RATIO) and weights[1] == pytest.approx(1 / MAX_RATIO)
+    diagnosis = RealImageDiagnosis(2, "cpu", weighting="ratio")
+    for _ in range(2):
+        diagnosis.record(torch.arange(2), torch.tensor([1.0, 0.0]))
+    assert diagnosis.weights()[0] / diagnosis.weights()[1] == pytest.approx(torch.e)
+
+
 def test_reweighting_waits_until_every_image_has_been_judged_twice():
     diagnosis = RealImageDiagnosis(3, "cpu")
     diagnosis.record(torch.tensor([0, 1, 2]), torch.zeros(3))
@@ -43,12 +56,13 @@ def test_reweighting_waits_until_every_image_has_been_judged_twice():
     assert diagnosis.ready()
 
 
-def test_a_run_reweights_from_the_epoch_asked_and_a_resume_continues_the_same_record(data_dir, tmp_path):
+@pytest.mark.parametrize("weighting", ["paper", "ratio"])
+def test_a_run_reweights_from_the_epoch_asked_and_a_resume_continues_the_same_record(weighting, data_dir, tmp_path):
     from training.train import main
 
     def cfg(out, epochs):
         return TrainConfig(dataset="mnist", model="cdcgan", epochs=epochs, batch_size=16, width=8, self_diagnosing_from=3,
-                           data_dir=str(data_dir), out_dir=str(out)).resolve()
+                           self_diagnosing_weights=weighting, data_dir=str(data_dir), out_dir=str(out)).resolve()
 
     main(cfg(tmp_path / "straight", 4))
     main(cfg(tmp_path / "resumed", 2))
@@ -76,6 +90,8 @@ def test_self_diagnosing_is_refused_without_a_bce_discriminator_and_under_torchr
             TrainConfig(model=model, self_diagnosing_from=5).resolve()
     with pytest.raises(ValueError, match="self_diagnosing_from"):
         TrainConfig(model="cdcgan", self_diagnosing_from=-1).resolve()
+    with pytest.raises(ValueError, match="self_diagnosing_weights must be one of paper, ratio, not 'exp'"):
+        TrainConfig(model="cdcgan", self_diagnosing_from=5, self_diagnosing_weights="exp").resolve()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--self-diagnosing-from trains in one process only"):
         setup_distributed(TrainConfig(model="cdcgan", self_diagnosing_from=5, device="cpu").resolve())

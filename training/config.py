@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .augment import parse_policy
 from .data import parse_dataset_id
+from .diagnosis import WEIGHTINGS
 from .models import MODEL_FAMILIES
 
 # Per-objective optimiser defaults: the reference projects' Adam settings (WGAN-GP: the paper's).
@@ -53,6 +54,7 @@ class TrainConfig:
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
     self_diagnosing_from: int = 0  # mlp_gan, dcgan, cdcgan: from this epoch on, D sees each real image in proportion to how much G under-represents it (Self-Diagnosing GAN, training/diagnosis.py; 0 = off)
+    self_diagnosing_weights: str = "paper"  # with self_diagnosing_from: "paper" (mean + std of the logit, clipped) or "ratio" (exp of the mean logit)
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
@@ -102,6 +104,8 @@ class TrainConfig:
         if self.self_diagnosing_from < 0 or (self.self_diagnosing_from and family.objective != "gan"):
             raise ValueError(f"self_diagnosing_from reads a BCE discriminator's logits (mlp_gan, dcgan, cdcgan; 0 = off): "
                              f"got {self.self_diagnosing_from} for {self.model!r}")
+        if self.self_diagnosing_weights not in WEIGHTINGS:
+            raise ValueError(f"self_diagnosing_weights must be one of {', '.join(WEIGHTINGS)}, not {self.self_diagnosing_weights!r}")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
         if self.disc_width is not None and self.model not in DCGAN_MODELS:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")

@@ -192,7 +192,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     objective = build_objective(cfg, device, generator, discriminator, family.conditional)
     diagnosis = None
     if cfg.self_diagnosing_from:
-        diagnosis = RealImageDiagnosis(len(images), device)
+        diagnosis = RealImageDiagnosis(len(images), device, cfg.self_diagnosing_weights)
         if state is not None and "real_image_diagnosis" in state:
             diagnosis.load_state_dict(state["real_image_diagnosis"])
     resumes = _record_resume(state, cfg, start_epoch, objective.precision) if state is not None else []

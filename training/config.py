@@ -102,10 +102,11 @@ class TrainConfig:
         if self.diff_augment and family.objective != "gan":
             raise ValueError(f"diff_augment applies to the GANs trained with BCE (mlp_gan, dcgan, cdcgan), not {self.model!r}")
         if self.self_diagnosing_from < 0 or (self.self_diagnosing_from and family.objective != "gan"):
-            raise ValueError(f"self_diagnosing_from reads a BCE discriminator's logits (mlp_gan, dcgan, cdcgan; 0 = off): "
-                             f"got {self.self_diagnosing_from} for {self.model!r}")
+            raise ValueError("self_diagnosing_from reads a BCE discriminator's logits (mlp_gan, dcgan, cdcgan; "
+                             f"0 = off): got {self.self_diagnosing_from} for {self.model!r}")
         if self.self_diagnosing_weights not in WEIGHTINGS:
-            raise ValueError(f"self_diagnosing_weights must be one of {', '.join(WEIGHTINGS)}, not {self.self_diagnosing_weights!r}")
+            raise ValueError(f"self_diagnosing_weights must be one of {', '.join(WEIGHTINGS)}, "
+                             f"not {self.self_diagnosing_weights!r}")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
         if self.disc_width is not None and self.model not in DCGAN_MODELS:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")

@@ -51,7 +51,8 @@ class RealImageDiagnosis:
         first = self.seen[indices] == 0
         delta = logits - self.mean[indices]
         mean = torch.where(first, logits, self.mean[indices] + EMA_WEIGHT * delta)
-        var = torch.where(first, torch.zeros_like(logits), (1 - EMA_WEIGHT) * (self.var[indices] + EMA_WEIGHT * delta**2))
+        var = (1 - EMA_WEIGHT) * (self.var[indices] + EMA_WEIGHT * delta**2)
+        var = torch.where(first, torch.zeros_like(logits), var)
         self.mean[indices], self.var[indices] = mean, var
         self.seen[indices] += 1
 
@@ -83,7 +84,8 @@ class RealImageDiagnosis:
 
     def load_state_dict(self, state: dict) -> None:
         if state["mean"].shape != self.mean.shape:
-            raise ValueError(f"the checkpoint's diagnosis covers {state['mean'].shape[0]} images, this data {self.mean.shape[0]}")
+            raise ValueError(f"the checkpoint's diagnosis covers {state['mean'].shape[0]} images, "
+                             f"this data {self.mean.shape[0]}")
         self.mean.copy_(state["mean"])
         self.var.copy_(state["var"])
         self.seen.copy_(state["seen"])

@@ -129,8 +129,8 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
         raise UsageError("--reconstruction trains in one process only: its encoder lives in the discriminator's module, "
                          "and DistributedDataParallel would wait for encoder gradients that the discriminator's step never makes")
     if world > 1 and cfg.self_diagnosing_from:
-        raise UsageError("--self-diagnosing-from trains in one process only: each process would keep the record of its "
-                         "own share of the real images, and draw its batches from it")
+        raise UsageError("--self-diagnosing-from trains in one process only: each process would keep the record of "
+                         "its own share of the real images, and draw its batches from it")
     if world > 1:
         dist.init_process_group("nccl" if want_cuda else "gloo")
         rank, local_rank = dist.get_rank(), int(os.environ.get("LOCAL_RANK", "0"))

@@ -94,6 +94,8 @@ def test_self_diagnosing_is_refused_without_a_bce_discriminator_and_under_torchr
         TrainConfig(model="cdcgan", self_diagnosing_from=-1).resolve()
     with pytest.raises(ValueError, match="self_diagnosing_weights must be one of paper, ratio, not 'exp'"):
         TrainConfig(model="cdcgan", self_diagnosing_from=5, self_diagnosing_weights="exp").resolve()
+    with pytest.raises(ValueError, match="self_diagnosing_weights picks the weights of self_diagnosing_from, which is off"):
+        TrainConfig(model="cdcgan", self_diagnosing_weights="ratio").resolve()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UsageError, match="--self-diagnosing-from trains in one process only"):
         setup_distributed(TrainConfig(model="cdcgan", self_diagnosing_from=5, device="cpu").resolve())

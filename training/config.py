@@ -107,6 +107,9 @@ class TrainConfig:
         if self.self_diagnosing_weights not in WEIGHTINGS:
             raise ValueError(f"self_diagnosing_weights must be one of {', '.join(WEIGHTINGS)}, "
                              f"not {self.self_diagnosing_weights!r}")
+        if self.self_diagnosing_weights != TrainConfig.self_diagnosing_weights and not self.self_diagnosing_from:
+            raise ValueError("self_diagnosing_weights picks the weights of self_diagnosing_from, which is off (0): "
+                             "set both")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
         if self.disc_width is not None and self.model not in DCGAN_MODELS:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")

@@ -226,6 +226,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)  # noise: reproducible per epoch, so resume is exact
         order_rng = torch.Generator().manual_seed(cfg.seed + epoch)
         reweighted = diagnosis is not None and epoch >= cfg.self_diagnosing_from and diagnosis.ready()
+        if reweighted:
+            draws_fraction = diagnosis.effective_fraction()  # of the weights this epoch's images are drawn with
         order = diagnosis.epoch_order(order_rng) if reweighted else torch.randperm(len(images), generator=order_rng)
         shard = order[rank * n_shard:(rank + 1) * n_shard].to(device)
         sums: dict[str, torch.Tensor] = {}  # on the device, read once at the end of the epoch
@@ -259,7 +261,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
                "images_per_s": round(count * batch * world / seconds, 1), "lr": lr,
                **{k: v.item() / counts[k] for k, v in sums.items()}}
         if reweighted:
-            row["real_draws_effective_fraction"] = round(diagnosis.effective_fraction(), 4)  # of this epoch's weights
+            row["real_draws_effective_fraction"] = round(draws_fraction, 4)
         _append_metrics(out, row)
         if log is not None:
             for key, value in row.items():

@@ -48,6 +48,19 @@ def test_ratio_weights_are_the_density_ratio_the_mean_logit_estimates_capped_at_
     assert diagnosis.weights()[0] / diagnosis.weights()[1] == pytest.approx(torch.e)
 
 
+def test_inverse_weights_draw_most_often_the_images_the_discriminator_finds_generated_looking():
+    diagnosis = RealImageDiagnosis(4, "cpu", weighting="inverse")
+    for _ in range(2):
+        diagnosis.record(torch.arange(4), torch.tensor([1.0, 0.0, -800.0, 10.0]))
+    weights = diagnosis.weights()
+    assert torch.isfinite(weights).all() and weights[2] == 1
+    assert weights[3] == pytest.approx(1 / MAX_RATIO) and weights[0] == pytest.approx(1 / MAX_RATIO)
+    diagnosis = RealImageDiagnosis(2, "cpu", weighting="inverse")
+    for _ in range(2):
+        diagnosis.record(torch.arange(2), torch.tensor([1.0, 0.0]))
+    assert diagnosis.weights()[1] / diagnosis.weights()[0] == pytest.approx(torch.e)
+
+
 def test_reweighting_waits_until_every_image_has_been_judged_twice():
     diagnosis = RealImageDiagnosis(3, "cpu")
     diagnosis.record(torch.tensor([0, 1, 2]), torch.zeros(3))
@@ -57,7 +70,7 @@ def test_reweighting_waits_until_every_image_has_been_judged_twice():
     assert diagnosis.ready()
 
 
-@pytest.mark.parametrize("weighting", ["paper", "ratio"])
+@pytest.mark.parametrize("weighting", ["paper", "ratio", "inverse"])
 def test_a_run_reweights_from_the_epoch_asked_and_a_resume_continues_the_same_record(weighting, data_dir, tmp_path):
     from training.train import main
 
@@ -92,7 +105,7 @@ def test_self_diagnosing_is_refused_without_a_bce_discriminator_and_under_torchr
             TrainConfig(model=model, self_diagnosing_from=5).resolve()
     with pytest.raises(ValueError, match="self_diagnosing_from"):
         TrainConfig(model="cdcgan", self_diagnosing_from=-1).resolve()
-    with pytest.raises(ValueError, match="self_diagnosing_weights must be one of paper, ratio, not 'exp'"):
+    with pytest.raises(ValueError, match="self_diagnosing_weights must be one of paper, ratio, inverse, not 'exp'"):
         TrainConfig(model="cdcgan", self_diagnosing_from=5, self_diagnosing_weights="exp").resolve()
     with pytest.raises(ValueError, match="self_diagnosing_weights picks the weights of self_diagnosing_from, which is off"):
         TrainConfig(model="cdcgan", self_diagnosing_weights="ratio").resolve()

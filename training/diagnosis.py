@@ -19,6 +19,9 @@ Two weightings (`self_diagnosing_weights`):
   score is above the cap and the weights are nearly flat (effective fraction 0.985).
 - "ratio": exp(mean LDR), the density ratio p_data(x) / p_G(x) that the logit estimates, capped at 50 x the
   smallest: D then sees each real image about as much more often as the generator draws it too rarely.
+- "inverse": exp(-mean LDR), capped the same way: the opposite bet. On our MNIST cDCGAN the images "ratio"
+  drew less were the thin, slanted and odd digits that D finds generated-looking and that the synthetic-trained
+  classifier misses; "inverse" shows D more of them, so that G is pushed towards them.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ EMA_WEIGHT = 0.2  # weight of each new LDR in the per-image moving mean and vari
 CONFIDENCE = 1.0  # score = mean + CONFIDENCE * std of the image's LDR (the paper's LDRM + k * sqrt(LDRV), k = 1)
 MIN_SCORE = 0.01  # the paper's clip_min
 MAX_RATIO = 50.0  # the paper's clip_max_ratio: no image drawn more than 50 times as often as the least drawn
-WEIGHTINGS = ("paper", "ratio")
+WEIGHTINGS = ("paper", "ratio", "inverse")
 
 
 class RealImageDiagnosis:
@@ -62,10 +65,11 @@ class RealImageDiagnosis:
 
     def weights(self) -> torch.Tensor:
         """(N,) sampling weights. "paper": mean + CONFIDENCE * std, clipped to [MIN_SCORE, MAX_RATIO x their
-        minimum]; "ratio": exp(mean), capped at MAX_RATIO x their minimum."""
-        if self.weighting == "ratio":
-            ratio = (self.mean - self.mean.max()).exp()  # shifted so that the largest is 1: no overflow
-            return ratio.clamp(min=ratio.max() / MAX_RATIO)
+        minimum]; "ratio": exp(mean) and "inverse": exp(-mean), each capped at MAX_RATIO x their minimum."""
+        if self.weighting in ("ratio", "inverse"):
+            log_weight = self.mean if self.weighting == "ratio" else -self.mean
+            weight = (log_weight - log_weight.max()).exp()  # shifted so that the largest is 1: no overflow
+            return weight.clamp(min=weight.max() / MAX_RATIO)
         score = (self.mean + CONFIDENCE * self.var.sqrt()).clamp(min=MIN_SCORE)
         return score.clamp(max=score.min() * MAX_RATIO)
 

@@ -35,30 +35,27 @@ def test_the_weights_are_the_mean_plus_the_spread_of_each_images_logits_clipped_
     assert diagnosis.effective_fraction() < 1
 
 
-def test_ratio_weights_are_the_density_ratio_the_mean_logit_estimates_capped_at_fifty_to_one():
-    diagnosis = RealImageDiagnosis(4, "cpu", weighting="ratio")
+def weights_after_two_epochs(weighting: str, logits: list[float]) -> torch.Tensor:
+    diagnosis = RealImageDiagnosis(len(logits), "cpu", weighting=weighting)
     for _ in range(2):
-        diagnosis.record(torch.arange(4), torch.tensor([1.0, 0.0, -10.0, 800.0]))  # 800: exp would overflow float32
-    weights = diagnosis.weights()
+        diagnosis.record(torch.arange(len(logits)), torch.tensor(logits))
+    return diagnosis.weights()
+
+
+def test_ratio_weights_are_the_density_ratio_the_mean_logit_estimates_capped_at_fifty_to_one():
+    weights = weights_after_two_epochs("ratio", [1.0, 0.0, -10.0, 800.0])  # 800: exp would overflow float32
     assert torch.isfinite(weights).all() and weights[3] == 1
     assert weights[2] == pytest.approx(1 / MAX_RATIO) and weights[1] == pytest.approx(1 / MAX_RATIO)
-    diagnosis = RealImageDiagnosis(2, "cpu", weighting="ratio")
-    for _ in range(2):
-        diagnosis.record(torch.arange(2), torch.tensor([1.0, 0.0]))
-    assert diagnosis.weights()[0] / diagnosis.weights()[1] == pytest.approx(torch.e)
+    weights = weights_after_two_epochs("ratio", [1.0, 0.0])
+    assert weights[0] / weights[1] == pytest.approx(torch.e)
 
 
 def test_inverse_weights_draw_most_often_the_images_the_discriminator_finds_generated_looking():
-    diagnosis = RealImageDiagnosis(4, "cpu", weighting="inverse")
-    for _ in range(2):
-        diagnosis.record(torch.arange(4), torch.tensor([1.0, 0.0, -800.0, 10.0]))
-    weights = diagnosis.weights()
+    weights = weights_after_two_epochs("inverse", [1.0, 0.0, -800.0, 10.0])
     assert torch.isfinite(weights).all() and weights[2] == 1
     assert weights[3] == pytest.approx(1 / MAX_RATIO) and weights[0] == pytest.approx(1 / MAX_RATIO)
-    diagnosis = RealImageDiagnosis(2, "cpu", weighting="inverse")
-    for _ in range(2):
-        diagnosis.record(torch.arange(2), torch.tensor([1.0, 0.0]))
-    assert diagnosis.weights()[1] / diagnosis.weights()[0] == pytest.approx(torch.e)
+    weights = weights_after_two_epochs("inverse", [1.0, 0.0])
+    assert weights[1] / weights[0] == pytest.approx(torch.e)
 
 
 def test_reweighting_waits_until_every_image_has_been_judged_twice():

@@ -54,7 +54,7 @@ class TrainConfig:
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
     self_diagnosing_from: int = 0  # mlp_gan, dcgan, cdcgan: from this epoch on, D sees each real image in proportion to how much G under-represents it (Self-Diagnosing GAN, training/diagnosis.py; 0 = off)
-    self_diagnosing_weights: str = "paper"  # with self_diagnosing_from: "paper" (mean + std of the logit, clipped) "ratio" (exp of the mean logit) or "inverse" (exp of minus it)
+    self_diagnosing_weights: str = "paper"  # with self_diagnosing_from: "paper" (mean + std of the logit, clipped), "ratio" (exp of the mean logit) or "inverse" (exp of minus it)
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data

@@ -13,7 +13,7 @@ an exponential moving mean and variance of its own LDRs (decay 0.8, about its la
 epoch `self_diagnosing_from` on, `epoch_order` draws the epoch's N images with replacement in proportion to
 their weights, once every image has been seen twice; before that, and when off, it is a permutation.
 
-Two weightings (`self_diagnosing_weights`):
+Three weightings (`self_diagnosing_weights`):
 - "paper": the paper's score, mean + std of the LDR, clipped to [0.01, 50 x the smallest]. On our MNIST
   cDCGAN the per-image std over epochs (median 1.2) dwarfs the spread of the means (0.6), so almost every
   score is above the cap and the weights are nearly flat (effective fraction 0.985).
@@ -21,7 +21,8 @@ Two weightings (`self_diagnosing_weights`):
   smallest: D then sees each real image about as much more often as the generator draws it too rarely.
 - "inverse": exp(-mean LDR), capped the same way: the opposite bet. On our MNIST cDCGAN the images "ratio"
   drew less were the thin, slanted and odd digits that D finds generated-looking and that the synthetic-trained
-  classifier misses; "inverse" shows D more of them, so that G is pushed towards them.
+  classifier misses; "inverse" shows D more of them, so that G is pushed towards them. Neither raised that
+  classifier's accuracy (docs/zoo-experiments.md, "The reverse bet").
 """
 
 from __future__ import annotations

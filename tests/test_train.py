@@ -234,13 +234,42 @@ def test_reconstruction_trains_a_latent_encoder_with_the_generator_until_g_redra
             TrainConfig(model=model, reconstruction=1.0).resolve()
 
 
-def test_reconstruction_is_refused_under_torchrun_before_joining_the_process_group(monkeypatch):
+@pytest.mark.parametrize("flag, setting", [("reconstruction", 5.0), ("r1", 1.0)])
+def test_single_process_options_are_refused_under_torchrun_before_joining_the_process_group(flag, setting,
+                                                                                           monkeypatch):
     from training.cli import UsageError
     from training.train import setup_distributed
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(UsageError, match="--reconstruction trains in one process only"):
-        setup_distributed(TrainConfig(model="cdcgan", reconstruction=5.0, device="cpu").resolve())
+    with pytest.raises(UsageError, match=f"--{flag} trains in one process only"):
+        setup_distributed(TrainConfig(model="cdcgan", device="cpu", **{flag: setting}).resolve())
+
+
+def test_r1_steps_d_every_16_steps_on_its_gradient_at_real_images_and_lowers_it(data_dir):
+    from training.objectives import R1_EVERY
+
+    torch.manual_seed(0)
+    data = load_dataset("mnist", "train", data_dir)
+    x, y = data.images[:32].float() / 255, data.labels[:32]
+    generator, discriminator, objective = tiny_cdcgan_with_both_heads(r1=10.0)
+    logged = [i for i in range(1, 2 * R1_EVERY + 1) if "r1_grad_sq" in objective.step(x, y)]
+    assert logged == [R1_EVERY, 2 * R1_EVERY]
+
+    def grad_sq() -> float:
+        real = (x * 2 - 1).requires_grad_(True)
+        (grad,) = torch.autograd.grad(discriminator(real, y).sum(), real)
+        return grad.pow(2).flatten(1).sum(1).mean().item()
+
+    heads = [p.detach().clone() for p in discriminator.classifier.parameters()]
+    before = grad_sq()
+    objective.r1_step(x * 2 - 1, y, {})
+    assert grad_sq() < before  # what the penalty asks of D's body
+    assert all(torch.equal(a, b) for a, b in zip(heads, discriminator.classifier.parameters()))  # heads untouched
+    for model in ("cvae", "cwgan_gp"):
+        with pytest.raises(ValueError, match="r1 penalises a BCE discriminator"):
+            TrainConfig(model=model, r1=1.0).resolve()
+    _, _, plain = tiny_cdcgan_with_both_heads()
+    assert not any("r1_grad_sq" in plain.step(x, y) for _ in range(R1_EVERY))
 
 
 def test_a_run_saved_without_a_latent_encoder_resumes_with_one(data_dir, tmp_path):

@@ -55,6 +55,7 @@ class TrainConfig:
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
     self_diagnosing_from: int = 0  # mlp_gan, dcgan, cdcgan: from this epoch on, D sees each real image in proportion to how much G under-represents it (Self-Diagnosing GAN, training/diagnosis.py; 0 = off)
     self_diagnosing_weights: str = "paper"  # with self_diagnosing_from: "paper" (mean + std of the logit, clipped), "ratio" (exp of the mean logit) or "inverse" (exp of minus it)
+    r1: float = 0.0  # mlp_gan, dcgan, cdcgan: R1 penalty gamma / 2 * E|grad_x D(x)|^2 on real images (Mescheder et al. 2018), lazily every 16 steps (0 = off)
     diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
@@ -101,6 +102,9 @@ class TrainConfig:
             raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":
             raise ValueError(f"diff_augment applies to the GANs trained with BCE (mlp_gan, dcgan, cdcgan), not {self.model!r}")
+        if self.r1 < 0 or (self.r1 and family.objective != "gan"):
+            raise ValueError("r1 penalises a BCE discriminator's gradient on real images (mlp_gan, dcgan, cdcgan; 0 = off): "
+                             f"got {self.r1} for {self.model!r}")
         if self.self_diagnosing_from < 0 or (self.self_diagnosing_from and family.objective != "gan"):
             raise ValueError("self_diagnosing_from reads a BCE discriminator's logits (mlp_gan, dcgan, cdcgan; "
                              f"0 = off): got {self.self_diagnosing_from} for {self.model!r}")

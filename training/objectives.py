@@ -22,6 +22,8 @@ from .models.gan import MinibatchStd, class_grouped_order
 from .models.vae import reparameterize
 from .sampling import unwrap
 
+R1_EVERY = 16  # steps between lazy R1 steps (StyleGAN2's lazy regularisation interval for D)
+
 
 def vae_loss(recon, x, mu, logvar, beta: float = 1.0):
     """Negative ELBO per image: Bernoulli reconstruction (BCE summed over pixels) + beta * KL(q(z|x) || N(0, I))."""
@@ -194,6 +196,9 @@ class GANObjective(Objective):
     r * L1(G(z_enc, label), real) + cfg.reconstruction_kl * KL(q(z | x) || N(0, I)), z_enc drawn from q; the
     encoder has its own optimiser and learns in G's step. G must then be able to redraw every real training
     image, not only the ones D finds easiest to be fooled by.
+    With cfg.r1 = gamma > 0 (R1, Mescheder et al. 2018), every R1_EVERY steps D's body takes one more step on
+    R1_EVERY * gamma / 2 * E|grad_x D(x)|^2 over the batch's real images (lazy regularisation, StyleGAN2): D is
+    kept from growing steep around the real images, so its gradient keeps pointing G towards all of them.
     After each step `real_logits` holds D's logits on the batch's real images, which the trainer's
     `RealImageDiagnosis` (training/diagnosis.py, cfg.self_diagnosing_from) records.
     """
@@ -222,6 +227,7 @@ class GANObjective(Objective):
                            **({"class_head": _adam(head, cfg)} if head else {}),
                            **({"twin_head": _adam(twin, cfg)} if twin else {}),
                            **({"encoder": _adam(encoder, cfg)} if encoder else {})}
+        self.steps = 0  # this process's steps, for the lazy R1 interval
 
     def _discriminate(self, images: torch.Tensor, y, classes: bool = True) -> tuple[torch.Tensor, torch.Tensor | None,
                                                                                  torch.Tensor | None]:
@@ -264,6 +270,19 @@ class GANObjective(Objective):
         losses["reconstruction_l1"], losses["encoder_kl"] = l1.detach(), kl.detach()
         return self.cfg.reconstruction * l1 + self.cfg.reconstruction_kl * kl
 
+    def r1_step(self, real: torch.Tensor, y, losses: dict) -> None:
+        """One step of D's body on R1_EVERY * cfg.r1 / 2 * E|grad_x D(x)|^2 over `real` as D sees it (augmented,
+        in the batch's order), in fp32 on the plain module: the penalty's double backward does not pass through
+        torch.compile. The mean squared gradient norm is logged as r1_grad_sq."""
+        seen = self.augment(real.detach()).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(unwrap(self.D)(seen, y).sum(), seen, create_graph=True)
+        grad_sq = grad.pow(2).flatten(1).sum(1).mean()
+        opt = self.optimizers["discriminator"]
+        opt.zero_grad(set_to_none=True)
+        (R1_EVERY * self.cfg.r1 / 2 * grad_sq).backward()
+        opt.step()
+        losses["r1_grad_sq"] = grad_sq.detach()
+
     def step(self, x: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         in_batch = self.cfg.mode_seeking_in_batch and self.cfg.mode_seeking > 0
         fake_labels = paired_labels(labels) if in_batch else labels  # what G is asked for, what D's heads judge
@@ -290,6 +309,9 @@ class GANObjective(Objective):
         loss_d.backward()
         for opt in d_optimizers:
             opt.step()
+        self.steps += 1
+        if self.cfg.r1 and self.steps % R1_EVERY == 0:
+            self.r1_step(real, y, losses)
 
         with frozen(self.D, keep=self.encoder):
             with self.autocast():

@@ -128,6 +128,9 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
     if world > 1 and cfg.reconstruction:
         raise UsageError("--reconstruction trains in one process only: its encoder lives in the discriminator's module, "
                          "and DistributedDataParallel would wait for encoder gradients that the discriminator's step never makes")
+    if world > 1 and cfg.r1:
+        raise UsageError("--r1 trains in one process only: its penalty's double backward runs on the plain "
+                         "discriminator, outside DistributedDataParallel's gradient sync")
     if world > 1 and cfg.self_diagnosing_from:
         raise UsageError("--self-diagnosing-from trains in one process only: each process would keep the record of "
                          "its own share of the real images, and draw its batches from it")

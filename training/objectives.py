@@ -274,7 +274,7 @@ class GANObjective(Objective):
         """One step of D's body on R1_EVERY * cfg.r1 / 2 * E|grad_x D(x)|^2 over `real` as D sees it (augmented,
         in the batch's order), in fp32 on the plain module: the penalty's double backward does not pass through
         torch.compile. The mean squared gradient norm is logged as r1_grad_sq."""
-        seen = self.augment(real.detach()).detach().requires_grad_(True)
+        seen = self.augment(real).detach().requires_grad_(True)
         (grad,) = torch.autograd.grad(unwrap(self.D)(seen, y).sum(), seen, create_graph=True)
         grad_sq = grad.pow(2).flatten(1).sum(1).mean()
         opt = self.optimizers["discriminator"]

@@ -75,7 +75,7 @@ SHIPPED = [
                                    embed_dim=10, disc_width=144, aux_classifier=1.0, twin_classifier=True,
                                    mode_seeking_in_batch=True, compile=True, sample_every=5, r1=0.1),
            then=(dict(epochs=36, lr=4e-5, lr_decay_epochs=0, mode_seeking=0.175, sample_every=6, r1=0.0),
-                 dict(epochs=48, mode_seeking=0.1), dict(epochs=54))),
+                 dict(epochs=54, mode_seeking=0.1))),
     ZooRun("pneumoniamnist", "cdcgan", dict(epochs=120, aux_classifier=0.3, sample_every=10, **SMALL)),
     ZooRun("retinamnist", "cdcgan", dict(epochs=300, lr_decay_epochs=100, aux_classifier=1.0,
                                          diff_augment="translation,cutout", amp=False, sample_every=50, **SMALL)),

@@ -62,11 +62,11 @@ SMALL = dict(batch_size=64)  # the small MedMNIST sets: more steps per epoch
 # are not on it; the one known to change what an old command trains is the generator EMA: the BreastMNIST cDCGAN
 # was trained before it, and its command now keeps one from the first step (a rerun of that command measured CAS
 # 72.2 ± 1.8% against the shipped file's 74.6 ± 1.3%; docs/zoo-experiments.md).
-# Precision (cards: training.precision): the RetinaMNIST DCGAN and the MNIST and Fashion-MNIST cDCGANs were trained
-# in bf16; every other shipped model in fp32, most of them before the trainer used bf16 on CPUs that have it, so on
-# such a CPU their commands now train in bf16 (add --no-amp for fp32). The RetinaMNIST cDCGAN's command says
-# --no-amp: before its last-100-epochs decay, the same command in bf16 measured CAS 48.7% and FID 4.15 against the
-# fp32 run's 49.5% and 3.34 (one run each).
+# Precision (cards: training.precision): the RetinaMNIST DCGAN, the MNIST and Fashion-MNIST cDCGANs and the
+# BreastMNIST-64 cDCGAN and cVAE were trained in bf16; every other shipped model in fp32, most of them before the
+# trainer used bf16 on CPUs that have it, so on such a CPU their commands now train in bf16 (add --no-amp for fp32).
+# The RetinaMNIST cDCGAN's command says --no-amp: before its last-100-epochs decay, the same command in bf16 measured
+# CAS 48.7% and FID 4.15 against the fp32 run's 49.5% and 3.34 (one run each).
 SHIPPED = [
     # Batch 512 (twice the learning rate) with the R1 penalty on D (gamma 0.1), then fine-tunes at a tenth of the rate
     # without it: the mode-seeking term at 0.175, then 0.1 for eighteen epochs. CAS 98.6% and FID 1.87x the floor

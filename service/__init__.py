@@ -6,3 +6,5 @@ TorchScript), sampling (seed -> latents, labels, uint8 rule), batching (per-mode
 body), middleware (auth, body limits), memory (glibc settings that keep a worker's memory flat), openapi (the
 amended /docs.json), patches (BentoML fixes). Nothing here imports `training/` or, on the default path, torch.
 """
+
+VERSION = "0.1.0"  # the project's version (pyproject.toml; a test keeps the two equal), in /docs.json

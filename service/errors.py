@@ -113,8 +113,10 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
                 msg = f"{field} is required; {_rule(field, allowed)}"
             elif kind == "too_long":
                 msg = _rule(field, allowed)
-            elif index is not None:
+            elif index is not None:  # one bad item of a list: what an item may be, not every form of the field
                 msg = f"{field}[{index}] must be a class id (integer) or a class name (string)"
+                if isinstance(allowed, dict) and any(b.get("type") == "array" for b in allowed.get("oneOf", [])):
+                    allowed = _shape(allowed, "array").get("items", allowed)
             else:
                 msg = _rule(field, allowed)
         if key in items and kind != "too_long":

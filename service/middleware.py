@@ -4,7 +4,9 @@ rewriter that gives every error response of those routes the format of `service.
 It runs before BentoML reads the body, so an oversized or unauthorised request is refused without parsing
 anything or allocating images: 401 (missing or wrong token, when SYNTHGEN_API_TOKEN is set), 415 (a body
 that is not JSON), 413 (a body over SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads,
-while reading). Health, metrics and docs routes stay open: probes and scrapers carry no token.
+while reading), 400 (a key given twice in one JSON object, which JSON parsers - BentoML's too - would
+otherwise settle silently by keeping the last). Health, metrics and docs routes stay open: probes and
+scrapers carry no token.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import hmac
 import json
 import re
 
-from .errors import error_response, validation_error_body
+from .errors import ApiError, error_response, validation_error_body
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
@@ -52,8 +54,7 @@ class GuardMiddleware:
                 return await error_response(400, "Content-Length is not a number")(scope, receive, send)
             if int(length) > self.max_body_bytes:
                 return await self._too_large(scope, receive, send)
-            return await self.app(scope, receive, send)
-        # No Content-Length (chunked upload): read it here, bounded, then hand it on.
+        # Read the body here (bounded, also when chunked), check it, then hand it on.
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -66,6 +67,9 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        repeated = repeated_key(body)
+        if repeated is not None:
+            return await repeated.response()(scope, receive, send)
 
         async def replay():
             nonlocal replayed
@@ -79,6 +83,33 @@ class GuardMiddleware:
     async def _too_large(self, scope, receive, send):
         return await error_response(413, f"request body is larger than {self.max_body_bytes} bytes "
                                   "(SYNTHGEN_MAX_BODY_BYTES)")(scope, receive, send)
+
+
+def repeated_key(body: bytes) -> ApiError | None:
+    """A 400 naming the first key given twice within one JSON object of `body` ({"n": 1, "n": 2}, or a class
+    twice in a labels object); None when no key repeats or the body is not JSON (BentoML answers that)."""
+    repeats = []
+
+    def pairs(items: list) -> dict:
+        obj = dict(items)
+        if len(obj) < len(items):
+            seen: set = set()
+            repeats.append((next(k for k, _ in items if k in seen or seen.add(k)), obj))
+        return obj
+
+    try:
+        parsed = json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    if not repeats:
+        return None
+    key, obj = repeats[0]
+    if obj is parsed:
+        return ApiError(400, f"{key[:64]!r} is given twice in the request body; give each field once",
+                        field=key[:64], kind="duplicate_key")
+    parent = next((k for k, v in parsed.items() if v is obj), None) if isinstance(parsed, dict) else None
+    return ApiError(400, f"{parent or 'the request body'}: {key[:64]!r} is given twice in one object; give each "
+                         "key once", field=parent or "body", kind="duplicate_key")
 
 
 VALIDATION_ERROR = re.compile(r"^\d+ validation errors? for ")
@@ -140,6 +171,8 @@ class ErrorBodies:
                             "GET or POST /models, and GET /livez, /readyz, /metrics, /docs.json"}
         elif status == 405:
             allow = dict(headers).get(b"allow", b"").decode("latin-1") or "another method"
+            if scope["path"] == "/models":  # GET /models is a route of its own (service.catalog_app)
+                allow = "GET, POST"
             new = {"error": f"method {scope['method']} is not allowed on {scope['path'][:64]}; use {allow}"}
         if new is None:
             return status, headers, body

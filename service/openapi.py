@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from typing import Callable
 
+from . import VERSION
 from .encoders import MEDIA_TYPES
 from .schemas import Catalog, Error, JsonBatch
 
@@ -96,6 +97,9 @@ def amend(spec: dict, bearer: bool = False) -> dict:
     valid OpenAPI 3.0 (tests/test_service.py checks it with openapi-spec-validator). `bearer`: the server
     asks for a token (SYNTHGEN_API_TOKEN), so the API routes declare bearer authentication."""
     spec = json.loads(json.dumps(spec))  # a plain copy, status codes as strings
+    info = spec.setdefault("info", {})
+    if str(info.get("version")) in ("None", ""):  # served from source, not from a built Bento with its own version
+        info["version"] = VERSION
     if bearer:
         spec["components"].setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
     components = spec.setdefault("components", {}).setdefault("schemas", {})

@@ -103,7 +103,8 @@ def temperature_meta(temperature: float) -> dict:
 
 
 def temperature_stem(temperature: float) -> str:
-    return "" if temperature == 1.0 else f"-t{temperature:g}"
+    """'-t0.7' in a file name: the shortest text that reads back as the request's float (never rounded)."""
+    return "" if temperature == 1.0 else f"-t{repr(float(temperature)).removesuffix('.0')}"
 
 
 async def _get_models(_: Request) -> Response:
@@ -308,7 +309,8 @@ class SyntheticImages:
         meta = {"dataset": entry.dataset, "model": entry.model, "seed_start": request.seed_start,
                 "seed_end": request.seed_end, "method": request.method, **temperature_meta(request.temperature)}
         stem = (f"synthgen-{entry.dataset}-{entry.model}-seed{request.seed_start}-to-{request.seed_end}"
-                f"-steps{request.steps}{temperature_stem(request.temperature)}")
+                f"-steps{request.steps}{'-lerp' if request.method == 'lerp' else ''}"
+                f"{temperature_stem(request.temperature)}")
         return await self._render(entry, z, labels, request.format, meta, stem, columns=request.steps)
 
     @bentoml.api(route="/models")

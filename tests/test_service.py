@@ -10,6 +10,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import tomllib
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,9 +19,11 @@ import psutil
 import pytest
 from openapi_spec_validator import validate as validate_openapi
 
+import service
 from service import encoders, schemas
 from service_harness import main_server
 
+REPO = Path(__file__).resolve().parent.parent
 MNIST = {"dataset": "mnist", "model": "cdcgan"}
 
 
@@ -149,6 +153,8 @@ def test_the_download_filename_names_dataset_model_seed_and_count(http):
     assert grid == 'inline; filename="synthgen-mnist-cdcgan-seed3-n7.png"'
     path = ok(http.post("/interpolate", json={**MNIST, "seed_start": 1, "seed_end": 2, "steps": 4}))
     assert path.headers["content-disposition"] == 'inline; filename="synthgen-mnist-cdcgan-seed1-to-2-steps4.png"'
+    path = ok(http.post("/interpolate", json={**MNIST, "seed_start": 1, "seed_end": 2, "steps": 4, "method": "lerp"}))
+    assert path.headers["content-disposition"] == 'inline; filename="synthgen-mnist-cdcgan-seed1-to-2-steps4-lerp.png"'
 
 
 def test_larger_n_with_the_same_seed_starts_with_the_same_images(http):
@@ -234,6 +240,8 @@ def test_a_temperature_is_reproducible_recorded_and_named_in_the_filename(http):
     batch = encoders.decode_npz(response.content)
     assert batch.meta["temperature"] == 0.5
     assert response.headers["content-disposition"] == 'attachment; filename="synthgen-mnist-cdcgan-seed4-n6-t0.5.npz"'
+    near_one = ok(generate(http, n=1, seed=4, temperature=1.0000001, **MNIST)).headers["content-disposition"]
+    assert near_one.endswith('-n1-t1.0000001.npz"')  # never rounded to a name that reads as another temperature
     assert not np.array_equal(batch.images, npz(http, n=6, seed=4, **MNIST).images)
     info = json.loads(ok(generate(http, n=2, seed=4, temperature=0.5, format="json", **MNIST)).content)
     assert info["temperature"] == 0.5
@@ -326,6 +334,7 @@ def test_a_number_out_of_range_gives_its_range(http):
 def test_a_bad_labels_item_is_one_error_at_its_index_not_one_per_union_branch(http):
     body = error(generate(http, **MNIST, n=2, labels=[1, 2.5]), 400)
     assert [item["loc"] for item in body["detail"]] == [["labels", 1]]
+    assert [branch["type"] for branch in body["detail"][0]["allowed"]["oneOf"]] == ["integer", "string"]  # an item's forms
     body = error(generate(http, **MNIST, labels={"3": -1}), 400)
     assert [item["loc"] for item in body["detail"]] == [["labels", "3"]] and "0..10000" in body["error"]
     assert body["detail"][0]["allowed"] == {"type": "integer", "minimum": 0, "maximum": 10_000}
@@ -385,7 +394,18 @@ def test_wrong_methods_and_unknown_routes_get_json_errors(http):
     body = error(http.get("/generate"), 405)
     assert "GET" in body["error"] and "POST" in body["error"]
     error(http.put("/interpolate", json={}), 405)
+    assert "GET, POST" in error(http.put("/models"), 405)["error"]
     assert "/generate" in error(http.get("/no-such-route"), 404)["error"]
+
+
+@pytest.mark.parametrize("path, raw, field, key", [
+    ("/generate", b'{"dataset": "mnist", "n": 1, "n": 2}', "n", "n"),
+    ("/generate", b'{"dataset": "pneumoniamnist", "labels": {"normal": 3, "normal": 5}}', "labels", "normal"),
+    ("/interpolate", b'{"dataset": "mnist", "seed_start": 0, "seed_end": 1, "seed_end": 2}', "seed_end", "seed_end"),
+])
+def test_a_key_given_twice_gives_400_naming_it_instead_of_keeping_the_last(http, path, raw, field, key):
+    body = error(http.post(path, content=raw, headers={"content-type": "application/json"}), 400)
+    assert named_fields(body) == {field} and repr(key) in body["error"] and "twice" in body["error"]
 
 
 def test_bad_class_name_lists_the_allowed_names(http):
@@ -438,6 +458,7 @@ def test_health_metrics_and_docs_routes_work(http, path):
 
 def test_openapi_documents_every_endpoint_and_the_labels_shapes(http):
     spec = ok(http.get("/docs.json")).json()
+    assert spec["info"]["version"] == service.VERSION == tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert {"/generate", "/interpolate", "/models"} <= set(spec["paths"])
     labels = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]["labels"]
     assert {s["type"] for s in labels["oneOf"]} == {"integer", "string", "array", "object"}

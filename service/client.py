@@ -24,6 +24,8 @@ for a model that failed to load, which has no `Retry-After` and lasts until the 
 
 from __future__ import annotations
 
+import math
+import operator
 import time
 
 import httpx
@@ -46,6 +48,31 @@ def count_of(labels: dict) -> int | None:
     if all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
         return sum(counts)
     return None
+
+
+def plain_fields(n, labels, seed, temperature) -> tuple:
+    """n, labels, seed and temperature as JSON takes them: numpy integers and floats as Python ones, a numpy
+    array of labels as a list. A value that is not one of the kinds the service takes raises here, naming it."""
+    try:
+        n = None if n is None else operator.index(n)
+        seed = None if seed is None else operator.index(seed)
+    except TypeError:
+        raise TypeError(f"n and seed are integers; got n={n!r}, seed={seed!r}") from None
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
+            raise TypeError(f"temperature is a number in 0..2; got {temperature!r}")
+        temperature = float(temperature)
+        if not math.isfinite(temperature):
+            raise ValueError(f"temperature is a number in 0..2; got {temperature}")
+    if isinstance(labels, np.ndarray):
+        labels = labels.tolist()
+    elif isinstance(labels, np.integer):
+        labels = int(labels)
+    elif isinstance(labels, dict):
+        labels = {k: int(v) if isinstance(v, np.integer) else v for k, v in labels.items()}
+    elif isinstance(labels, (list, tuple)):
+        labels = [int(v) if isinstance(v, np.integer) else v for v in labels]
+    return n, labels, seed, temperature
 
 
 def images_asked(n: int | None, labels) -> int:
@@ -90,6 +117,12 @@ class SynthError(RuntimeError):
         self.status, self.body = status, body
 
 
+def request_error(field: str, message: str, allowed: list) -> SynthError:
+    """The service's 400 for a request, raised by the client before sending it (the body of `service.errors`)."""
+    return SynthError(400, {"error": message, "detail": [{"loc": [field], "msg": message, "type": "value_error",
+                                                          "allowed": allowed}]})
+
+
 def retry_delay(response: httpx.Response | None, attempt: int, backoff: float) -> float | None:
     """Seconds to wait before retry `attempt` (0, 1, ...), or None when the failure is not worth a retry.
 
@@ -127,6 +160,10 @@ class SynthClient:
 
     def __init__(self, url: str, token: str | None = None, timeout: float = 300.0, max_request_n: int | None = None,
                  retries: int = 3, backoff: float = 0.5, transport: httpx.BaseTransport | None = None):
+        if max_request_n is not None and (isinstance(max_request_n, bool) or not isinstance(max_request_n, int)
+                                          or max_request_n < 1):
+            raise ValueError(f"max_request_n is an integer of at least 1 (or None: the server's max_n); "
+                             f"got {max_request_n!r}")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_request_n = max_request_n
@@ -174,6 +211,7 @@ class SynthClient:
         a server with the same max_n. `temperature` (0..2, default 1) scales the latent noise of every request
         (see the service's /generate).
         """
+        n, labels, seed, temperature = plain_fields(n, labels, seed, temperature)
         n = images_asked(n, labels)
         batch = join_batches(self.iter_batches(dataset, n, model, labels, seed, temperature), n)
         return batch.images, batch.labels, batch.class_names
@@ -182,11 +220,26 @@ class SynthClient:
                      seed: int | None = None, temperature: float | None = None):
         """Yield (start, Batch) for rows start.. of the images `generate` returns, one request at a time, so a
         set of any size can be written out without holding all of it (`python -m service.fetch`). `last_seed`
-        is set once the first request has answered. n below 1 is sent as is, for the server's 400."""
+        is set once the first request has answered. n below 1 is sent as is, for the server's 400. When n
+        needs several requests, labels that cannot fit it (a list of another length, counts of another sum)
+        raise, before any request, the SynthError 400 the service gives one request of all n images (each
+        request's own n would mislead)."""
+        n, labels, seed, temperature = plain_fields(n, labels, seed, temperature)
         n = images_asked(n, labels)
         rows = self.chunk_rows(dataset, model, labels) if n > 1 else 1
-        if isinstance(labels, dict) and n > rows and count_of(labels) == n:
-            labels = [name for name, count in labels.items() for _ in range(count)]  # the same images, sliceable
+        if n > rows:
+            if isinstance(labels, (list, tuple)) and len(labels) != n:
+                raise request_error("labels", f"labels: a list of labels must have exactly n={n} items, it has "
+                                    f"{len(labels)}", [f"a list of {n} class ids or names", "balanced",
+                                                       "one class id or name"])
+            if isinstance(labels, dict) and count_of(labels) is not None and count_of(labels) != n:
+                raise request_error("n", f"n is {n} but the labels' counts add up to {count_of(labels)}; leave n "
+                                         "out or make them equal", [count_of(labels)])
+            if isinstance(labels, dict) and count_of(labels) == n:
+                labels = [name for name, count in labels.items() for _ in range(count)]  # the same images, sliceable
+            classes = self._balanced_classes(dataset, model, labels)
+            if classes and rows % classes:  # fewer rows a request than classes: send the balanced list itself
+                labels = [i % classes for i in range(n)]
         for index, start in enumerate(range(0, max(n, 1), rows)):
             stop = min(start + rows, n)
             part = labels[start:stop] if isinstance(labels, (list, tuple)) else labels
@@ -198,16 +251,28 @@ class SynthClient:
 
     def chunk_rows(self, dataset: str, model: str | None = None, labels=None) -> int:
         """The most images one request of `generate` asks for: the server's max_n (or `max_request_n`, if
-        lower), rounded down to a multiple of the model's class count for "balanced" labels."""
-        catalog = self.models() if self._catalog is None else self._catalog
-        self._catalog = catalog
-        limit = min(catalog["max_n"], self.max_request_n or catalog["max_n"])
-        info = catalog["datasets"].get(dataset)
-        name = model or (info or {}).get("default_model")
+        lower), rounded down to a multiple of the model's class count for "balanced" labels (where that leaves
+        none, `iter_batches` sends the balanced labels as a list)."""
+        limit = min(self._cached_models()["max_n"], self.max_request_n or self._cached_models()["max_n"])
+        classes = self._balanced_classes(dataset, model, labels)
+        if classes is None or limit < classes:
+            return limit
+        return limit // classes * classes
+
+    def _cached_models(self) -> dict:
+        if self._catalog is None:
+            self._catalog = self.models()
+        return self._catalog
+
+    def _balanced_classes(self, dataset: str, model: str | None, labels) -> int | None:
+        """The class count of a conditional model asked for "balanced" labels, else None (an unknown name gets
+        the server's 404 from the first request)."""
+        catalog = self._cached_models()
+        name = model or (catalog["datasets"].get(dataset) or {}).get("default_model")
         entry = next((m for m in catalog["models"] if m["dataset"] == dataset and m["model"] == name), None)
-        if entry is None or not entry["conditional"] or labels not in (None, "balanced"):
-            return limit  # an unknown name gets the server's 404 from the first request
-        return limit // entry["num_classes"] * entry["num_classes"] or limit
+        if entry is None or not entry["conditional"] or not (labels is None or labels == "balanced"):
+            return None
+        return entry["num_classes"]
 
     def _generate(self, dataset: str, model: str | None, n: int, labels, seed: int | None,
                   temperature: float | None = None):
@@ -226,6 +291,8 @@ class SynthClient:
                     model: str | None = None, label=None, method: str = "slerp",
                     temperature: float | None = None) -> np.ndarray:
         """uint8 steps x H x W x C images from the seed_start image to the seed_end image."""
+        _, label, _, temperature = plain_fields(None, label, None, temperature)
+        seed_start, seed_end, steps = operator.index(seed_start), operator.index(seed_end), operator.index(steps)
         response = self._post("/interpolate", {"dataset": dataset, "model": model, "seed_start": seed_start,
                                                "seed_end": seed_end, "steps": steps, "label": label,
                                                "method": method, "temperature": temperature, "format": "npz"})

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -73,11 +74,32 @@ def parse_labels(text: str):
         if "".join(f"{name}={count}," for name, count in pairs) != text + ",":
             raise argparse.ArgumentTypeError(f"{text!r}: class counts are written name=count,name=count "
                                              "(counts are integers)")
-        counts = {name: int(count) for name, count in pairs}
+        counts = {name.strip(): int(count) for name, count in pairs}  # "a=3, b=2" names b, not " b"
         if len(counts) < len(pairs):
             raise argparse.ArgumentTypeError(f"{text!r}: a class is given twice")
         return counts
     return int(text) if text.lstrip("-").isdigit() else text
+
+
+def temperature(text: str) -> float:
+    """--temperature: a finite number (the service checks its range, 0..2, and names it)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number (0..2)") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number (0..2)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
 
 
 def fetch(client: SynthClient, dataset: str, n: int | None, out: Path, model: str | None = None, labels=None,
@@ -146,13 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help='"balanced" (default), one class id or name for every image, or how many of each '
                              'class: "normal=3000,pneumonia=1000" (images class by class, in that order)')
     parser.add_argument("--seed", type=int, help="0..2**63-1; omitted, the server draws one (printed)")
-    parser.add_argument("--temperature", type=float, help="0..2, the scale of the latent noise (default 1; below 1 "
+    parser.add_argument("--temperature", type=temperature, help="0..2, the scale of the latent noise (default 1; below 1 "
                                                           "fewer odd images and less variety)")
     parser.add_argument("--url", default=os.environ.get("SYNTHGEN_URL", DEFAULT_URL),
                         help=f"the service (default: $SYNTHGEN_URL or {DEFAULT_URL})")
     parser.add_argument("--token", default=os.environ.get("SYNTHGEN_API_TOKEN"),
                         help="bearer token, where the service has one (default: $SYNTHGEN_API_TOKEN)")
-    parser.add_argument("--max-request-n", type=int, help="images per request, below the server's max_n")
+    parser.add_argument("--max-request-n", type=positive_int, help="images per request, below the server's max_n")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return parser
 

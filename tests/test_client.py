@@ -78,6 +78,31 @@ def test_class_counts_give_the_images_of_the_list_they_stand_for_in_one_request_
         with pytest.raises(SynthError) as info:
             small.generate("mnist", n=10, labels=counts)
         assert info.value.status == 400 and info.value.body["detail"][0]["loc"] == ["n"]
+        assert "n is 10 but the labels' counts add up to 9" in str(info.value)  # the n given, not a request's
+        with pytest.raises(SynthError, match="exactly n=10 items, it has 5"):
+            small.generate("mnist", n=10, labels=[1] * 5)
+
+
+def test_balanced_stays_balanced_when_a_request_holds_fewer_images_than_classes(url, client):
+    with SynthClient(url, max_request_n=7) as small:  # 7 + 7 + 7 + 4 images of 10 classes
+        images, labels, _ = small.generate("mnist", n=25, seed=4)
+    assert labels.tolist() == [i % 10 for i in range(25)]
+    assert np.array_equal(images[:7], client.generate("mnist", n=7, seed=4)[0])  # the first request's own images
+
+
+def test_numpy_numbers_and_label_arrays_are_taken_as_their_python_values(client):
+    images, labels, _ = client.generate("mnist", n=np.int64(3), labels=np.array([3, 4, 5]), seed=np.int64(1),
+                                        temperature=np.float32(0.5))
+    assert labels.tolist() == [3, 4, 5] and client.last_seed == 1
+    assert np.array_equal(images, client.generate("mnist", n=3, labels=[3, 4, 5], seed=1, temperature=0.5)[0])
+    with pytest.raises(ValueError, match="temperature"):
+        client.generate("mnist", n=3, temperature=float("nan"))
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True])
+def test_a_request_size_below_one_is_refused_when_the_client_is_made(bad):
+    with pytest.raises(ValueError, match="max_request_n"):
+        SynthClient("http://127.0.0.1:9", max_request_n=bad)
 
 
 def test_a_temperature_applies_to_every_request_of_a_batch(url, client):

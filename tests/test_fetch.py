@@ -92,12 +92,22 @@ def test_labels_take_one_class_or_class_counts_and_n_is_needed_otherwise(tmp_pat
     assert parse_labels('{"normal": 1}') == {"normal": 1}
     granulocytes = "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)"  # a BloodMNIST class
     assert parse_labels(f"{granulocytes}=5,basophil=3") == {granulocytes: 5, "basophil": 3}
+    assert parse_labels("normal=3, pneumonia=2") == {"normal": 3, "pneumonia": 2}  # spaces after commas
     for bad in ("normal=many", "normal=1,pneumonia", "normal=1,normal=2", "{oops", "{\"normal\": 1} x"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_labels(bad)
     with pytest.raises(SystemExit) as info:
         main(["mnist", "--out", str(tmp_path / "x.npz")])
     assert info.value.code == 2 and "-n is required" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value, says", [("--temperature", "nan", "finite"), ("--temperature", "inf", "finite"),
+                                               ("--max-request-n", "0", "below 1"), ("--max-request-n", "-3", "below 1")])
+def test_a_bad_flag_value_is_one_usage_error_not_a_traceback(tmp_path, capsys, flag, value, says):
+    with pytest.raises(SystemExit) as info:
+        main(["mnist", "-n", "5", "--out", str(tmp_path / "x.npz"), flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and flag in err and says in err and "Traceback" not in err
 
 
 def test_a_bad_request_prints_the_service_error_and_writes_nothing(url, tmp_path, capsys):

@@ -579,6 +579,41 @@ def test_cli_rejects_unknown_ids_with_the_known_ones(capsys):
     assert "batch_size (--batch-size) must be at least 1, not 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, says", [
+    (["--lr", "-1"], "lr (--lr) must be a positive number"), (["--lr", "nan"], "lr (--lr) must be a positive number"),
+    (["--latent-dim", "0"], "latent_dim (--latent-dim) must be at least 1"),
+    (["--model", "wgan_gp", "--n-critic", "0"], "n_critic (--n-critic) must be at least 1"),
+    (["--max-steps", "0"], "max_steps (--max-steps) must be at least 1"),
+    (["--ema-decay", "2"], "ema_decay (--ema-decay) must be in [0, 1)"),
+    (["--label-smoothing", "1.5"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
+    (["--model", "conv_vae", "--beta", "-1"], "beta (--beta) (the VAE's KL weight) must be a positive number"),
+    (["--device", "tpu"], "device (--device) must be auto, cpu, cuda or cuda:N, not 'tpu'"),
+])
+def test_cli_refuses_numbers_that_cannot_train_naming_the_flag(capsys, flags, says, tmp_path):
+    from training.train import parse_args
+
+    with pytest.raises(SystemExit) as info:
+        parse_args([*flags, "--out-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and says in err and "Traceback" not in err
+
+
+def test_cli_never_overwrites_a_run_without_resume_or_overwrite(capsys, tmp_path):
+    from training.train import parse_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"a run's weights")
+    with pytest.raises(SystemExit):
+        parse_args(["--out-dir", str(run)])
+    assert "checkpoint.pt exists: --resume continues that run, --overwrite starts it again" in capsys.readouterr().err
+    assert parse_args(["--out-dir", str(run), "--resume"])[1] is True
+    assert parse_args(["--out-dir", str(run), "--overwrite"])[1] is False
+    with pytest.raises(SystemExit):
+        parse_args(["--out-dir", str(run), "--resume", "--overwrite"])
+    assert (run / "checkpoint.pt").read_bytes() == b"a run's weights"  # parsing never touches it
+
+
 def test_cli_help_gives_each_flag_the_meaning_written_in_the_config(capsys):
     from training.train import field_comments, parse_args
 

@@ -5,6 +5,7 @@ resolved once by `resolve()` and saved resolved, so config.json always says what
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -132,9 +133,38 @@ class TrainConfig:
                              f"got {self.prior_components} for {self.model!r}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
+        self._check_ranges()
         if self.out_dir is None:
             self.out_dir = str(Path("runs") / self.dataset / self.model)
         return self
+
+    def _check_ranges(self) -> None:
+        """Numbers that would train nothing useful, or crash later with a message that names no flag."""
+        def flag(name: str) -> str:
+            return f"{name} (--{name.replace('_', '-')})"
+
+        for name in ("latent_dim", "n_critic"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be at least 1, not {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"{flag('max_steps')} must be at least 1 (or left out), not {self.max_steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"{flag('lr')} must be a positive number, not {self.lr}")
+        for name in ("beta1", "beta2", "ema_decay", "label_smoothing"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be in [0, 1), not {getattr(self, name)}")
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"{flag('beta')} (the VAE's KL weight) must be a positive number, not {self.beta}")
+        for name in ("gp_weight", "mode_seeking"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"{flag(name)} must be a number >= 0, not {getattr(self, name)}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, not {self.device!r}") from None
 
     @property
     def objective(self) -> str:

@@ -10,7 +10,8 @@ A run directory (default runs/<dataset>/<model>) gets: config.json (the resolved
 (per-epoch mean losses), loss_curve.png, samples/epoch_NNN.png (fixed-seed grid, one row per class for
 conditional models) and, with --tensorboard, TensorBoard events. A VAE run with --prior-components K then fits
 its latent prior (training/latent_prior.py) to the final weights: the checkpoint's `latent_prior`, and
-samples/epoch_NNN_prior.png drawn through it. Run again with --resume to continue; a resume
+samples/epoch_NNN_prior.png drawn through it. Run again with --resume to continue (a folder that holds a
+checkpoint is refused without --resume or --overwrite, so a forgotten flag never wipes a run); a resume
 that changes a training setting (say, more epochs with --aux-classifier) is recorded in the checkpoint's
 `resumes` and from there on the model card.
 
@@ -89,7 +90,8 @@ def field_comments() -> dict[str, str]:
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
-    """(config, resume) from the command line: one flag per TrainConfig field, plus --resume."""
+    """(config, resume) from the command line: one flag per TrainConfig field, plus --resume and --overwrite.
+    A run folder that holds a checkpoint is neither continued nor overwritten unless one of the two says so."""
     defaults, comments = TrainConfig(), field_comments()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
@@ -110,12 +112,22 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
             extra["choices"] = list(MODEL_FAMILIES)
         parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start again in an <out-dir> that holds a checkpoint, replacing it")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")  # not a config field: a resume that changes the config is recorded instead
+    overwrite = args.pop("overwrite")
+    if resume and overwrite:
+        parser.error("--resume continues the run in --out-dir and --overwrite starts it again: give one")
     try:
-        return TrainConfig(**args).resolve(), resume
+        cfg = TrainConfig(**args).resolve()
     except ValueError as err:  # unknown dataset or model id: the message lists the known ones
         parser.error(str(err))
+    checkpoint = Path(cfg.out_dir) / CHECKPOINT
+    if checkpoint.exists() and not (resume or overwrite):
+        parser.error(f"{checkpoint} exists: --resume continues that run, --overwrite starts it again (replacing "
+                     "it), or give another --out-dir")
+    return cfg, resume
 
 
 def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:

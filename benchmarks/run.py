@@ -64,10 +64,10 @@ def settings(quick: bool, parts=PARTS) -> dict:
 
         if quick:
             cfg.update(ns=(1, 64), clients=(1, 2), formats=serving.FORMATS, http_s=0.2, in_process_s=0.05,
-                       paired_n=64, paired_rounds=3, paired_s=0.1)
+                       paired_n=64, paired_rounds=3, paired_s=0.1, mixed_s=0.5)
         else:
             cfg.update(ns=serving.NS, clients=serving.CLIENTS, formats=serving.FORMATS, http_s=1.5, in_process_s=1.0,
-                       paired_n=1024, paired_rounds=5, paired_s=4.0)
+                       paired_n=1024, paired_rounds=5, paired_s=4.0, mixed_s=10.0)
     return cfg
 
 
@@ -120,7 +120,8 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
     server = serving.start_server(workdir / "serve", exported, SYNTHGEN_ORT_SPINNING=str(int(service.ort_spinning)),
                                   SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)),
                                   SYNTHGEN_ORT_PART_ROWS=str(service.ort_part_rows), SYNTHGEN_WORKERS=str(service.workers),
-                                  SYNTHGEN_ORT_THREADS=str(threads))
+                                  SYNTHGEN_ORT_THREADS=str(threads), SYNTHGEN_CALL_MS=str(service.call_ms),
+                                  SYNTHGEN_BATCH_ROWS=str(service.batch_rows))
     wall["server_start"] = time.perf_counter() - t
     log(f"server ready at {server.url} after {wall['server_start']:.1f} s")
     try:
@@ -137,6 +138,12 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         paired = serving.bench_paired(server.url, baselines, n=cfg["paired_n"], min_rounds=cfg["paired_rounds"],
                                       min_s=cfg["paired_s"], log=log)
         wall["paired"] = time.perf_counter() - t
+        t = time.perf_counter()
+        by_size = sorted(baselines, key=lambda m: m.dataset.endswith("_64"))
+        small, bulk = (by_size[0].dataset, by_size[0].model), (by_size[-1].dataset, by_size[-1].model)
+        mixed = [serving.bench_mixed(server.url, a, bulk, cfg["paired_n"], duration_s=cfg["mixed_s"], log=log)
+                 for a in dict.fromkeys((small, bulk))]  # n=1 of a 28x28 model behind a 64x64 one, then of the 64x64 one
+        wall["mixed"] = time.perf_counter() - t
     except BaseException:
         log(server.log_tail())
         raise
@@ -144,7 +151,8 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
         server.stop()
     return {"threads": threads, "workers": service.workers, "ort_part_rows": service.ort_part_rows, "ort_spinning": service.ort_spinning,
             "ort_arena": service.ort_arena,
-            "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired}
+            "call_ms": service.call_ms, "batch_rows": service.batch_rows,
+            "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired, "mixed": mixed}
 
 
 def _n1_gains(rows: list[dict], many: int):
@@ -240,6 +248,13 @@ def markdown(result: dict) -> str:
                 for p in s["paired"]]
         out.append(table(["model", "n", "format", "HTTP img/s", "ORT img/s", "torch img/s", "HTTP / ORT",
                           "HTTP / torch", "rounds"], rows))
+        if s.get("mixed"):
+            out.append(f"\n### Small requests behind a bulk one (SYNTHGEN_CALL_MS={s.get('call_ms')})\n")
+            out.append(table(["n=1 requests of", "while streaming", "n=1 p50 ms", "n=1 p99 ms", "n=1 requests",
+                              "bulk img/s", "errors"],
+                             [[m["small"], f"{m['bulk']} n={m['bulk_n']}", fmt(m["small_p50_ms"]),
+                               fmt(m["small_p99_ms"]), m["small_requests"], fmt(m["bulk_images_per_s"]), m["errors"]]
+                              for m in s["mixed"]]))
     if result.get("training"):
         where = result["training"][0].get("device", "cpu")
         out.append(f"\n### Training throughput ({'CPU' if where == 'cpu' else where})\n")

@@ -195,6 +195,69 @@ def bench_http(url: str, models: list[tuple[str, str]], ns=NS, formats=FORMATS, 
     return rows
 
 
+SMALL_EVERY_S = 0.02  # the mixed benchmark's n=1 requests: 50 a second, a small share of what one worker serves
+
+
+async def _mixed(url: str, small: tuple[str, str], bulk: tuple[str, str], bulk_n: int, duration_s: float) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        stop, latencies, bulk_done, errors = False, [], 0, 0
+
+        async def post(model: tuple[str, str], n: int, seed: int) -> bool:
+            response = await client.post("/generate", json={"dataset": model[0], "model": model[1], "n": n,
+                                                            "seed": seed})
+            await response.aread()
+            return _check(response, n)
+
+        async def bulk_loop() -> None:
+            nonlocal bulk_done, errors
+            seed = 0
+            while not stop:
+                seed += 1
+                errors += not await post(bulk, bulk_n, seed)
+                bulk_done += 1
+
+        async def small_one(seed: int) -> None:
+            nonlocal errors
+            t = time.perf_counter()
+            errors += not await post(small, 1, seed)
+            latencies.append(time.perf_counter() - t)
+
+        async def small_loop() -> None:
+            # Open loop: a request every SMALL_EVERY_S whether or not the last has answered, so each arrives at
+            # a moment independent of the bulk work (a closed loop would send most of its requests in the gaps
+            # between bulk calls and report those).
+            pending, seed = [], 0
+            while not stop:
+                seed += 1
+                pending.append(asyncio.create_task(small_one(seed)))
+                await asyncio.sleep(SMALL_EVERY_S)
+            await asyncio.gather(*pending)
+
+        await post(small, 1, 0)
+        await post(bulk, bulk_n, 0)
+        tasks = [asyncio.create_task(bulk_loop()), asyncio.create_task(small_loop())]
+        start = time.perf_counter()
+        await asyncio.sleep(duration_s)
+        stop = True
+        await asyncio.gather(*tasks)
+        wall = time.perf_counter() - start
+    return {"small": f"{small[0]}/{small[1]}", "bulk": f"{bulk[0]}/{bulk[1]}", "bulk_n": bulk_n,
+            "small_requests": len(latencies), "small_p50_ms": percentile(latencies, 50) * 1e3,
+            "small_p99_ms": percentile(latencies, 99) * 1e3, "bulk_images_per_s": bulk_done * bulk_n / wall,
+            "errors": errors}
+
+
+def bench_mixed(url: str, small: tuple[str, str], bulk: tuple[str, str], bulk_n: int = 1024,
+                duration_s: float = 10.0, log=print) -> dict:
+    """n=1 requests of one model (50 a second, open loop) while another client streams bulk requests of
+    another model: what a small request waits for behind a large one (every model shares the
+    worker's inference thread; SYNTHGEN_CALL_MS bounds each call of a large request)."""
+    row = asyncio.run(_mixed(url, small, bulk, bulk_n, duration_s))
+    log(f"mixed: {row['small']} n=1 p50 {row['small_p50_ms']:.1f} ms, p99 {row['small_p99_ms']:.1f} ms while "
+        f"{row['bulk']} n={bulk_n} streams at {row['bulk_images_per_s']:,.0f} img/s ({row['errors']} errors)")
+    return row
+
+
 def bench_http_floor(url: str, clients=CLIENTS, duration_s: float = 1.0) -> list[dict]:
     """The HTTP stack alone: GET /livez (no model, no body) from the same client loop."""
     return [{"route": "GET /livez", "clients": c, **load(url, None, None, c, duration_s, method="GET", path="/livez")}

@@ -44,14 +44,19 @@ def register_shared_arena() -> None:
 
 
 MIN_PART_ROWS = 16  # a part smaller than this costs more in hand-offs than a second thread saves
+PARTS_PER_THREAD = 4  # parts a call is cut into per thread where rows allow, so that threads share it evenly
 
 
 def row_parts(n: int, threads: int, part_rows: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal row ranges [a, b) covering n rows: as many as keep every part within part_rows,
-    and at least one per thread while each keeps MIN_PART_ROWS rows. part_rows=0 or one thread: one part."""
+    and PARTS_PER_THREAD per thread while each keeps MIN_PART_ROWS rows. part_rows=0 or one thread: one part.
+
+    Several parts per thread balance a call: a thread slowed by other work (the event loop, an encoder) takes
+    fewer parts while the other takes more, where one part each would leave the faster one waiting. Part size
+    hardly matters to the speed itself (16 to 128 rows within 3% for the 64x64 DCGAN and the MNIST cDCGAN)."""
     if part_rows <= 0 or threads <= 1:
         return [(0, n)]
-    k = max(1, -(-n // part_rows), min(threads, n // MIN_PART_ROWS))
+    k = max(1, -(-n // part_rows), min(PARTS_PER_THREAD * threads, n // MIN_PART_ROWS))
     bounds = [i * n // k for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 

@@ -8,7 +8,15 @@ concatenates them into one model call, and writes each job's slice of the result
 All models share ONE inference thread, so calls never compete for the CPU and the event loop stays free.
 
 No waiting window: a lone request runs at once (lowest latency), and requests that arrive while a call is
-running are merged into the next call (throughput under load). Merging is invisible in the output only
+running are merged into the next call (throughput under load).
+
+Calls are bounded in time as well as in rows: a call takes as many rows as the model computes in about
+`call_s` seconds (from a running estimate of its seconds per row), at most `batch_rows`, and a large request
+is cut into calls of equal size. A large request of a slow model thus runs as a series of short calls, and a
+request that arrives meanwhile waits for one short call, not for a 1024-row one (a 64x64 DCGAN computes 1024
+rows in about 0.35 s on 2 cores): a request for another model because the models share the inference
+thread, and one for the same model because whole requests behind a large one go into its next call first
+(in up to half of it, so the large one keeps going). Merging is invisible in the output only
 when the model is row-independent (row i of a call depends only on z[i] and labels[i], bit for bit), which
 `backends.rows_are_independent` checks at start-up; a model that fails it (`merge=False`) runs one request
 at a time, in chunks of `batch_rows` counted from the request's first row, so its bytes still depend on
@@ -20,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -29,6 +38,10 @@ import numpy as np
 from .sampling import quantize_into
 
 logger = logging.getLogger("bentoml.synthgen.batching")
+
+FIRST_CALL_ROWS = 64  # rows of a model's first large call, before its seconds per row are known
+MIN_CALL_ROWS = 32  # the fewest rows a call is cut to (row parts on two threads of 16 rows each)
+ROW_TIME_SMOOTHING = 0.3  # weight of the newest call in the running seconds-per-row estimate
 
 
 @dataclass(eq=False)
@@ -54,8 +67,10 @@ class MicroBatcher:
     image_shape: tuple[int, int, int]  # C, H, W
     merge: bool = True  # may one call serve several requests (see the module docstring)
     on_call: Callable[[int], None] | None = None  # told the rows of every finished call (metrics)
+    call_s: float = 0.0  # target seconds of one call (0: every call takes up to batch_rows rows)
     calls: int = 0
     rows: int = 0
+    row_s: float | None = None  # running estimate of a call's seconds per row (calls of MIN_CALL_ROWS or more)
     _pending: collections.deque = field(default_factory=collections.deque)
     _wakeup: asyncio.Event | None = None
     _task: asyncio.Task | None = None
@@ -79,14 +94,39 @@ class MicroBatcher:
             self._wakeup = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._worker(), name="synthgen-batcher")
 
+    def call_rows(self) -> int:
+        """Most rows of the next call: batch_rows, or as many as take about call_s seconds. A model whose
+        requests are not merged keeps batch_rows, since its bytes depend on where its calls split."""
+        if not self.merge or self.call_s <= 0:
+            return self.batch_rows
+        if self.row_s is None:
+            return min(self.batch_rows, FIRST_CALL_ROWS)
+        return min(self.batch_rows, max(MIN_CALL_ROWS, int(self.call_s / self.row_s)))
+
     def _take(self) -> list[tuple[Job, int, int]]:
-        pieces, rows = [], 0
-        while self._pending and rows < self.batch_rows:
+        while self._pending and self._pending[0].cancelled:
+            self._pending.popleft()
+        if not self._pending:
+            return []
+        pieces, rows, limit = [], 0, self.call_rows()
+        left = self._pending[0].n - self._pending[0].cursor
+        if self.merge and self.call_s > 0 and self.row_s is not None and left > limit:
+            limit = -(-left // -(-left // limit))  # a large request in calls of equal size, not with a short one at
+            # its end that would leave a row-part thread idle
+        if self.merge and left > limit:
+            # A large request at the head: whole requests waiting behind it go first, in up to half of the call,
+            # so that they wait for one call rather than for all of it (the large one keeps the other half).
+            for job in list(self._pending)[1:]:
+                if not job.cancelled and job.cursor == 0 and rows + job.n <= limit // 2:
+                    pieces.append((job, 0, job.n))
+                    job.cursor, rows = job.n, rows + job.n
+                    self._pending.remove(job)
+        while self._pending and rows < limit:
             job = self._pending[0]
             if job.cancelled:
                 self._pending.popleft()
                 continue
-            take = min(job.n - job.cursor, self.batch_rows - rows)
+            take = min(job.n - job.cursor, limit - rows)
             pieces.append((job, job.cursor, job.cursor + take))
             job.cursor += take
             rows += take
@@ -114,7 +154,11 @@ class MicroBatcher:
                 if first < last:
                     quantize_into(images[first - lo:last - lo], job.out[a + first - start:a + last - start])
 
+        started = time.perf_counter()
         self.runner.run_into(z, labels, quantize_part)
+        if len(z) >= MIN_CALL_ROWS:  # smaller calls are mostly fixed cost: they would overstate the cost of a row
+            row_s = (time.perf_counter() - started) / len(z)
+            self.row_s = row_s if self.row_s is None else (1 - ROW_TIME_SMOOTHING) * self.row_s + ROW_TIME_SMOOTHING * row_s
 
     async def _worker(self) -> None:
         while True:

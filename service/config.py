@@ -7,7 +7,12 @@
     SYNTHGEN_MAX_N             largest n of one /generate                  10000
     SYNTHGEN_MAX_STEPS         largest steps of one /interpolate           256
     SYNTHGEN_MAX_BODY_BYTES    largest request body (413 above)            1048576 (1 MiB)
-    SYNTHGEN_BATCH_ROWS        rows per model call (merge/split unit)      1024
+    SYNTHGEN_BATCH_ROWS        most rows of one model call (merge/split    1024
+                               unit)
+    SYNTHGEN_CALL_MS           a model call takes at most about this       50
+                               long: large requests of a slow model run
+                               as several calls, so that other requests
+                               wait less (0: always SYNTHGEN_BATCH_ROWS)
     SYNTHGEN_WORKERS           server processes, each loads every model    1
     SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs (affinity, capped by
                                (each worker may use every CPU for one      a cgroup v2 CPU quota)
@@ -89,6 +94,7 @@ class Settings:
     max_steps: int = 256
     max_body_bytes: int = 1 << 20
     batch_rows: int = 1024
+    call_ms: int = 50
     workers: int = 1
     ort_threads: int = 1
     ort_part_rows: int = 128
@@ -112,6 +118,7 @@ class Settings:
             max_steps=_int(env, "SYNTHGEN_MAX_STEPS", 256, 2, 10_000),
             max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
             batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
+            call_ms=_int(env, "SYNTHGEN_CALL_MS", 50, 0, 60_000),
             workers=_int(env, "SYNTHGEN_WORKERS", 1, 1, 64),
             ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", _cpu_count(), 1, 1024),
             ort_part_rows=_int(env, "SYNTHGEN_ORT_PART_ROWS", 128, 0, 1_000_000),

@@ -42,6 +42,11 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
         assert 0 < r["p50_ms"] <= r["p99_ms"]
     assert [r["clients"] for r in serving["http_floor"]] == list(cfg["clients"])
 
+    (mixed,) = serving["mixed"]  # one model here: its n=1 requests behind its own bulk ones
+    assert mixed["small"] == mixed["bulk"] == "mnist/mlp_gan" and serving["call_ms"] == 50
+    assert mixed["errors"] == 0 and mixed["small_requests"] >= 1 and mixed["bulk_images_per_s"] > 0
+    assert 0 < mixed["small_p50_ms"] <= mixed["small_p99_ms"]
+
     (paired,) = serving["paired"]
     assert paired["n"] == cfg["paired_n"] and paired["errors"] == 0 and paired["rounds"] >= 3
     assert {"http_images_per_s", "onnxruntime_images_per_s", "torch_eager_images_per_s", "http_vs_onnxruntime",

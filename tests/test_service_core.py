@@ -251,9 +251,11 @@ def test_batched_requests_are_byte_identical_to_unbatched(catalog, runners, key)
 @pytest.mark.parametrize("n, threads, part_rows, expected", [
     (1, 2, 128, [(0, 1)]),
     (20, 2, 128, [(0, 20)]),  # two parts would each have under MIN_PART_ROWS (16)
-    (64, 2, 128, [(0, 32), (32, 64)]),  # one part per thread
-    (300, 2, 128, [(0, 100), (100, 200), (200, 300)]),  # none over part_rows
+    (40, 2, 128, [(0, 20), (20, 40)]),
+    (64, 2, 128, [(0, 16), (16, 32), (32, 48), (48, 64)]),  # as many as keep 16 rows each, up to 4 per thread
+    (300, 2, 128, [(i * 300 // 8, (i + 1) * 300 // 8) for i in range(8)]),  # 4 per thread, none over part_rows
     (1024, 2, 128, [(i, i + 128) for i in range(0, 1024, 128)]),
+    (2048, 2, 128, [(i, i + 128) for i in range(0, 2048, 128)]),  # more than 4 per thread: none over part_rows
     (1024, 1, 128, [(0, 1024)]),  # one thread: one call
     (1024, 4, 0, [(0, 1024)]),  # 0: never split
 ])
@@ -297,6 +299,84 @@ def test_requests_merged_into_calls_in_row_parts_get_the_bytes_of_lone_calls(cat
         together = asyncio.run(_generate_all(merged, jobs))
     assert merged.calls < len(jobs) and merged.rows == sum(sizes)
     assert [a.tobytes() for a in alone] == [b.tobytes() for b in together]
+
+
+class SlowRows:
+    """A row-independent stand-in model that takes `row_s` seconds per row and logs each call as (tag, rows)."""
+
+    def __init__(self, tag: str, row_s: float, log: list):
+        self.tag, self.row_s, self.log = tag, row_s, log
+
+    def run_into(self, z, labels, sink):
+        self.log.append((self.tag, len(z)))
+        time.sleep(self.row_s * len(z))
+        sink(0, len(z), np.repeat(np.clip(z[:, :1, None, None], 0, 1), 4, axis=2).repeat(4, axis=3))
+
+
+def test_a_slow_models_large_request_runs_as_calls_of_about_the_target_time():
+    log = []
+    batcher = MicroBatcher(SlowRows("big", 0.001, log), None, 1024, (1, 4, 4), call_s=0.05)
+    z = latents(0, 1000, 8)
+    with ThreadPoolExecutor(1) as pool:
+        batcher.executor = pool
+        images = asyncio.run(batcher.generate(z, np.zeros(1000, dtype=np.int64)))
+        whole = asyncio.run(MicroBatcher(SlowRows("one", 0.0, []), pool, 1024, (1, 4, 4)).generate(z, np.zeros(1000)))
+    rows = [r for _, r in log]
+    assert sum(rows) == 1000 and rows[0] == 64  # the first call, before the model's seconds per row are known
+    assert all(25 <= r <= 75 for r in rows[1:-1]), rows  # then about 50 rows of 1 ms: 50 ms a call
+    assert images.tobytes() == whole.tobytes()
+
+
+def test_a_small_request_waits_for_one_short_call_of_a_large_request_not_all_of_it():
+    """Every model shares the one inference thread: a request that arrives while another model computes a
+    large request runs after that model's current call, which the call target keeps short."""
+    log = []
+    with ThreadPoolExecutor(1) as pool:
+        big = MicroBatcher(SlowRows("big", 0.0005, log), pool, 1024, (1, 4, 4), call_s=0.02)
+        small = MicroBatcher(SlowRows("small", 0.0005, log), pool, 1024, (1, 4, 4), call_s=0.02)
+
+        async def scenario():
+            large = asyncio.ensure_future(big.generate(latents(0, 1000, 8), np.zeros(1000, dtype=np.int64)))
+            while len(log) < 3:  # the large request is into its third call
+                await asyncio.sleep(0.001)
+            await small.generate(latents(1, 1, 8), np.zeros(1, dtype=np.int64))
+            assert not large.done()
+            await large
+
+        asyncio.run(scenario())
+    first_small = [tag for tag, _ in log].index("small")
+    assert first_small == 3, log  # right after the call that was running when it came
+    assert sum(rows for _, rows in log[:first_small]) <= 64 + 2 * 60, log  # not after all 1000 rows
+
+
+def test_a_small_request_behind_a_large_one_of_the_same_model_rides_in_its_next_call():
+    log = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(SlowRows("model", 0.0005, log), pool, 1024, (1, 4, 4), call_s=0.02)
+
+        async def scenario():
+            large = asyncio.ensure_future(batcher.generate(latents(0, 1000, 8), np.zeros(1000, dtype=np.int64)))
+            while len(log) < 3:
+                await asyncio.sleep(0.001)
+            calls_before = len(log)
+            small = await batcher.generate(latents(1, 3, 8), np.zeros(3, dtype=np.int64))
+            assert len(log) <= calls_before + 2 and not large.done()  # the call running, then the one it rode in
+            return small, await large
+
+        small, large = asyncio.run(scenario())
+    alone = MicroBatcher(SlowRows("alone", 0.0, []), None, 1024, (1, 4, 4))
+    with ThreadPoolExecutor(1) as pool:
+        alone.executor = pool
+        assert small.tobytes() == asyncio.run(alone.generate(latents(1, 3, 8), np.zeros(3))).tobytes()
+        assert large.tobytes() == asyncio.run(alone.generate(latents(0, 1000, 8), np.zeros(1000))).tobytes()
+
+
+def test_a_call_target_of_zero_keeps_whole_batch_rows_calls():
+    log = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(SlowRows("big", 0.0, log), pool, 256, (1, 4, 4), call_s=0.0)
+        asyncio.run(batcher.generate(latents(0, 1000, 8), np.zeros(1000, dtype=np.int64)))
+    assert [r for _, r in log] == [256, 256, 256, 232]
 
 
 def test_onnxruntime_models_pass_the_row_independence_check(runners):

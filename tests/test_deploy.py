@@ -178,7 +178,7 @@ def test_env_values_are_accepted_by_the_service_settings(container):
     assert settings.workers <= limit_cpu, "more workers than CPUs: their HTTP stacks would share cores"
     assert settings.ort_threads <= limit_cpu, "SYNTHGEN_ORT_THREADS above the CPU limit oversubscribes one call"
     limit_mem = _bytes(container["resources"]["limits"]["memory"])
-    worker_rss = 256 << 20  # one worker with every shipped model loaded (README, Memory: 245 MiB after n=1024 from each)
+    worker_rss = 256 << 20  # one worker with every shipped model loaded (README, Memory: 219 MiB after n=1024 from each)
     assert settings.workers * (settings.memory_budget_bytes + worker_rss) < limit_mem, (
         "the workers' request memory budgets and models must fit under the memory limit")
 

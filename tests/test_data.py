@@ -123,6 +123,24 @@ def test_a_medmnist_file_without_the_split_arrays_lists_what_it_holds(tmp_path):
     np.savez(tmp_path / "bloodmnist.npz", images=np.zeros((8, 28, 28, 3), np.uint8))
     with pytest.raises(DataFormatError, match=r"no 'train_images' and 'train_labels' arrays; it holds \['images'\]"):
         load_dataset("bloodmnist", "train", tmp_path)
-    (tmp_path / "bloodmnist.npz").write_bytes(b"not a zip archive")
-    with pytest.raises(DataFormatError, match="not a readable .npz file"):
+    (tmp_path / "bloodmnist.npz").write_bytes(b"hello")  # numpy would call it a pickle and suggest loading it unsafely
+    with pytest.raises(DataFormatError, match=r"not a readable .npz file \(not a zip archive\)$"):
         load_dataset("bloodmnist", "train", tmp_path)
+
+
+def test_an_empty_split_is_refused_naming_the_file(tmp_path):
+    empty = {"train_images": np.zeros((0, 28, 28, 3), np.uint8), "train_labels": np.zeros((0, 1), np.uint8)}
+    np.savez(tmp_path / "bloodmnist.npz", **{**_official_bloodmnist(), **empty})
+    with pytest.raises(DataFormatError, match="train_images holds no images"):
+        load_dataset("bloodmnist", "train", tmp_path)
+
+
+def test_a_users_own_file_beside_the_medmnist_folder_is_found(tmp_path):
+    """The shared files in <dir>/medmnist/ and a user's own BloodMNIST file in <dir>/: each is found."""
+    np.savez(tmp_path / "bloodmnist.npz", **_official_bloodmnist(n=6))
+    (tmp_path / "medmnist").mkdir()
+    np.savez(tmp_path / "medmnist" / "pathmnist.npz", **{k: v for k, v in _official_bloodmnist(n=9).items()})
+    assert len(load_dataset("bloodmnist", "train", tmp_path)) == 6
+    assert len(load_dataset("pathmnist", "train", tmp_path)) == 9
+    with pytest.raises(DataNotFoundError, match="in '.*/medmnist' or '"):
+        load_dataset("retinamnist", "train", tmp_path)

@@ -208,14 +208,16 @@ def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, ca
     _verify_manifest(zoo)
     report = json.loads((reports / "mnist__cdcgan.json").read_text())
     assert report["metrics"]["fid"] == cdcgan["fid"]
-    assert (classifiers / "mnist.pt").exists() and (classifiers / "mnist.baselines.json").exists()
+    # a smoke run's tiny classifier lives apart: it never replaces the real one and its baselines in the cache
+    assert (classifiers / "quick" / "mnist.pt").exists() and (classifiers / "quick" / "mnist.baselines.json").exists()
+    assert not (classifiers / "mnist.pt").exists()
 
 
 def test_evaluation_is_reproducible_and_uses_the_cache(zoo, data_dir, tmp_path):
     settings = ev.Settings.quick_mode(augmentation=False)
     kwargs = dict(data_dir=data_dir, classifier_dir=tmp_path / "classifiers", report_dir=None)
     (_, first), = ev.run([zoo / "mnist/cdcgan"], settings, **kwargs)
-    assert first["protocol"]["classifier"]["cache"].endswith("mnist.pt")
+    assert first["protocol"]["classifier"]["cache"].endswith("quick/mnist.pt")
     card = json.loads((zoo / "mnist/cdcgan/card.json").read_text())
     (_, second), = ev.run([zoo / "mnist/cdcgan"], settings, write_card=False, **kwargs)
     for key in ("fid", "fid_floor", "precision", "recall", "label_fidelity", "cas", "cas_real"):
@@ -257,6 +259,9 @@ def test_an_evaluation_at_another_temperature_writes_its_own_report_and_leaves_t
     assert (zoo / "mnist/cdcgan/card.json").read_text() == card
     with pytest.raises(SystemExit):
         ev.main([str(zoo / "mnist/cdcgan"), "--quick", "--temperature", "2.5"])
+    for sizes in (["--seeds", "3"], ["--n-generated", "500"], ["--n-synthetic", "100"]):
+        with pytest.raises(SystemExit):  # --quick would silently use its own sizes
+            ev.main([str(zoo / "mnist/cdcgan"), "--quick", *sizes])
 
 
 def test_fractions_parser():
@@ -276,6 +281,18 @@ def test_all_skips_models_whose_data_is_missing(zoo, data_dir, tmp_path, capsys)
     assert "skipped" in out and "mnist/cdcgan" in out
     assert "fid" in json.loads((zoo / "mnist/cdcgan/card.json").read_text())["metrics"]
     _verify_manifest(zoo)
+
+
+def test_a_medmnist_file_with_a_broken_val_split_is_an_error_not_a_quiet_switch_to_test(zoo, data_dir, tmp_path):
+    from training.data import DataFormatError
+
+    with np.load(data_dir / "medmnist" / "pneumoniamnist.npz") as official:
+        arrays = {k: official[k] for k in official.files if k != "val_labels"}
+    (tmp_path / "data" / "medmnist").mkdir(parents=True)
+    np.savez(tmp_path / "data" / "medmnist" / "pneumoniamnist.npz", **arrays)
+    with pytest.raises(DataFormatError, match="no 'val_images' and 'val_labels' arrays"):
+        ev.run([zoo / "pneumoniamnist/cvae"], ev.Settings.quick_mode(augmentation=False), data_dir=tmp_path / "data",
+               classifier_dir=tmp_path / "c", report_dir=None, write_card=False)
 
 
 def test_prior_label_mix(zoo, data_dir, tmp_path):
@@ -338,6 +355,6 @@ def test_inception_fid_is_reported_with_its_floor_and_the_real_features_are_cach
     assert first["inception_fid"] > 0 and first["inception_fid_floor"] > 0
     about = first["protocol"]["inception_fid"]
     assert about["weights"] == "pt_inception-random.pth" and about["n_test"] == 32 and about["n_generated"] == 16
-    assert (tmp_path / "classifiers" / "mnist.inception.pt").exists()
+    assert (tmp_path / "classifiers" / "quick" / "mnist.inception.pt").exists()
     (_, second), = ev.run([zoo / "mnist/cdcgan"], settings, **kwargs)
     assert (second["inception_fid"], second["inception_fid_floor"]) == (first["inception_fid"], first["inception_fid_floor"])

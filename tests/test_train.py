@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from conftest import train_tiny
+from training.cli import UsageError
 from training.config import TrainConfig
 from training.data import load_dataset
 from training.models import build_model
@@ -198,6 +199,44 @@ def test_a_run_saved_without_a_class_head_resumes_with_one(data_dir, tmp_path):
     assert after["models"]["discriminator"]["classifier.weight"].shape == (10, 17, 7, 7)  # ndf 8 * 2 + minibatch std
     with pytest.raises(RuntimeError, match="unexpected"):
         main(cfg(3, 0.0), resume=True)  # dropping the head again is not silent
+
+
+def _epochs_logged(run: Path) -> list[int]:
+    return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_run_started_again_keeps_nothing_of_the_run_it_replaces(data_dir, tmp_path):
+    from training.train import main
+
+    def cfg(epochs):
+        return TrainConfig(dataset="mnist", model="mlp_gan", epochs=epochs, batch_size=16, width=8,
+                           data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve()
+
+    run = main(cfg(2))
+    assert _epochs_logged(run) == [1, 2] and (run / "samples" / "epoch_002.png").exists()
+    main(cfg(1))  # what --overwrite runs: not a resume
+    assert _epochs_logged(run) == [1]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch_001.png"]
+    assert [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()] == ["epoch", "1"]
+
+
+def test_a_resume_drops_what_a_run_logged_after_its_last_checkpoint(data_dir, tmp_path):
+    """A run that stopped after epoch 5 with its checkpoint at 2 resumes from 2: epochs 3-5 of the stopped
+    run must not stay beside the resumed run's own (a loss curve that doubles back)."""
+    from training.train import main
+
+    def cfg(epochs):
+        return TrainConfig(dataset="mnist", model="mlp_gan", epochs=epochs, batch_size=16, width=8,
+                           data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve()
+
+    run = main(cfg(2))
+    with open(run / "metrics.jsonl", "a") as f:  # what the stopped run logged past its checkpoint
+        f.writelines(json.dumps({"epoch": e, "step": 99}) + "\n" for e in (3, 4, 5))
+    (run / "samples" / "epoch_005.png").write_bytes(b"a grid of the stopped run")
+    main(cfg(3), resume=True)
+    assert _epochs_logged(run) == [1, 2, 3] and not (run / "samples" / "epoch_005.png").exists()
+    with pytest.raises(UsageError, match="at epoch 3, past --epochs 2"):
+        main(cfg(2), resume=True)
 
 
 def test_a_run_saved_with_a_class_head_resumes_with_its_twin(data_dir, tmp_path):
@@ -588,6 +627,7 @@ def test_cli_rejects_unknown_ids_with_the_known_ones(capsys):
     (["--label-smoothing", "1.5"], "label_smoothing (--label-smoothing) must be in [0, 1)"),
     (["--model", "conv_vae", "--beta", "-1"], "beta (--beta) (the VAE's KL weight) must be a positive number"),
     (["--device", "tpu"], "device (--device) must be auto, cpu, cuda or cuda:N, not 'tpu'"),
+    (["--disc-width", "0"], "disc_width (--disc-width) must be at least 1"),
 ])
 def test_cli_refuses_numbers_that_cannot_train_naming_the_flag(capsys, flags, says, tmp_path):
     from training.train import parse_args
@@ -635,6 +675,40 @@ def test_a_resume_on_another_dataset_is_refused(data_dir, tmp_path):
                       data_dir=str(data_dir), out_dir=str(out)).resolve()
     with pytest.raises(UsageError, match="trained with --dataset mnist, not fashion_mnist; resume with --dataset mnist"):
         main(cfg, resume=True)
+
+
+def test_a_training_split_of_one_image_is_a_clear_error(tmp_path):
+    import numpy as np
+
+    from training.train import main
+
+    arrays = {f"{s}_{k}": np.zeros((1, 28, 28, 3), np.uint8) if k == "images" else np.zeros((1, 1), np.uint8)
+              for s in ("train", "val", "test") for k in ("images", "labels")}
+    np.savez(tmp_path / "bloodmnist.npz", **arrays)
+    cfg = TrainConfig(dataset="bloodmnist", model="mlp_gan", epochs=1, batch_size=16, width=8, data_dir=str(tmp_path),
+                      out_dir=str(tmp_path / "run")).resolve()
+    with pytest.raises(UsageError, match="1 training image\\(s\\) per process; training needs batches of at least 2"):
+        main(cfg)
+
+
+def test_an_export_never_replaces_an_exported_model_without_overwrite(data_dir, tmp_path):
+    run = train_tiny(data_dir, tmp_path / "run", "mnist", "mlp_gan", steps=1)
+
+    def export(*flags):
+        return subprocess.run([sys.executable, "-m", "training.export", str(run), "--out", str(tmp_path / "out"), *flags],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    assert export().returncode == 0
+    card = tmp_path / "out" / "mnist" / "mlp_gan" / "card.json"
+    before = card.read_text()
+    again = export()
+    assert again.returncode == 2 and "holds an exported model; --overwrite replaces it" in again.stderr
+    assert card.read_text() == before and "Traceback" not in again.stderr
+    assert export("--overwrite").returncode == 0
+    (tmp_path / "afile").write_text("")
+    not_a_folder = subprocess.run([sys.executable, "-m", "training.export", str(run), "--out", str(tmp_path / "afile")],
+                                  cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert not_a_folder.returncode == 2 and "is a file, not a folder" in not_a_folder.stderr
 
 
 def test_the_training_commands_end_a_users_mistake_in_one_line_without_a_traceback(tmp_path, capsys):

@@ -116,6 +116,8 @@ class TrainConfig:
             raise ValueError("self_diagnosing_weights picks the weights of self_diagnosing_from, which is off (0): "
                              "set both")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
+        if self.disc_width is not None and self.disc_width < 1:
+            raise ValueError(f"disc_width (--disc-width) must be at least 1, not {self.disc_width}")
         if self.disc_width is not None and self.model not in DCGAN_MODELS:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")
         if self.disc_width is None and self.model in DCGAN_MODELS:

@@ -219,21 +219,25 @@ def _decompressed_copy(raw: Path, cls_name: str) -> Path:
     return root
 
 
-def medmnist_root(root: Path) -> Path:
-    """medmnist reads <root>/<flag>[_64].npz; accept both <dir>/medmnist/ and <dir> itself."""
-    return root / "medmnist" if (root / "medmnist").is_dir() else root
+def medmnist_root(root: Path, filename: str) -> Path:
+    """The folder medmnist reads <flag>[_64].npz from: <dir>/medmnist/ where the file is there (or, for a
+    download, where that folder exists), else <dir> itself, file by file (a user's own file may sit beside the
+    medmnist/ folder of the official ones)."""
+    nested = root / "medmnist"
+    if (nested / filename).exists() or (nested.is_dir() and not (root / filename).exists()):
+        return nested
+    return root
 
 
 def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
     import medmnist
 
-    mm_root = medmnist_root(root)
     suffix = "" if info.size == 28 else f"_{info.size}"
+    mm_root = medmnist_root(root, f"{info.base}{suffix}.npz")
     path = mm_root / f"{info.base}{suffix}.npz"
     if not path.exists() and not download:
         raise DataNotFoundError(
-            f"{info.id}: expected file '{path.name}' in '{mm_root}' (medmnist files are looked for in "
-            f"<data dir>/medmnist/, else <data dir>/). "
+            f"{info.id}: expected file '{path.name}' in '{root / 'medmnist'}' or '{root}'. "
             f"Point --data-dir or ${DATA_DIR_ENV} at the folder holding it, or pass --download to fetch it "
             f"with medmnist (python -c \"import medmnist; medmnist.{medmnist.INFO[info.base]['python_class']}"
             f"(split='train', size={info.size}, download=True, root='DIR')\")."
@@ -250,7 +254,10 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
                               f"official MedMNIST file holds {[f'{s}_{a}' for s in SPLITS for a in ('images', 'labels')]}"
                               ) from None
     except (ValueError, OSError) as err:  # not an npz archive at all (truncated, or another format)
-        raise DataFormatError(f"{path}: not a readable .npz file ({err})") from None
+        with open(path, "rb") as f:
+            is_zip = f.read(4) == b"PK\x03\x04"  # numpy reads anything else as a pickle, and says so
+        raise DataFormatError(f"{path}: not a readable .npz file " + (f"({err})" if is_zip else "(not a zip archive)")
+                              ) from None
     # medmnist's __len__ asserts the official sample count, so small files of the same layout (our tests)
     # would fail it: read the arrays it loaded instead, and say so when the count is not the official one.
     imgs, labels = np.asarray(dataset.imgs), np.asarray(dataset.labels)
@@ -275,6 +282,8 @@ def check_medmnist_arrays(path: Path, split: str, imgs: np.ndarray, labels: np.n
         raise DataFormatError(f"{path}: {split}_images is {imgs.dtype} {'x'.join(map(str, imgs.shape))}; {info.id} "
                               f"needs uint8 {layout} (the official {info.base}"
                               f"{'' if info.size == 28 else f'_{info.size}'}.npz layout)")
+    if imgs.shape[0] == 0:
+        raise DataFormatError(f"{path}: {split}_images holds no images")
     if labels.size != imgs.shape[0] or labels.reshape(-1).dtype.kind not in "iu":
         raise DataFormatError(f"{path}: {split}_labels is {labels.dtype} {'x'.join(map(str, labels.shape))}; "
                               f"needs one integer label per image ({imgs.shape[0]} x 1)")
@@ -289,7 +298,11 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help=f"data folder (default: ${DATA_DIR_ENV} or ./data)")
     parser.add_argument("--download", action="store_true", help="download missing files (needs internet)")
     args = parser.parse_args()
-    for split in ("train", "test"):
+    try:
+        source = dataset_info(args.dataset).source
+    except ValueError as err:  # an unknown id: the message lists the known ones
+        parser.exit(2, f"error: {err}\n")
+    for split in ("train", "test") if source == "torchvision" else SPLITS:  # MedMNIST files hold a val split too
         try:
             data = load_dataset(args.dataset, split, args.data_dir, args.download)
         except (DataNotFoundError, DataFormatError, ValueError) as err:  # each names the file or the known ids

@@ -456,7 +456,10 @@ class DatasetContext:
     """Real splits of one dataset, its reference classifier and its cached real-only runs."""
 
     def __init__(self, dataset: str, data_dir, classifier_dir: Path, settings: Settings, download: bool = False):
-        self.dataset, self.settings, self.classifier_dir = dataset, settings, Path(classifier_dir)
+        # --quick trains its own tiny reference classifier: in a folder of its own, so that a smoke run never
+        # replaces the real one and its real-only baselines (minutes to retrain) in the same cache
+        classifier_dir = Path(classifier_dir) / "quick" if settings.quick else Path(classifier_dir)
+        self.dataset, self.settings, self.classifier_dir = dataset, settings, classifier_dir
         self.data_dir, self.download = data_dir, download
         self.train = load_dataset(dataset, "train", data_dir, download)
         self.test = load_dataset(dataset, "test", data_dir, download)
@@ -561,11 +564,11 @@ class DatasetContext:
         """Reference per-class accuracy on real held-out images of the training distribution: the val split where
         the dataset has one (MedMNIST; its test split can differ, e.g. PneumoniaMNIST), else the test split."""
         if not hasattr(self, "_heldout"):
-            try:
+            if self.info.source == "torchvision":  # no val split (MNIST, Fashion-MNIST)
+                self._heldout = ("test", self.reference_result["per_class"])
+            else:  # a MedMNIST file whose val split is missing or malformed fails here, naming it
                 val = load_dataset(self.dataset, "val", self.data_dir, self.download)
                 self._heldout = ("val", accuracy_report(self.reference, val)["per_class"])
-            except ValueError:  # no val split (MNIST, Fashion-MNIST)
-                self._heldout = ("test", self.reference_result["per_class"])
         return self._heldout
 
     # -- floors -------------------------------------------------------------------------------------------------
@@ -950,8 +953,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
     parser.add_argument("--download", action="store_true", help="download missing real data files (needs internet)")
     parser.add_argument("--classifier-dir", default="runs/classifiers", help="reference classifier cache (default: runs/classifiers)")
     parser.add_argument("--report-dir", default="runs/eval", help="per-model JSON reports (default: runs/eval)")
-    parser.add_argument("--seeds", type=int, default=3, help="classifier seeds for CAS and augmentation (default: 3)")
-    parser.add_argument("--n-generated", type=int, default=10_000, help="generated images for FID, P/R, label fidelity (default: 10000)")
+    parser.add_argument("--seeds", type=int, default=None, help="classifier seeds for CAS and augmentation (default: 3)")
+    parser.add_argument("--n-generated", type=int, default=None, help="generated images for FID, P/R, label fidelity (default: 10000)")
     parser.add_argument("--n-synthetic", type=int, default=None, help="synthetic pool for CAS/augmentation (default: max(n-generated, N_train))")
     parser.add_argument("--fractions", type=_floats, default=None,
                         help="real-data fractions for augmentation, e.g. 0.01,0.1,1 or 1%%,10%%,100%% "
@@ -1001,9 +1004,15 @@ def main(argv=None) -> list[tuple[str, dict]]:
                   fractions=args.fractions, classifier_epochs=args.classifier_epochs,
                   inception_weights=args.inception_weights, temperature=args.temperature)
     if args.quick:
+        given = [flag for flag, value in (("--seeds", args.seeds), ("--n-generated", args.n_generated),
+                                          ("--n-synthetic", args.n_synthetic)) if value is not None]
+        if given:
+            parser.error(f"--quick sets its own tiny sizes (1 seed, 64 images); drop {', '.join(given)} or --quick")
         settings = Settings.quick_mode(**common)
     else:
-        settings = Settings(seeds=args.seeds, n_generated=args.n_generated, n_synthetic=args.n_synthetic, **common)
+        settings = Settings(seeds=3 if args.seeds is None else args.seeds,
+                            n_generated=10_000 if args.n_generated is None else args.n_generated,
+                            n_synthetic=args.n_synthetic, **common)
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command,
                   args.download, args.memorisation_only)

@@ -3,7 +3,10 @@
     python -m training.export runs/mnist/cdcgan                 # -> exported/mnist/cdcgan/
     python -m training.export runs/mnist/cdcgan --out exported
     python -m training.export runs/mnist/cdcgan --weights float16   # files half the size, float32 compute
-    python -m training.export exported/mnist/mlp_gan --from-exported --weights float16  # the same, without the run
+    python -m training.export exported/mnist/mlp_gan --from-exported --weights float16 --overwrite  # without the run
+
+An export never replaces a model already in the export root (its card may hold hours of evaluation) unless
+--overwrite says so; the card's metrics are then kept only when the new ONNX file is byte-identical.
 
 The inference contract, the same for every model:
     inputs   z       float32 [N, latent_dim]   standard normal noise (a VAE with a fitted mixture prior:
@@ -301,6 +304,16 @@ def write_card(model_dir: Path, out_root: str | Path, card: dict) -> None:
     write_manifest(out_root)
 
 
+def export_target(source: str | Path, out_root: str | Path, from_exported: bool) -> Path | None:
+    """Where exporting `source` (a run folder, or an exported folder with from_exported) writes: out_root/<dataset>/
+    <model>, from its config.json or card.json; None when neither says (the export then names the problem)."""
+    try:
+        record = json.loads((Path(source) / (CARD if from_exported else "config.json")).read_text())
+        return Path(out_root) / record["dataset"] / record["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="training run directories (holding checkpoint.pt)")
@@ -310,7 +323,18 @@ def main() -> None:
     parser.add_argument("--from-exported", action="store_true",
                         help="the folders are exported models, not runs: rebuild each from its card and TorchScript "
                              "file (to store its weights another way when the checkpoint is gone)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model already exported to <out>/<dataset>/<model> (refused without it)")
     args = parser.parse_args()
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        parser.error(f"--out: {args.out} is a file, not a folder")
+    for run_dir in args.run_dirs:
+        target = export_target(run_dir, args.out, args.from_exported)
+        if target is not None and (target / CARD).exists() and not args.overwrite:
+            metrics = json.loads((target / CARD).read_text()).get("metrics") or {}
+            evaluated = (metrics.get("protocol") or {}).get("evaluated_at")
+            parser.error(f"{target} holds an exported model{f' (evaluated {evaluated})' if evaluated else ''}; "
+                         "--overwrite replaces it, or give another --out")
     for run_dir in args.run_dirs:
         if args.from_exported:
             out = export_model(*rebuild_from_exported(run_dir), args.out, args.weights)

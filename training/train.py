@@ -31,6 +31,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -190,6 +191,11 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
         start_epoch, step, wall_time = state["epoch"] + 1, state["step"], state["wall_time_s"]
+        if cfg.epochs < state["epoch"]:
+            raise UsageError(f"--resume: the checkpoint is at epoch {state['epoch']}, past --epochs {cfg.epochs}; "
+                             f"give --epochs {state['epoch']} or more")
+        if cfg.epochs == state["epoch"] and is_main:
+            print(f"{checkpoint_path}: already at epoch {cfg.epochs}, no epochs to train", flush=True)
     ema = GeneratorEMA(generator, cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and state is not None and "generator_ema" in state:
         ema.load_state_dict(state["generator_ema"])
@@ -219,6 +225,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     log = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if state is None:
+            clear_run_outputs(out)
+        else:
+            keep_outputs_through(out, state["epoch"])
         cfg.save(out / "config.json")
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -227,6 +237,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     n_shard = len(images) // world
     batch = min(cfg.batch_size, n_shard)
+    if batch < 2:  # batch norm (every generator and discriminator here) cannot train on single images
+        raise UsageError(f"{cfg.dataset}: {n_shard} training image(s) per process; training needs batches of at "
+                         "least 2")
     train_data["batch_size"] = batch  # per process; below --batch-size when the data is smaller than a batch
     if batch < cfg.batch_size and is_main:
         print(f"{cfg.dataset}: {n_shard} training images per process, fewer than --batch-size {cfg.batch_size}: "
@@ -420,10 +433,47 @@ def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objec
     tmp.replace(path)  # atomic: a crash mid-save never leaves a truncated checkpoint
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "metrics.csv", "loss_curve.png", CHECKPOINT)  # and the folders samples/, tensorboard/
+SAMPLE_EPOCH = re.compile(r"^epoch_(\d+)(?:_prior)?\.png$")
+
+
+def clear_run_outputs(out: Path) -> None:
+    """A run starting from scratch (not --resume) in a folder that holds an earlier run's outputs, left by
+    --overwrite or a run stopped before its first checkpoint: remove them, so that none mixes with the new run's
+    (its metrics rows, its sample grids). Anything else in the folder is left alone."""
+    for name in RUN_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for folder in ("samples", "tensorboard"):
+        if (out / folder).is_dir():
+            shutil.rmtree(out / folder)
+
+
+def keep_outputs_through(out: Path, epoch: int) -> None:
+    """A run resumed from its checkpoint at `epoch`: the metrics rows and sample grids of later epochs came from
+    a run that stopped before checkpointing them, and are dropped (the resumed run writes its own)."""
+    path = out / "metrics.jsonl"
+    if path.exists():
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        kept = [r for r in rows if r.get("epoch", 0) <= epoch]
+        if len(kept) < len(rows):
+            _write_metrics(out, kept)
+    for grid in (out / "samples").glob("epoch_*.png"):
+        match = SAMPLE_EPOCH.match(grid.name)
+        if match and int(match.group(1)) > epoch:
+            grid.unlink()
+
+
 def _append_metrics(out: Path, row: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    _write_metrics(out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+
+
+def _write_metrics(out: Path, rows: list[dict]) -> None:
+    """metrics.jsonl (when it holds other rows) and metrics.csv from these rows."""
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    if (out / "metrics.jsonl").read_text() != text:
+        (out / "metrics.jsonl").write_text(text)
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, keys)

@@ -111,7 +111,7 @@ SHIPPED = [
            weights="float16"),
     # The two MLP GANs (1.5M parameters each) are stored in float16 since 2026-12-06, to make room for the Fashion-MNIST
     # mixture: FID 6.227 -> 6.224 (MNIST) and 0.290 -> 0.290 (PneumoniaMNIST), re-exported from their float32 files
-    # (`python -m training.export exported/D/mlp_gan --from-exported --weights float16`; the checkpoints are gone).
+    # (`python -m training.export exported/D/mlp_gan --from-exported --weights float16 --overwrite`; the checkpoints are gone).
     ZooRun("mnist", "mlp_gan", dict(epochs=50, lr_decay_epochs=15, sample_every=10), weights="float16"),
     ZooRun("pneumoniamnist", "mlp_gan", dict(epochs=100, lr_decay_epochs=30, sample_every=20, **SMALL), weights="float16"),
     # The width-32 generator (0.31M parameters) drew broken strokes (FID 24.3); width 64 (0.84M) in float16: 17.8

@@ -222,6 +222,9 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         if "objective_steps" in state:
             objective.steps = state["objective_steps"]
 
+    if min(cfg.batch_size, len(images) // world) < 2:  # batch norm (in every network here) needs 2 images a batch
+        raise UsageError(f"{cfg.dataset}: {len(images) // world} training image(s) per process; training needs "
+                         "batches of at least 2")
     log = None
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -237,9 +240,6 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     n_shard = len(images) // world
     batch = min(cfg.batch_size, n_shard)
-    if batch < 2:  # batch norm (every generator and discriminator here) cannot train on single images
-        raise UsageError(f"{cfg.dataset}: {n_shard} training image(s) per process; training needs batches of at "
-                         "least 2")
     train_data["batch_size"] = batch  # per process; below --batch-size when the data is smaller than a batch
     if batch < cfg.batch_size and is_main:
         print(f"{cfg.dataset}: {n_shard} training images per process, fewer than --batch-size {cfg.batch_size}: "

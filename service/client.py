@@ -232,10 +232,11 @@ class SynthClient:
                 raise request_error("labels", f"labels: a list of labels must have exactly n={n} items, it has "
                                     f"{len(labels)}", [f"a list of {n} class ids or names", "balanced",
                                                        "one class id or name"])
-            if isinstance(labels, dict) and count_of(labels) is not None and count_of(labels) != n:
-                raise request_error("n", f"n is {n} but the labels' counts add up to {count_of(labels)}; leave n "
-                                         "out or make them equal", [count_of(labels)])
-            if isinstance(labels, dict) and count_of(labels) == n:
+            counted = count_of(labels) if isinstance(labels, dict) else None
+            if counted is not None and counted != n:
+                raise request_error("n", f"n is {n} but the labels' counts add up to {counted}; leave n out or "
+                                         "make them equal", [counted])
+            if counted == n:
                 labels = [name for name, count in labels.items() for _ in range(count)]  # the same images, sliceable
             classes = self._balanced_classes(dataset, model, labels)
             if classes and rows % classes:  # fewer rows a request than classes: send the balanced list itself

@@ -26,6 +26,11 @@ DCGAN_MODELS = ("dcgan", "cdcgan", "wgan_gp", "cwgan_gp")  # the families with a
 CONDITIONAL_DCGAN_MODELS = tuple(m for m in DCGAN_MODELS if MODEL_FAMILIES[m].conditional)  # their class-conditional generators
 
 
+def _flag(name: str) -> str:
+    """A field as its errors name it: the field and its command-line flag, "batch_size (--batch-size)"."""
+    return f"{name} (--{name.replace('_', '-')})"
+
+
 @dataclass
 class TrainConfig:
     dataset: str = "mnist"  # dataset id, e.g. mnist, pneumoniamnist, bloodmnist_64, pathmnist_gray
@@ -72,9 +77,9 @@ class TrainConfig:
 
     def resolve(self) -> "TrainConfig":
         parse_dataset_id(self.dataset)  # raises with the list of known ids
-        for name in ("epochs", "batch_size", "width", "checkpoint_every", "sample_every"):
+        for name in ("epochs", "batch_size", "width", "checkpoint_every", "sample_every", "n_critic"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} (--{name.replace('_', '-')}) must be at least 1, not {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be at least 1, not {getattr(self, name)}")
         if self.model not in MODEL_FAMILIES:
             raise ValueError(f"unknown model {self.model!r}; known: {', '.join(MODEL_FAMILIES)}")
         family = MODEL_FAMILIES[self.model]
@@ -116,8 +121,6 @@ class TrainConfig:
             raise ValueError("self_diagnosing_weights picks the weights of self_diagnosing_from, which is off (0): "
                              "set both")
         self.diff_augment = ",".join(parse_policy(self.diff_augment))  # validated, in the order applied
-        if self.disc_width is not None and self.disc_width < 1:
-            raise ValueError(f"disc_width (--disc-width) must be at least 1, not {self.disc_width}")
         if self.disc_width is not None and self.model not in DCGAN_MODELS:
             raise ValueError(f"disc_width applies to the DCGAN families ({', '.join(DCGAN_MODELS)}), not {self.model!r}")
         if self.disc_width is None and self.model in DCGAN_MODELS:
@@ -141,32 +144,28 @@ class TrainConfig:
         return self
 
     def _check_ranges(self) -> None:
-        """Numbers that would train nothing useful, or crash later with a message that names no flag."""
-        def flag(name: str) -> str:
-            return f"{name} (--{name.replace('_', '-')})"
-
-        for name in ("latent_dim", "n_critic"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be at least 1, not {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"{flag('max_steps')} must be at least 1 (or left out), not {self.max_steps}")
+        """Numbers that would train nothing useful, or crash later with a message that names no flag: the fields
+        that may be None until resolved or left out (checked once resolved), the rates and weights."""
+        for name in ("latent_dim", "disc_width", "max_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be at least 1, not {getattr(self, name)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"{flag('lr')} must be a positive number, not {self.lr}")
+            raise ValueError(f"{_flag('lr')} must be a positive number, not {self.lr}")
         for name in ("beta1", "beta2", "ema_decay", "label_smoothing"):
             if not 0 <= getattr(self, name) < 1:
-                raise ValueError(f"{flag(name)} must be in [0, 1), not {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be in [0, 1), not {getattr(self, name)}")
         if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"{flag('beta')} (the VAE's KL weight) must be a positive number, not {self.beta}")
+            raise ValueError(f"{_flag('beta')} (the VAE's KL weight) must be a positive number, not {self.beta}")
         for name in ("gp_weight", "mode_seeking"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
-                raise ValueError(f"{flag(name)} must be a number >= 0, not {getattr(self, name)}")
+                raise ValueError(f"{_flag(name)} must be a number >= 0, not {getattr(self, name)}")
         if self.device != "auto":
             import torch
 
             try:
                 torch.device(self.device)
             except RuntimeError:
-                raise ValueError(f"{flag('device')} must be auto, cpu, cuda or cuda:N, not {self.device!r}") from None
+                raise ValueError(f"{_flag('device')} must be auto, cpu, cuda or cuda:N, not {self.device!r}") from None
 
     @property
     def objective(self) -> str:

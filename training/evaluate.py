@@ -1003,16 +1003,15 @@ def main(argv=None) -> list[tuple[str, dict]]:
     common = dict(label_mix=args.label_mix, synthetic_share=args.synthetic_share, augmentation=args.augmentation,
                   fractions=args.fractions, classifier_epochs=args.classifier_epochs,
                   inception_weights=args.inception_weights, temperature=args.temperature)
+    sizes = {name: value for name, value in (("seeds", args.seeds), ("n_generated", args.n_generated),
+                                             ("n_synthetic", args.n_synthetic)) if value is not None}  # given ones
     if args.quick:
-        given = [flag for flag, value in (("--seeds", args.seeds), ("--n-generated", args.n_generated),
-                                          ("--n-synthetic", args.n_synthetic)) if value is not None]
-        if given:
-            parser.error(f"--quick sets its own tiny sizes (1 seed, 64 images); drop {', '.join(given)} or --quick")
+        if sizes:
+            parser.error(f"--quick sets its own tiny sizes (1 seed, 64 images); drop "
+                         f"{', '.join('--' + name.replace('_', '-') for name in sizes)} or --quick")
         settings = Settings.quick_mode(**common)
     else:
-        settings = Settings(seeds=3 if args.seeds is None else args.seeds,
-                            n_generated=10_000 if args.n_generated is None else args.n_generated,
-                            n_synthetic=args.n_synthetic, **common)
+        settings = Settings(**sizes, **common)  # the rest keep Settings' defaults
     command = "python -m training.evaluate " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     results = run(model_dirs, settings, args.data_dir, args.classifier_dir, args.report_dir, not args.no_card, command,
                   args.download, args.memorisation_only)

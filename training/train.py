@@ -456,7 +456,8 @@ def keep_outputs_through(out: Path, epoch: int) -> None:
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         kept = [r for r in rows if r.get("epoch", 0) <= epoch]
         if len(kept) < len(rows):
-            _write_metrics(out, kept)
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            _write_metrics_csv(out, kept)
     for grid in (out / "samples").glob("epoch_*.png"):
         match = SAMPLE_EPOCH.match(grid.name)
         if match and int(match.group(1)) > epoch:
@@ -466,14 +467,11 @@ def keep_outputs_through(out: Path, epoch: int) -> None:
 def _append_metrics(out: Path, row: dict) -> None:
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
-    _write_metrics(out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    _write_metrics_csv(out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
 
 
-def _write_metrics(out: Path, rows: list[dict]) -> None:
-    """metrics.jsonl (when it holds other rows) and metrics.csv from these rows."""
-    text = "".join(json.dumps(r) + "\n" for r in rows)
-    if (out / "metrics.jsonl").read_text() != text:
-        (out / "metrics.jsonl").write_text(text)
+def _write_metrics_csv(out: Path, rows: list[dict]) -> None:
+    """metrics.csv from the rows of metrics.jsonl (a column for every key any row has)."""
     keys = list(dict.fromkeys(k for r in rows for k in r))
     with open(out / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, keys)

@@ -159,6 +159,14 @@ def test_memorisation_only_adds_the_full_protocols_block_to_the_card_and_keeps_t
     _verify_manifest(zoo)
 
 
+def test_memorisation_only_draws_its_images_at_the_temperature_asked(zoo, data_dir, tmp_path):
+    settings = ev.Settings.quick_mode(augmentation=False)
+    ctx = ev.DatasetContext("mnist", data_dir, tmp_path / "c", settings)
+    at_one = ev.evaluate_memorisation(zoo / "mnist/cdcgan", ctx, settings)
+    at_half = ev.evaluate_memorisation(zoo / "mnist/cdcgan", ctx, ev.Settings.quick_mode(augmentation=False, temperature=0.5))
+    assert at_half["nearest_median"] != at_one["nearest_median"]
+
+
 # -- the CLI on the tiny exported zoo -------------------------------------------------------------------------------
 
 @pytest.fixture()

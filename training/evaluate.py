@@ -805,7 +805,7 @@ def _memorisation_block(images_u8: torch.Tensor, ctx: DatasetContext, card: dict
 def evaluate_memorisation(model_dir: str | Path, ctx: DatasetContext, settings: Settings, command: str | None = None) -> dict:
     """The memorisation block alone (--memorisation-only), on the very images the full protocol checks: the first
     MEMORISATION_N of its FID set (same labels, same z), so it can be added to a card without the rest."""
-    gen = open_generator(Path(model_dir), ctx)
+    gen = open_generator(Path(model_dir), ctx, settings.temperature)
     n = min(MEMORISATION_N, settings.n_generated)
     labels = ctx.fid_labels(settings.n_generated, gen.conditional)
     block = _memorisation_block(gen(n, None if labels is None else labels[:n], seed=GENERATION_SEED), ctx, gen.card, command)

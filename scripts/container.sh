@@ -129,7 +129,7 @@ cmd_run() {
     say "serving $image at http://127.0.0.1:$port  (livez /livez, readyz /readyz, metrics /metrics; Ctrl-C stops)"
     # Host network with the server bound to loopback: nothing is published beyond this machine.
     exec docker run --rm --name "$name" --network host --stop-timeout 30 \
-        -e BENTOML_HOST=127.0.0.1 -e BENTOML_PORT="$port" "${env_args[@]}" "$image"
+        -e BENTOML_HOST=127.0.0.1 -e BENTOML_PORT="$port" -e BENTOML_DO_NOT_TRACK=true "${env_args[@]}" "$image"
 }
 
 cmd_size() {

@@ -42,7 +42,7 @@ def built(exported_dir, tmp_path_factory):
 def test_bento_holds_the_service_the_models_and_a_dockerfile(built):
     _, tag, bento = built
     assert tag.startswith("synthgen:")
-    assert (bento / "env" / "docker" / "Dockerfile").is_file()
+    assert "ENV BENTOML_DO_NOT_TRACK=true" in (bento / "env" / "docker" / "Dockerfile").read_text()
     src = bento / "src"
     assert (src / "service" / "service.py").is_file() and (src / "exported" / "manifest.json").is_file()
     assert sorted(p.name for p in (src / "exported" / "mnist" / "cdcgan").iterdir()) == [

@@ -184,8 +184,9 @@ def two_datasets(catalog: dict) -> list[str]:
     return [datasets[0], datasets[-1]]
 
 
-def test_image_is_the_serving_set_run_by_a_non_root_user(image):
+def test_image_is_the_serving_set_run_by_a_non_root_user_and_sends_no_usage_reports(image):
     assert image["config"]["User"] in {"bentoml", "1034", "1034:1034"}, image["config"]["User"]
+    assert "BENTOML_DO_NOT_TRACK=true" in image["config"]["Env"]
     probe = ("import importlib.util as u, pathlib, json; "
              "print(json.dumps({'modules': [m for m in ('torch', 'torchvision', 'medmnist', 'training') "
              "if u.find_spec(m)], 'training_code': pathlib.Path('src/training').exists(), "

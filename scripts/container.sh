@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build and run the synthgen container image.
 #
-#   scripts/container.sh build      bentoml build + bentoml containerize -> synthgen-service:<pyproject version>
+#   scripts/container.sh build      bentoml build + bentoml containerize -> synthgen-service:<pyproject version>,
+#                                   also tagged :latest and :<version>-<bento version> (unique per build: deploy that one)
 #   scripts/container.sh run        run that image on 127.0.0.1:$PORT (host network), print the URL, stay in front
 #   scripts/container.sh tag        print the image tag the build makes
 #   scripts/container.sh size       image size and what dominates it (docker history, du inside the image)
@@ -33,8 +34,13 @@ export BENTOML_DO_NOT_TRACK=true
 
 say() { echo "container: $*" >&2; }
 
-version() { "$PY" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' "$PROJECT/pyproject.toml"; }
-image_tag() { echo "${SYNTHGEN_IMAGE:-synthgen-service:$(version)}"; }
+# The project version, read without Python so that run/size/tag work on a host that only runs the image.
+version() {
+    local v; v="$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$PROJECT/pyproject.toml" | head -n 1)"
+    [ -n "$v" ] || { say "no version = \"...\" in $PROJECT/pyproject.toml"; exit 1; }
+    echo "$v"
+}
+image_tag() { if [ -n "${SYNTHGEN_IMAGE:-}" ]; then echo "$SYNTHGEN_IMAGE"; else echo "synthgen-service:$(version)"; fi; }
 
 need_engine() {
     timeout 20 docker info >/dev/null 2>&1 && return 0
@@ -59,6 +65,21 @@ choose_base() {
 }
 
 cmd_build() {
+    # An image without a servable model would build fine and fail at start; refuse it here instead.
+    [ -x "$PY" ] || { say "no Python at $PY (set PY=, or create the venv: make venv)"; exit 1; }
+    (cd "$PROJECT" && PYTHONPATH="$PROJECT" "$PY" - <<'PYEOF') || { say "exported/ has no model the image could serve"; exit 1; }
+import sys
+from service.catalog import ManifestError, load_catalog
+try:
+    catalog = load_catalog("exported", "onnxruntime")
+except ManifestError as exc:
+    sys.exit(f"container: {exc}")
+for entry in catalog.entries.values():
+    if not entry.ok:
+        print(f"container: {entry.dataset}/{entry.model} will not be served: {entry.error}", file=sys.stderr)
+if not catalog.usable():
+    sys.exit(1)
+PYEOF
     need_engine
     local image base bentofile tag start
     image="$(image_tag)"
@@ -96,14 +117,21 @@ PYEOF
     docker buildx version >/dev/null 2>&1 && buildkit=1
     # shellcheck disable=SC2086  # extra options are words on purpose, e.g. "--opt no-cache"
     DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-$buildkit}" "$BENTOML" containerize "$tag" --opt network=host -t "$image" ${SYNTHGEN_CONTAINERIZE_ARGS:-}
-    # The default tag (pyproject version) also becomes :latest; a tag given in SYNTHGEN_IMAGE stays alone.
-    if [ -z "${SYNTHGEN_IMAGE:-}" ]; then docker tag "$image" "${image%:*}:latest" >/dev/null; fi
+    # The default tag (pyproject version) also becomes :latest and :<version>-<bento version>, a tag no other
+    # build shares: a cluster pulls a new image only under a new tag. A tag given in SYNTHGEN_IMAGE stays alone.
+    local unique=""
+    if [ -z "${SYNTHGEN_IMAGE:-}" ]; then
+        unique="$image-${tag#*:}"
+        docker tag "$image" "${image%:*}:latest" >/dev/null
+        docker tag "$image" "$unique" >/dev/null
+    fi
     # The image this tag named before, now untagged, goes (its layers shared with the new one stay).
     if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ] \
        && [ "$(docker image inspect -f '{{len .RepoTags}}' "$previous" 2>/dev/null)" = 0 ]; then
         docker image rm "$previous" >/dev/null 2>&1 || true
     fi
     say "built $image in $(( $(date +%s) - start ))s; size $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
+    [ -z "$unique" ] || say "this build is also $unique: deploy that tag (deploy/kustomization.yaml, images: newTag)"
     echo "$image"
 }
 
@@ -118,17 +146,22 @@ runtime_env_args() {
 }
 
 cmd_run() {
-    need_engine
     local image port name
     image="$(image_tag)"
     port="${PORT:-3000}"
+    # The image's user is not root: it cannot bind below 1024.
+    if ! [[ "$port" =~ ^[0-9]+$ ]] || [ "$port" -lt 1024 ] || [ "$port" -gt 65535 ]; then
+        say "PORT=$port: give a port from 1024 to 65535 (the container runs as a non-root user)"; exit 2
+    fi
     name="${SYNTHGEN_CONTAINER_NAME:-synthgen-$port}"
+    need_engine
     docker image inspect "$image" >/dev/null 2>&1 || { say "no image $image: run 'make container' first"; exit 1; }
     local env_args=()
     while IFS= read -r -d '' a; do env_args+=("$a"); done < <(runtime_env_args)
     say "serving $image at http://127.0.0.1:$port  (livez /livez, readyz /readyz, metrics /metrics; Ctrl-C stops)"
     # Host network with the server bound to loopback: nothing is published beyond this machine.
-    exec docker run --rm --name "$name" --network host --stop-timeout 30 \
+    # docker stop waits up to 310 s: the request timeout (300 s) and a margin, so that requests in flight finish.
+    exec docker run --rm --name "$name" --network host --stop-timeout 310 \
         -e BENTOML_HOST=127.0.0.1 -e BENTOML_PORT="$port" -e BENTOML_DO_NOT_TRACK=true "${env_args[@]}" "$image"
 }
 

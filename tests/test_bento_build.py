@@ -42,7 +42,8 @@ def built(exported_dir, tmp_path_factory):
 def test_bento_holds_the_service_the_models_and_a_dockerfile(built):
     _, tag, bento = built
     assert tag.startswith("synthgen:")
-    assert "ENV BENTOML_DO_NOT_TRACK=true" in (bento / "env" / "docker" / "Dockerfile").read_text()
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "ARG BENTOML_DO_NOT_TRACK=true" in dockerfile and "ENV BENTOML_DO_NOT_TRACK=$BENTOML_DO_NOT_TRACK" in dockerfile
     src = bento / "src"
     assert (src / "service" / "service.py").is_file() and (src / "exported" / "manifest.json").is_file()
     assert sorted(p.name for p in (src / "exported" / "mnist" / "cdcgan").iterdir()) == [

@@ -136,6 +136,18 @@ def test_a_mixture_that_cannot_work_is_refused_naming_the_flag(members_root, mix
         export_mixture(dirs, shares, change.get("scales", [1.0] * len(shares)), change.get("name", "mixture"), members_root)
 
 
+def test_the_cli_never_replaces_an_exported_mixture_without_overwrite(members_root, mixture, capsys):
+    from training.mixture import main
+
+    out, _ = mixture
+    card_before = (out / "card.json").read_bytes()
+    dirs = [str(members_root / "pneumoniamnist" / m) for m in ("cdcgan", "cvae")]
+    with pytest.raises(SystemExit) as stop:
+        main([*dirs, "--shares", "0.5", "0.5", "--out", str(members_root)])
+    assert stop.value.code == 2 and "--overwrite replaces it" in capsys.readouterr().err
+    assert (out / "card.json").read_bytes() == card_before
+
+
 def test_a_model_rebuilt_from_its_exported_files_exports_the_same_model(data_dir, tmp_path):
     run = train_tiny(data_dir, tmp_path / "run", "mnist", "mlp_vae", steps=2, prior_components=2)
     original = export_run(run, tmp_path / "a")

@@ -1,7 +1,7 @@
 """Compose exported models of one dataset into one exported model: each image comes from one member.
 
     python -m training.mixture exported/fashion_mnist/cdcgan exported/fashion_mnist/cvae \\
-        --shares 0.5 0.5 --noise-scales 1 1.3 [--name mixture] [--out exported]   # the shipped one
+        --shares 0.5 0.5 --noise-scales 1 1.3 [--name mixture] [--out exported] [--overwrite]   # the shipped one
 
 Why: a classifier trained on synthetic images learns what the generator shows it. Two generators of
 different families fail in different ways (a GAN drops modes, a VAE blurs), so a pool drawn from both covers
@@ -278,7 +278,13 @@ def main(argv=None) -> None:
                         help="each member's noise scale inside the mixture (default: 1 for each)")
     parser.add_argument("--name", default="mixture", help="the mixture's model name (default: mixture)")
     parser.add_argument("--out", default="exported", help="export root (default: exported)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a model already exported to <out>/<dataset>/<name> (refused without it)")
     args = parser.parse_args(argv)
+    dataset = _read_member(Path(args.members[0]))["dataset"]
+    target = Path(args.out) / dataset / args.name
+    if (target / CARD).exists() and not args.overwrite:
+        parser.error(f"{target} holds an exported model; --overwrite replaces it, or give another --name or --out")
     scales = args.noise_scales if args.noise_scales is not None else [1.0] * len(args.members)
     out = export_mixture(args.members, args.shares, scales, args.name, args.out)
     card = json.loads((out / CARD).read_text())

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .cli import user_errors_exit
 from .config import TrainConfig
 
 
@@ -341,4 +342,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():
+        main()

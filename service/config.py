@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_EXPORTED_DIR = Path(__file__).resolve().parent.parent / "exported"
@@ -49,18 +49,30 @@ class ConfigError(ValueError):
     """A setting that cannot be used; the message names the environment variable."""
 
 
+def _cpu_quota() -> float | None:
+    """The container's CPU limit in CPUs, from cgroup v2 (cpu.max) or v1 (cpu.cfs_quota_us); None when unlimited."""
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
 def _cpu_count() -> int:
-    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota (a container's limit)."""
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota (a container's limit)."""
     try:
         count = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         count = os.cpu_count() or 1
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            count = min(count, math.ceil(int(quota) / int(period)))
-    except (OSError, ValueError):
-        pass
+    quota = _cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
     return max(1, count)
 
 
@@ -86,6 +98,17 @@ def _flag(env: dict, name: str, default: bool) -> bool:
     return raw in ("1", "true")
 
 
+def _token(env: dict, name: str) -> str | None:
+    """The bearer token, without the surrounding whitespace a secret file often ends with (a trailing newline
+    would make every request a 401). Set but blank is refused: auth must not turn off because a secret is empty."""
+    if name not in env:
+        return None
+    token = env[name].strip()
+    if not token:
+        raise ConfigError(f"{name} is set but blank; give a token, or unset it to serve without authentication")
+    return token
+
+
 @dataclass(frozen=True)
 class Settings:
     exported_dir: Path = DEFAULT_EXPORTED_DIR
@@ -97,7 +120,7 @@ class Settings:
     batch_rows: int = 1024
     call_ms: int = 50
     workers: int = 1
-    ort_threads: int = 1
+    ort_threads: int = field(default_factory=_cpu_count)
     ort_part_rows: int = 128
     ort_spinning: bool = True
     ort_arena: bool = True
@@ -107,7 +130,7 @@ class Settings:
     @classmethod
     def from_env(cls, env: dict | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
-        backend = env.get("SYNTHGEN_BACKEND", "").strip().lower() or "onnxruntime"
+        backend = env.get("SYNTHGEN_BACKEND", "").strip().lower() or cls.backend
         if backend not in BACKENDS:
             raise ConfigError(f"SYNTHGEN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
         exported = env.get("SYNTHGEN_EXPORTED_DIR", "").strip()
@@ -115,18 +138,18 @@ class Settings:
             exported_dir=Path(exported).expanduser().resolve() if exported else DEFAULT_EXPORTED_DIR,
             backend=backend,
             device=env.get("SYNTHGEN_DEVICE", "").strip() or None,
-            max_n=_int(env, "SYNTHGEN_MAX_N", 10_000, 1, 1_000_000),
-            max_steps=_int(env, "SYNTHGEN_MAX_STEPS", 256, 2, 10_000),
-            max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", 1 << 20, 1024, 1 << 30),
-            batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", 1024, 1, 1_000_000),
-            call_ms=_int(env, "SYNTHGEN_CALL_MS", 50, 0, 60_000),
-            workers=_int(env, "SYNTHGEN_WORKERS", 1, 1, 64),
+            max_n=_int(env, "SYNTHGEN_MAX_N", cls.max_n, 1, 1_000_000),
+            max_steps=_int(env, "SYNTHGEN_MAX_STEPS", cls.max_steps, 2, 10_000),
+            max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", cls.max_body_bytes, 1024, 1 << 30),
+            batch_rows=_int(env, "SYNTHGEN_BATCH_ROWS", cls.batch_rows, 1, 1_000_000),
+            call_ms=_int(env, "SYNTHGEN_CALL_MS", cls.call_ms, 0, 60_000),
+            workers=_int(env, "SYNTHGEN_WORKERS", cls.workers, 1, 64),
             ort_threads=_int(env, "SYNTHGEN_ORT_THREADS", _cpu_count(), 1, 1024),
-            ort_part_rows=_int(env, "SYNTHGEN_ORT_PART_ROWS", 128, 0, 1_000_000),
-            ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", True),
-            ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", True),
-            memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", 1024, 64, 1 << 20) << 20,
-            api_token=env.get("SYNTHGEN_API_TOKEN") or None,
+            ort_part_rows=_int(env, "SYNTHGEN_ORT_PART_ROWS", cls.ort_part_rows, 0, 1_000_000),
+            ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", cls.ort_spinning),
+            ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", cls.ort_arena),
+            memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", cls.memory_budget_bytes >> 20, 64, 1 << 20) << 20,
+            api_token=_token(env, "SYNTHGEN_API_TOKEN"),
         )
 
 

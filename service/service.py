@@ -168,8 +168,10 @@ class SyntheticImages:
         self.budget = MemoryBudget(self.settings.memory_budget_bytes)
         self.catalog_info = self._catalog_info()
         self._ready = True
-        logger.info("serving %d model(s) with %s from %s (%d not served)", len(usable), self.settings.backend,
-                    self.catalog.root, len(self.catalog.failed()))
+        logger.info("serving %d model(s) with %s from %s (%d not served); %s", len(usable), self.settings.backend,
+                    self.catalog.root, len(self.catalog.failed()),
+                    "API routes need the bearer token" if self.settings.api_token else
+                    "no SYNTHGEN_API_TOKEN: the API routes are open to anyone who can reach the port")
 
     @staticmethod
     def _counter(entry: CatalogEntry):

@@ -148,6 +148,8 @@ def test_a_card_that_disagrees_with_the_model_is_refused(exported_dir, tmp_path)
     ({"SYNTHGEN_ORT_SPINNING": "yes"}, "SYNTHGEN_ORT_SPINNING"),
     ({"SYNTHGEN_ORT_ARENA": "2"}, "SYNTHGEN_ORT_ARENA"),
     ({"SYNTHGEN_ORT_PART_ROWS": "-1"}, "SYNTHGEN_ORT_PART_ROWS"),
+    ({"SYNTHGEN_API_TOKEN": ""}, "SYNTHGEN_API_TOKEN"),  # a blank secret must not turn authentication off
+    ({"SYNTHGEN_API_TOKEN": " \n"}, "SYNTHGEN_API_TOKEN"),
 ])
 def test_bad_settings_fail_naming_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
@@ -160,6 +162,11 @@ def test_settings_defaults():
     assert not Settings.from_env({"SYNTHGEN_ORT_SPINNING": "0", "SYNTHGEN_ORT_ARENA": "false"}).ort_arena
     assert (s.backend, s.max_n, s.max_body_bytes, s.api_token) == ("onnxruntime", 10_000, 1 << 20, None)
     assert s.exported_dir == REPO / "exported"
+    assert Settings() == s  # one set of defaults, whether from the environment or not
+
+
+def test_an_api_token_from_a_secret_file_loses_its_trailing_newline():
+    assert Settings.from_env({"SYNTHGEN_API_TOKEN": "s3cret\n"}).api_token == "s3cret"
 
 
 # --- reproducibility rules ----------------------------------------------------------------------------------

@@ -72,8 +72,11 @@ def settings(quick: bool, parts=PARTS) -> dict:
 
 
 def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_models=SERVING_MODELS,
-        training_models=training_bench.TRAINING_MODELS, workdir: Path | None = None, device: str = "cpu") -> dict:
-    """All benchmarks of `parts`; returns the results (what --out holds). device: where training runs."""
+        training_models=training_bench.TRAINING_MODELS, workdir: Path | None = None, device: str = "cpu",
+        out: Path | None = None) -> dict:
+    """All benchmarks of `parts`; returns the results (what --out holds). device: where training runs. With `out`,
+    the results so far are written there after each part ("partial": true until the end), so a failure in a
+    later part keeps the earlier ones."""
     cfg = settings(quick, parts)
     t_start = time.perf_counter()
     result: dict = {"format": "synthgen-bench/1", "quick": quick, "machine": machine(), "settings": cfg,
@@ -83,6 +86,8 @@ def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_m
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="synthgen-bench-")))
         if "serving" in parts:
             result["serving"] = bench_serving(workdir, cfg, quick, serving_models, result["wall_s"])
+            if out is not None:
+                write_json(out, {**result, "partial": True})
         if "training" in parts:
             t = time.perf_counter()
             result["training"] = training_bench.bench_training(
@@ -94,7 +99,14 @@ def run(quick: bool = False, parts=PARTS, data_dir: str | None = None, serving_m
     result["targets"] = targets(result)
     result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["wall_s"]["total"] = time.perf_counter() - t_start
+    if out is not None:
+        write_json(out, result)
     return result
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> dict:
@@ -117,11 +129,15 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
     wall["in_process"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    server = serving.start_server(workdir / "serve", exported, SYNTHGEN_ORT_SPINNING=str(int(service.ort_spinning)),
-                                  SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)),
-                                  SYNTHGEN_ORT_PART_ROWS=str(service.ort_part_rows), SYNTHGEN_WORKERS=str(service.workers),
-                                  SYNTHGEN_ORT_THREADS=str(threads), SYNTHGEN_CALL_MS=str(service.call_ms),
-                                  SYNTHGEN_BATCH_ROWS=str(service.batch_rows))
+    # Every SYNTHGEN_* setting of this environment reaches the server, with the ones the in-process baselines used
+    # written out; not the exported dir (the zoo's folder replaces it) nor the API token (the load sends none).
+    server_env = {k: v for k, v in os.environ.items()
+                  if k.startswith("SYNTHGEN_") and k not in ("SYNTHGEN_EXPORTED_DIR", "SYNTHGEN_API_TOKEN")}
+    server_env.update(SYNTHGEN_ORT_SPINNING=str(int(service.ort_spinning)), SYNTHGEN_ORT_ARENA=str(int(service.ort_arena)),
+                      SYNTHGEN_ORT_PART_ROWS=str(service.ort_part_rows), SYNTHGEN_WORKERS=str(service.workers),
+                      SYNTHGEN_ORT_THREADS=str(threads), SYNTHGEN_CALL_MS=str(service.call_ms),
+                      SYNTHGEN_BATCH_ROWS=str(service.batch_rows))
+    server = serving.start_server(workdir / "serve", exported, **server_env)
     wall["server_start"] = time.perf_counter() - t
     log(f"server ready at {server.url} after {wall['server_start']:.1f} s")
     try:
@@ -131,8 +147,17 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
                                   cfg["clients"], duration_s=cfg["http_s"], log=log)
         wall["http"] = time.perf_counter() - t
         t = time.perf_counter()
-        wrk = serving.bench_wrk(server.url, [(m.dataset, m.model) for m in baselines], cfg["clients"],
-                                duration_s=cfg["http_s"] * 2, workdir=workdir, log=log) if serving.wrk_available() else []
+        wrk, wrk_skipped = [], None
+        if not serving.wrk_available():
+            wrk_skipped = "wrk is not installed (apt-get install wrk)"
+        else:
+            try:
+                wrk = serving.bench_wrk(server.url, [(m.dataset, m.model) for m in baselines], cfg["clients"],
+                                        duration_s=cfg["http_s"] * 2, workdir=workdir, rounds=1 if quick else 3, log=log)
+            except RuntimeError as exc:  # wrk's own failure: the other parts still count
+                wrk_skipped = str(exc)
+        if wrk_skipped:
+            log(f"wrk cells skipped: {wrk_skipped}")
         wall["wrk"] = time.perf_counter() - t
         t = time.perf_counter()
         paired = serving.bench_paired(server.url, baselines, n=cfg["paired_n"], min_rounds=cfg["paired_rounds"],
@@ -152,36 +177,47 @@ def bench_serving(workdir: Path, cfg: dict, quick: bool, models, wall: dict) -> 
     return {"threads": threads, "workers": service.workers, "ort_part_rows": service.ort_part_rows, "ort_spinning": service.ort_spinning,
             "ort_arena": service.ort_arena,
             "call_ms": service.call_ms, "batch_rows": service.batch_rows,
-            "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk, "paired": paired, "mixed": mixed}
+            "server_env": server_env, "in_process": in_process, "http_floor": floor, "http": http, "wrk": wrk,
+            "wrk_skipped": wrk_skipped, "paired": paired, "mixed": mixed}
 
 
 def _n1_gains(rows: list[dict], many: int):
-    """(model, its 1-client row, req/s at `many` clients over req/s at 1) for each model's n=1 npz cells."""
+    """(model, its 1-client row, its `many`-client row, req/s at `many` over req/s at 1) for each model's n=1 npz
+    cells."""
     cells = {(r["dataset"], r["model"], r["clients"]): r for r in rows if r["n"] == 1 and r["format"] == "npz"}
     for (dataset, model, clients), one in cells.items():
         if clients == 1:
-            yield f"{dataset}/{model}", one, cells[(dataset, model, many)]["requests_per_s"] / one["requests_per_s"]
+            many_row = cells[(dataset, model, many)]
+            yield f"{dataset}/{model}", one, many_row, many_row["requests_per_s"] / one["requests_per_s"]
 
 
 def targets(result: dict) -> list[dict]:
     rows = []
 
-    def add(name, subject, value, threshold, higher_is_better=True):
-        met = value >= threshold if higher_is_better else value <= threshold
-        rows.append({"target": name, "subject": subject, "value": value, "threshold": threshold, "met": bool(met)})
+    def add(name, subject, value, threshold, higher_is_better=True, unit="x", errors=0):
+        """A cell with failed requests does not count as met: its figure leaves out what failed."""
+        met = (value >= threshold if higher_is_better else value <= threshold) and not errors
+        rows.append({"target": name, "subject": subject, "value": value, "comparison": ">=" if higher_is_better else "<=",
+                     "threshold": threshold, "unit": unit, "met": bool(met), "errors": errors})
 
     s = result.get("serving")
     if s:
         for p in s["paired"]:
             subject = f"{p['dataset']}/{p['model']}"
-            add(f"HTTP npz n={p['n']} vs in-process ORT", subject, p["http_vs_onnxruntime"], HTTP_VS_ORT)
-            add(f"HTTP npz n={p['n']} vs in-process torch eager", subject, p["http_vs_torch_eager"], HTTP_VS_TORCH)
+            add(f"HTTP npz n={p['n']} vs in-process ORT", subject, p["http_vs_onnxruntime"], HTTP_VS_ORT, errors=p["errors"])
+            add(f"HTTP npz n={p['n']} vs in-process torch eager", subject, p["http_vs_torch_eager"], HTTP_VS_TORCH,
+                errors=p["errors"])
         many = max(r["clients"] for r in s["http"])
-        for subject, one, gain in _n1_gains(s["http"], many):
-            add("n=1 npz p50 ms, 1 client", subject, one["p50_ms"], P50_N1_MS, higher_is_better=False)
-            add(f"n=1 npz req/s, {many} clients vs 1", subject, gain, CONCURRENCY_GAIN)
-        for subject, _, gain in _n1_gains(s.get("wrk", []), many):
-            add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN)
+        for subject, one, many_row, gain in _n1_gains(s["http"], many):
+            add("n=1 npz p50 ms, 1 Python client", subject, one["p50_ms"], P50_N1_MS, higher_is_better=False, unit="ms",
+                errors=one["errors"])
+            add(f"n=1 npz req/s, {many} clients vs 1", subject, gain, CONCURRENCY_GAIN,
+                errors=one["errors"] + many_row["errors"])
+        for subject, one, many_row, gain in _n1_gains(s.get("wrk", []), many):
+            add("n=1 npz p50 ms, 1 wrk connection", subject, one["p50_ms"], P50_N1_MS, higher_is_better=False, unit="ms",
+                errors=one["errors"])
+            add(f"n=1 npz req/s, {many} vs 1 wrk connections", subject, gain, CONCURRENCY_GAIN,
+                errors=one["errors"] + many_row["errors"])
     for r in result.get("training", []):
         if r.get("device", "cpu") != "cpu":  # the GPU target is a rate; the 3x-the-reference one is the CPU's
             if (r["dataset"], r["model"]) == ("mnist", "cdcgan"):
@@ -226,20 +262,28 @@ def markdown(result: dict) -> str:
 
         out.append("\n### HTTP `POST /generate` over loopback (httpx asyncio clients on the same machine)\n")
         rows = [[f"{r['dataset']}/{r['model']}", r["format"], r["n"], r["clients"], fmt(r["requests_per_s"]),
-                 fmt(r["images_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]), r["requests"], r["errors"]]
+                 fmt(r["images_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]) + (" (max)" if r.get("p99_is_slowest") else ""),
+                 r["requests"], r["errors"]]
                 for r in s["http"]]
         out.append(table(["model", "format", "n", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "requests",
                           "errors"], rows))
+        out.append("\n(max): under 100 requests, the p99 is the slowest request. Req/s, img/s and the percentiles "
+                   "count good answers only; failed requests are in `errors`.")
         rows = [[r["route"], r["clients"], fmt(r["requests_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
                  r["requests"]] for r in s["http_floor"]]
         out.append("\nThe HTTP stack alone, same client loop (no model, no body):\n")
         out.append(table(["route", "clients", "req/s", "p50 ms", "p99 ms", "requests"], rows))
 
         if s.get("wrk"):
-            out.append("\nn=1 `npz` with wrk (a C load generator, ~0.1 ms CPU per request; each request a new seed):\n")
-            rows = [[f"{r['dataset']}/{r['model']}", r["clients"], fmt(r["requests_per_s"]), fmt(r["p50_ms"]),
+            out.append("\nn=1 `npz` with wrk (a C load generator, ~0.1 ms CPU per request; each request a new seed; "
+                       "1 and 16 connections in turn, each cell its median round):\n")
+            rows = [[f"{r['dataset']}/{r['model']}", r["clients"], fmt(r["requests_per_s"]),
+                     " / ".join(fmt(x) for x in r.get("rounds_requests_per_s", [])), fmt(r["p50_ms"]),
                      fmt(r["p99_ms"]), r["requests"], r["errors"]] for r in s["wrk"]]
-            out.append(table(["model", "connections", "req/s", "p50 ms", "p99 ms", "requests", "errors"], rows))
+            out.append(table(["model", "connections", "req/s", "rounds' req/s", "p50 ms", "p99 ms", "requests",
+                              "errors (all rounds)"], rows))
+        elif s.get("wrk_skipped"):
+            out.append(f"\nwrk cells skipped: {s['wrk_skipped']}.")
 
         out.append("\n### HTTP vs in-process at the same n, measured in turn (paired)\n")
         rows = [[f"{p['dataset']}/{p['model']}", p["n"], p["format"], fmt(p["http_images_per_s"]),
@@ -277,12 +321,15 @@ def markdown(result: dict) -> str:
                     continue
                 x = r[name]
                 rows.append([f"{r['dataset']}/{r['model']}", label, x["precision"], x["batch"], x["steps"],
-                             fmt(x["images_per_s"]), fmt(x["epoch_s"]), fmt(x["median_step_s"] * 1e3),
+                             fmt(x["images_per_s"]), fmt(x["epoch_s"]), fmt(x.get("warmup_s", float("nan"))),
+                             fmt(x["median_step_s"] * 1e3),
                              f"{x['data_share'] * 100:.1f}%",
                              fmt(x["flops_per_image"] / 1e6), f"{fmt(x['gflops'])} ({100 * x['share_of_peak']:.0f}%)",
                              f"{x['images_per_s'] / r['reference']['images_per_s']:.2f}x"])
-        out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "s/epoch", "ms/step", "data share",
+        out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "s/epoch", "warm-up s", "ms/step", "data share",
                           "MFLOP/img", "GFLOP/s (of peak)", "vs reference"], rows))
+        out.append("\ns/epoch is the training split at the median step; it leaves out the warm-up step (for "
+                   "--compile loops, the compilation), which a run pays once.")
         peak = result["training"][0]["matmul_peak_gflops"]
         out.append(f"\nMatmul peak {'at the same threads (2048x2048)' if where == 'cpu' else '(8192x8192)'}: "
                    + ", ".join(f"{k} {fmt(v)} GFLOP/s" for k, v in peak.items())
@@ -292,8 +339,9 @@ def markdown(result: dict) -> str:
         out.append("\nData: " + "; ".join(f"{r['dataset']}: {r['data']}" for r in result["training"]) + ".")
     if result.get("targets"):
         out.append("\n### Targets\n")
-        rows = [[t["target"], t["subject"], fmt(t["value"]), ("<= " if "p50" in t["target"] else ">= ")
-                 + fmt(t["threshold"]), "met" if t["met"] else "MISSED"] for t in result["targets"]]
+        rows = [[t["target"], t["subject"], fmt(t["value"]), f"{t['comparison']} {fmt(t['threshold'])}",
+                 ("met" if t["met"] else "MISSED") + (f" ({t['errors']} failed requests)" if t["errors"] else "")]
+                for t in result["targets"]]
         out.append(table(["target", "model", "value", "threshold", "result"], rows))
     wall = ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())
     out.append(f"\nWall time: {wall}.")
@@ -330,11 +378,9 @@ def main(argv=None) -> dict:
         if not asked or set(asked) - set(known):
             parser.error(f"--training-models {args.training_models!r}: known: {', '.join(known)}")
         training_models = tuple(known[name] for name in asked)
-    result = run(quick=args.quick, parts=parts, data_dir=args.data_dir or default_data_dir(), device=device,
-                 training_models=training_models)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result = run(quick=args.quick, parts=parts, data_dir=args.data_dir or default_data_dir(), device=device,
+                 training_models=training_models, out=out)
     print(markdown(result))
     log(f"results: {out}")
     return result

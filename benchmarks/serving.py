@@ -152,7 +152,7 @@ async def _load(url: str, method: str, path: str, body: dict | None, n: int | No
 
         await asyncio.gather(*(cheap(i) for i in range(clients)))
         await one(0)
-        latencies: list[float] = []
+        latencies: list[float] = []  # of good answers only: a failed request is no image served
         errors = 0
         issued = 0
         start = time.perf_counter()
@@ -163,15 +163,18 @@ async def _load(url: str, method: str, path: str, body: dict | None, n: int | No
             while issued < max_requests and (time.perf_counter() < deadline or issued < clients):
                 issued += 1
                 latency, ok = await one(issued)
-                latencies.append(latency)
-                errors += not ok
+                if ok:
+                    latencies.append(latency)
+                else:
+                    errors += 1
 
         await asyncio.gather(*(worker() for _ in range(clients)))
         wall = time.perf_counter() - start
     done = len(latencies)
     return {"requests": done, "errors": errors, "wall_s": wall, "requests_per_s": done / wall,
             "images_per_s": done * (n or 0) / wall, "p50_ms": percentile(latencies, 50) * 1e3,
-            "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": sum(latencies) / done * 1e3}
+            "p99_ms": percentile(latencies, 99) * 1e3, "mean_ms": sum(latencies) / done * 1e3 if done else float("nan"),
+            "p99_is_slowest": done < 100}  # nearest rank: below 100 requests the p99 is simply the slowest one
 
 
 def load(url: str, body: dict | None, n: int | None, clients: int, duration_s: float, max_requests: int = 5000,
@@ -318,10 +321,12 @@ def wrk_available() -> bool:
 
 
 def bench_wrk(url: str, models: list[tuple[str, str]], clients=CLIENTS, duration_s: float = 3.0, workdir: Path | None = None,
-              log=print) -> list[dict]:
+              rounds: int = 3, log=print) -> list[dict]:
     """n=1 npz at 1 and 16 connections with wrk (apt install wrk): a C client that needs ~0.1 ms of CPU per
     request where the Python loop needs ~2 ms, so on a 2-core box the server, not the client, is measured.
-    Each request carries a new seed; non-2xx answers count as errors."""
+    Each request carries a new seed; non-2xx answers count as errors. The connection counts alternate for
+    `rounds` rounds, and each cell reports its median round (by req/s), so a ratio of two cells does not hang
+    on one window of a shared machine's drift; `rounds_requests_per_s` keeps every round."""
     import json
     import subprocess
     import tempfile
@@ -331,12 +336,24 @@ def bench_wrk(url: str, models: list[tuple[str, str]], clients=CLIENTS, duration
         with tempfile.NamedTemporaryFile("w", suffix=".lua", dir=workdir, delete=False) as f:
             f.write(WRK_SCRIPT.replace("%s", dataset, 1).replace("%s", model, 1))
             script = f.name
-        for c in clients:
-            seconds = max(1, round(duration_s))
-            out = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "--latency", "-s", script, url],
-                                 capture_output=True, text=True, check=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            result["requests_per_s"] = result["requests"] / result["wall_s"]
+        by_clients: dict[int, list[dict]] = {c: [] for c in clients}
+        for _ in range(rounds):
+            for c in clients:
+                seconds = max(1, round(duration_s))
+                run = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "--latency", "-s", script, url],
+                                     capture_output=True, text=True)
+                try:
+                    result = json.loads(run.stdout.strip().splitlines()[-1])
+                except (IndexError, ValueError):
+                    Path(script).unlink()
+                    raise RuntimeError(f"wrk exited {run.returncode} without its summary: {run.stderr.strip()[-500:]}") from None
+                result["requests_per_s"] = result["requests"] / result["wall_s"]
+                by_clients[c].append(result)
+        for c, results in by_clients.items():
+            ordered = sorted(results, key=lambda r: r["requests_per_s"])
+            result = {**ordered[(len(ordered) - 1) // 2], "rounds": len(results),
+                      "rounds_requests_per_s": [r["requests_per_s"] for r in results],
+                      "errors": sum(r["errors"] for r in results)}
             result["images_per_s"] = result["requests_per_s"]
             rows.append({"dataset": dataset, "model": model, "n": 1, "format": "npz", "clients": c, "client": "wrk", **result})
             log(f"wrk {dataset}/{model} n=1 npz x{c}: {result['requests_per_s']:,.1f} req/s, p50 {result['p50_ms']:.2f} ms, "

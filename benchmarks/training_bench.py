@@ -391,11 +391,13 @@ def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, 
     per = {name: max(1, ours.batch // loop.batch) for name, loop in loops.items()}
     times = {k: [] for k in loops}
     data = {k: [] for k in loops}
-    flops = {}
+    flops, warmup_s = {}, {}
     for name, loop in loops.items():  # warm-up (first-call allocations, primitive caches, compiling), then count
+        t = time.perf_counter()
         for _ in range(3 if device.type == "cuda" else 1):  # cuDNN's algorithm search and CUDA graphs take a few
             loop.step()
         sync(device)
+        warmup_s[name] = time.perf_counter() - t  # left out of the step times; a run pays it once (compiling: ~40 s)
         flops[name] = flops[same_arithmetic[name]] if name in same_arithmetic else flops_per_image(loop)
     for _ in range(steps):
         for name, loop in loops.items():
@@ -414,7 +416,7 @@ def _bench_model(loops: dict, ours: Ours, steps: int, peak: dict, dataset: str, 
         gflops = flops[name] * loop.batch / med / 1e9
         row[name] = {"batch": loop.batch, "steps": len(times[name]), "median_step_s": med,
                      "images_per_s": loop.batch / med, "epoch_s": TRAIN_SPLIT[dataset] * med / loop.batch,
-                     "total_s": sum(times[name]),
+                     "total_s": sum(times[name]), "warmup_s": warmup_s[name],
                      "data_share": sum(data[name]) / sum(times[name]), "precision": loop.precision,
                      "flops_per_image": flops[name], "gflops": gflops,
                      "share_of_peak": gflops / peak[loop.precision]}

@@ -8,14 +8,17 @@ import json
 from pathlib import Path
 
 from benchmarks import run as bench
+from service.config import Settings
 
 SERVING = (("mnist", "cdcgan", {"width": 16}),)  # one model keeps the test well under 30 s (zoo export + server start)
 TRAINING = (("mnist", "cdcgan", {"width": 32}),)
 
 
 def test_quick_benchmark_writes_the_expected_json(tmp_path):
-    result = bench.run(quick=True, serving_models=SERVING, training_models=TRAINING, workdir=tmp_path)
-    result = json.loads(json.dumps(result))  # what --out writes: plain JSON
+    out = tmp_path / "bench.json"
+    result = bench.run(quick=True, serving_models=SERVING, training_models=TRAINING, workdir=tmp_path, out=out)
+    result = json.loads(json.dumps(result))  # plain JSON
+    assert json.loads(out.read_text()) == result  # what --out holds: the whole run, no longer "partial"
 
     assert result["format"] == "synthgen-bench/1" and result["quick"] is True
     machine = set(result["machine"])
@@ -27,7 +30,7 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     # The service's runner splits a ConvTranspose graph's calls into row parts when it has threads to run them
     # on; the plain one-call session is then measured too, to show what the split gains.
     backends = ("torch_eager", "onnxruntime") + (("onnxruntime_one_call",) if serving["threads"] > 1 else ())
-    assert serving["ort_part_rows"] == 128
+    assert serving["ort_part_rows"] == Settings().ort_part_rows
     assert {(r["backend"], r["n"]) for r in serving["in_process"]} == {(b, n) for b in backends for n in cfg["ns"]}
     for r in serving["in_process"]:
         assert (r["dataset"], r["model"]) == ("mnist", "cdcgan")
@@ -38,12 +41,12 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     for r in serving["http"]:
         assert r["errors"] == 0, r
         assert r["requests"] >= r["clients"]
-        assert {"requests_per_s", "images_per_s", "p50_ms", "p99_ms", "wall_s"} <= set(r)
+        assert {"requests_per_s", "images_per_s", "p50_ms", "p99_ms", "p99_is_slowest", "wall_s"} <= set(r)
         assert 0 < r["p50_ms"] <= r["p99_ms"]
     assert [r["clients"] for r in serving["http_floor"]] == list(cfg["clients"])
 
     (mixed,) = serving["mixed"]  # one model here: its n=1 requests behind its own bulk ones
-    assert mixed["small"] == mixed["bulk"] == "mnist/cdcgan" and serving["call_ms"] == 50
+    assert mixed["small"] == mixed["bulk"] == "mnist/cdcgan" and serving["call_ms"] == Settings().call_ms
     assert mixed["errors"] == 0 and mixed["small_requests"] >= 1 and mixed["bulk_images_per_s"] > 0
     assert 0 < mixed["small_p50_ms"] <= mixed["small_p99_ms"]
 
@@ -57,7 +60,7 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     for loop in ("ours", "ours_no_mode_seeking", "ours_in_batch_pairs", "reference"):  # cdcgan is conditional: mode-seeking is on
         assert {"batch", "steps", "median_step_s", "images_per_s", "epoch_s", "data_share", "precision",
                 "flops_per_image", "gflops", "share_of_peak"} <= set(train[loop])
-        assert train[loop]["flops_per_image"] > 0 and train[loop]["share_of_peak"] > 0
+        assert train[loop]["flops_per_image"] > 0 and train[loop]["share_of_peak"] > 0 and train[loop]["warmup_s"] > 0
     assert train["reference"]["precision"] == "fp32" and ("ours_fp32" in train) == (train["ours"]["precision"] == "bf16")
     # The mode-seeking term's second generator pass is arithmetic the reference does not do.
     assert train["ours"]["flops_per_image"] > train["ours_no_mode_seeking"]["flops_per_image"]
@@ -73,12 +76,27 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     names = {t["target"] for t in result["targets"]}
     assert any(n.startswith("HTTP npz") and "ORT" in n for n in names)
     assert any("torch eager" in n for n in names)
-    assert "n=1 npz p50 ms, 1 client" in names and "training images/s vs reference loop" in names
+    assert "n=1 npz p50 ms, 1 Python client" in names and "training images/s vs reference loop" in names
     assert all(isinstance(t["met"], bool) for t in result["targets"])
+    assert {t["comparison"] for t in result["targets"]} == {">=", "<="}
+    assert {t["unit"] for t in result["targets"]} == {"x", "ms"}
+    assert serving["server_env"]["SYNTHGEN_ORT_PART_ROWS"] == str(serving["ort_part_rows"])
 
     text = bench.markdown(result)
     for heading in ("In-process", "HTTP `POST /generate`", "paired", "Training throughput", "Targets"):
         assert heading in text
+
+
+def test_a_target_whose_cell_had_failed_requests_is_not_met():
+    cell = {"dataset": "mnist", "model": "cdcgan", "n": 1, "format": "npz", "p50_ms": 1.0}
+    http = [{**cell, "clients": 1, "requests_per_s": 100.0, "errors": 0},
+            {**cell, "clients": 16, "requests_per_s": 900.0, "errors": 3}]
+    result = {"serving": {"paired": [], "http": http, "wrk": []}}
+    by_name = {t["target"]: t for t in bench.targets(result)}
+    assert by_name["n=1 npz p50 ms, 1 Python client"]["met"]
+    gain = by_name["n=1 npz req/s, 16 clients vs 1"]
+    assert gain["value"] == 9.0 and not gain["met"] and gain["errors"] == 3
+
 
 
 def test_the_training_benchmark_runs_with_torch_alone_as_on_a_gpu_host(tmp_path):

@@ -136,8 +136,6 @@ def session_options(threads: int, spinning: bool, arena: bool):
 
 
 class OnnxRuntimeRunner:
-    backend = "onnxruntime"
-
     def __init__(self, path, card: ModelCard, threads: int, spinning: bool, arena: bool,
                  part_rows: int = Settings.ort_part_rows):
         import onnxruntime as ort
@@ -185,8 +183,6 @@ class OnnxRuntimeRunner:
 
 
 class TorchScriptRunner:
-    backend = "torchscript"
-
     def __init__(self, path, card: ModelCard, threads: int, device: str | None):
         import torch
 

@@ -103,7 +103,8 @@ class Catalog:
         return out
 
     def default_model(self, dataset: str) -> str | None:
-        """The manifest's default when it is usable, else the best usable model of the dataset (conditional first)."""
+        """The manifest's default when it is usable, else the best usable model of the dataset by the rule that
+        picked the default (training/manifest.py): conditional first, then the lowest FID, then the family."""
         models = self.datasets().get(dataset, [])
         if not models:
             return None
@@ -113,8 +114,10 @@ class Catalog:
 
         def rank(name: str) -> tuple:
             card = self.entries[(dataset, name)].card
+            fid = card.metrics.get("fid")
+            fid = fid if isinstance(fid, (int, float)) and not isinstance(fid, bool) else float("inf")
             family = FAMILY_PREFERENCE.index(name) if name in FAMILY_PREFERENCE else len(FAMILY_PREFERENCE)
-            return (not card.conditional, family, name)
+            return (not card.conditional, fid, family, name)
 
         return min(models, key=rank)
 

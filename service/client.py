@@ -11,7 +11,7 @@
     images, labels, _ = client.generate("pneumoniamnist", labels={"normal": 300, "pneumonia": 100}, seed=0)  # n=400
     for start, batch in client.iter_batches("mnist", n=600_000, seed=0): ...  # a Batch per request
     client.models()["datasets"]  # the catalog
-    path = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
+    frames = client.interpolate("mnist", seed_start=0, seed_end=1, steps=8, label=3)  # uint8 steps x H x W x C
 
 Errors come back as `SynthError` with the HTTP status and the service's JSON error body.
 

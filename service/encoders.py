@@ -11,7 +11,7 @@
 
 Every encoder is a pure function of its inputs: archive timestamps are fixed (1980-01-01), so the same
 images give the same bytes. Labels of unconditional models are -1 (class_name "" in labels.csv).
-The decoders are what `service.client` uses and what the round-trip tests check.
+The decoders read each format back: `service.client` uses `decode_npz`, and the round-trip tests use them all.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ def parse_labels(text: str):
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def temperature(text: str) -> float:
+def finite_temperature(text: str) -> float:
     """--temperature: a finite number (the service checks its range, 0..2, and names it)."""
     try:
         value = float(text)
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='"balanced" (default), one class id or name for every image, or how many of each '
                              'class: "normal=3000,pneumonia=1000" (images class by class, in that order)')
     parser.add_argument("--seed", type=int, help="0..2**63-1; omitted, the server draws one (printed)")
-    parser.add_argument("--temperature", type=temperature, help="0..2, the scale of the latent noise (default 1; below 1 "
+    parser.add_argument("--temperature", type=finite_temperature, help="0..2, the scale of the latent noise (default 1; below 1 "
                                                           "fewer odd images and less variety)")
     parser.add_argument("--url", default=os.environ.get("SYNTHGEN_URL", DEFAULT_URL),
                         help=f"the service (default: $SYNTHGEN_URL or {DEFAULT_URL})")

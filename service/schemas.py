@@ -1,4 +1,4 @@
-"""Request and response models of the public API, and example requests that the docs and tests reuse.
+"""Request and response models of the public API, and example requests that the tests send (and check valid).
 
 Requests are strict: unknown fields are rejected (a typo such as "label" for "labels" is a 400, not a silent
 default), integers must be JSON integers, and `n` is bounded by SYNTHGEN_MAX_N at start-up. `null` for an
@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema, model_validator
 
 from .config import current
+from .encoders import FORMATS
+from .sampling import INTERPOLATION_METHODS
 
 SETTINGS = current()
 MAX_SEED = 2**63 - 1
@@ -24,7 +26,7 @@ TEMPERATURE_DOC = ("scale of the latent noise, z = temperature x N(0, I): below 
                    "variety (the truncation trick), above 1 the reverse, 0 one central image per class; "
                    "default 1, the distribution the model was trained on")
 
-Format = Literal["npz", "png_grid", "zip", "json"]
+Format = Literal[FORMATS]
 # BentoML flattens a JSON-schema "anyOf" to its first member when it builds /docs.json, which would document
 # `labels` as the constant "balanced"; these explicit "oneOf" schemas keep every accepted shape visible.
 _ONE_LABEL = [{"type": "integer", "minimum": 0, "description": "class id"},
@@ -87,7 +89,7 @@ class InterpolateRequest(_Strict):
     steps: StrictInt = Field(default=8, ge=2, le=SETTINGS.max_steps, description="images on the path, ends included")
     label: Label = Field(
         default=None, description="conditional models: the class of every step (id or name; default class 0)")
-    method: Literal["slerp", "lerp"] = Field(default="slerp", description="spherical (default) or linear path")
+    method: Literal[INTERPOLATION_METHODS] = Field(default="slerp", description="spherical (default) or linear path")
     temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                description=TEMPERATURE_DOC + "; the ends are /generate's images at the same one")
     format: Format = Field(default="png_grid", description="png_grid (default, one row) | npz | zip | json")

@@ -91,6 +91,19 @@ def test_default_falls_back_to_a_usable_model_when_the_manifest_default_is_broke
     assert load_catalog(root).default_model("mnist") == "mlp_vae"
 
 
+def test_the_fallback_default_follows_the_manifests_rule_conditional_then_lowest_fid(tmp_path):
+    """The shipped MNIST models with both conditional ones broken: the unconditional model of lowest FID (the
+    conv VAE), as training/manifest.py would have picked, not the first family in order (the DCGAN)."""
+    root = tmp_path / "exported"
+    shutil.copytree(REPO / "exported" / "mnist", root / "mnist")
+    shutil.copy2(REPO / "exported" / "manifest.json", root / "manifest.json")
+    for broken in ("cdcgan", "cvae"):
+        (root / "mnist" / broken / "generator.onnx").write_bytes(b"not a model")
+    catalog = load_catalog(root)
+    fids = {e.model: e.card.metrics["fid"] for e in catalog.usable() if e.dataset == "mnist"}
+    assert catalog.default_model("mnist") == min(fids, key=fids.get) == "conv_vae"
+
+
 def test_best_for_training_is_the_conditional_model_with_the_highest_cas(exported_dir, tmp_path):
     """What to ask for when the images are a training set: the CAS on the cards decides, and only conditional
     models count (an unconditional model's images come without labels)."""

@@ -95,10 +95,11 @@ def parse_dataset_id(dataset: str) -> tuple[str, int, bool]:
     name, grayscale = dataset, False
     if name.endswith("_gray"):
         name, grayscale = name[: -len("_gray")], True
-    size = 28
-    if name.endswith("_64"):
-        name, size = name[: -len("_64")], 64
-    if name in TORCHVISION_SETS and size == 28 and not grayscale:
+    size = MEDMNIST_SIZES[0]
+    for other in MEDMNIST_SIZES[1:]:
+        if name.endswith(f"_{other}"):
+            name, size = name[: -len(f"_{other}")], other
+    if name in TORCHVISION_SETS and size == MEDMNIST_SIZES[0] and not grayscale:
         return name, size, grayscale
     if name in MEDMNIST_FLAGS:
         if grayscale and name not in rgb_medmnist_flags():

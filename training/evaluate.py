@@ -102,6 +102,7 @@ from torch import nn
 from .cli import user_errors_exit
 from .data import DATA_DIR_ENV, DataNotFoundError, DatasetInfo, ImageData, load_dataset
 from .manifest import CARD, MANIFEST, write_manifest
+from .sampling import balanced_labels
 
 PROTOCOL_VERSION = 1
 CLASSIFIER_ARCH = "lenet5-16-32-128/v1"
@@ -248,7 +249,7 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
     return max(fid, 0.0)
 
 
-def _pairwise_min_count(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def _inside_any_ball(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """For each query row: whether it lies within radii[j] of some ref row j (bool (N_query,))."""
     inside = []
     for i in range(0, len(query), chunk):
@@ -275,8 +276,8 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> t
         recall    = fraction of real samples inside the generated manifold   (coverage)
     """
     real, fake = torch.as_tensor(real).double(), torch.as_tensor(fake).double()
-    precision = _pairwise_min_count(fake, real, knn_radii(real, k)).double().mean()
-    recall = _pairwise_min_count(real, fake, knn_radii(fake, k)).double().mean()
+    precision = _inside_any_ball(fake, real, knn_radii(real, k)).double().mean()
+    recall = _inside_any_ball(real, fake, knn_radii(fake, k)).double().mean()
     return float(precision), float(recall)
 
 
@@ -357,11 +358,6 @@ class OnnxGenerator:
                 raise ValueError(f"{self.dir}: the ONNX model returned non-finite values")
             out[i:i + b] = torch.from_numpy(np.clip(images, 0, 1) * 255).round_().to(torch.uint8)
         return out
-
-
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    """0, 1, ..., K-1, 0, 1, ...: the service's default 'balanced' label mix."""
-    return torch.arange(n) % num_classes
 
 
 def prior_labels(n: int, class_counts: torch.Tensor, seed: int) -> torch.Tensor:
@@ -778,7 +774,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
                        "ceiling_test_accuracy": ctx.reference_result["accuracy"], "cache": ctx.reference_result.get("path")},
         "feature_space": "reference classifier penultimate layer (128-d, after ReLU)",
         "n_generated": n_gen, "fid_real_reference": f"test split ({n_test})", "fid_floor": f"{floor['n_fid']} real train vs test",
-        "pr_k": PR_K, "pr_n": n_pr, "label_fidelity_real_split": ctx.heldout_per_class()[0] if conditional else None,
+        "pr_k": PR_K, "pr_n": n_pr, "label_fidelity_real_split": heldout_split if conditional else None,
         "fid_label_mix": "training-split class proportions" if conditional else "unconditional",
         "inception_fid": inception_protocol,
         "seeds": seeds, "n_train": n_train, "n_test": n_test,

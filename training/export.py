@@ -316,7 +316,8 @@ def export_target(source: str | Path, out_root: str | Path, from_exported: bool)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", nargs="+", help="training run directories (holding checkpoint.pt)")
+    parser.add_argument("run_dirs", nargs="+", help="training run directories (holding checkpoint.pt); with "
+                                                    "--from-exported, exported model folders")
     parser.add_argument("--out", default="exported", help="export root (default: exported)")
     parser.add_argument("--weights", default="float32", choices=WEIGHT_DTYPES,
                         help="parameter storage in the files (default: float32; float16 halves them, compute stays float32)")

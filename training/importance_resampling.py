@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from .cli import UsageError, user_errors_exit
-from .evaluate import (GENERATION_SEED, DatasetContext, OnnxGenerator, Settings, balanced_labels, frechet_distance,
+from .evaluate import (GENERATION_SEED, DatasetContext, OnnxGenerator, Settings, frechet_distance,
                        precision_recall, predict, synthetic_only_runs, train_classifier)
 from .manifest import CARD
+from .sampling import balanced_labels
 
 RATIO_SEED = 5  # the ratio classifier's seed (the reference classifier's is 0)
 FIT_SEED = GENERATION_SEED + 11  # z of the generated images the ratio classifier learns from

@@ -1,4 +1,5 @@
-"""The one sampler: previews, export checks and evaluation all draw images through `sample`."""
+"""The one sampler of torch models: the training previews and an export's samples.png draw images through `sample`.
+(The evaluation draws from the exported ONNX file, as the service does: `training.evaluate.OnnxGenerator`.)"""
 
 from __future__ import annotations
 

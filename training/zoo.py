@@ -143,9 +143,6 @@ SHIPPED = [
                                           sample_every=80, **SMALL), weights="float16"),
 ]
 
-# On the zoo's plan for the real datasets we have, not shipped yet (none: every planned model is shipped).
-PLANNED: list[ZooRun] = []
-
 # Supported and tested on files of the official layout, not shipped: we have no real files for them.
 # A user with the files (or internet and --download) runs the same commands.
 TRAINABLE_NOT_SHIPPED = [
@@ -200,7 +197,7 @@ def zoo_sizes(dataset: str, model: str, fields: tuple[str, ...] = GENERATOR_SIZE
     """The sizes the zoo trains dataset/model at ({"width": ..., and the other `fields` where its entry sets
     them}; TrainConfig's defaults otherwise): what the benchmarks build, so they measure what we ship. The
     serving benchmark needs the generator's; the training one adds "disc_width"."""
-    for run in SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED:
+    for run in SHIPPED + TRAINABLE_NOT_SHIPPED:
         if run.key == f"{dataset}/{model}":
             return {"width": TrainConfig.width} | {k: run.overrides[k] for k in fields if k in run.overrides}
     raise KeyError(f"{dataset}/{model} is not in the zoo")
@@ -285,22 +282,19 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="dataset/model keys, e.g. mnist/cdcgan")
     args = parser.parse_args()
     runs = Path(args.runs)
-    known = SHIPPED + PLANNED + TRAINABLE_NOT_SHIPPED
+    known = SHIPPED + TRAINABLE_NOT_SHIPPED
     unknown = sorted(set(args.only or ()) - {r.key for r in known} - {m.key for m in MIXTURES})
     if unknown:
         parser.error(f"--only: no zoo run {', '.join(unknown)}; known: "
                      f"{', '.join([r.key for r in known] + [m.key for m in MIXTURES])}")
-    # Without --only: the shipped and planned runs (the files of the others are not here); with it, any run.
-    selected = [r for r in known if r.key in args.only] if args.only is not None else SHIPPED + PLANNED
+    # Without --only: the shipped runs (the files of the others are not here); with it, any run.
+    selected = [r for r in known if r.key in args.only] if args.only is not None else SHIPPED
 
     if args.action == "list":
         print("shipped:")
         for run in SHIPPED:
             export = f"  (export: --weights {run.weights})" if run.weights != "float32" else ""
             print(f"  {run.key:28s} {command(run)}{export}")
-        print("planned, not trained yet:" + ("" if PLANNED else " none"))
-        for run in PLANNED:
-            print(f"  {run.key:28s} {command(run)}")
         print("trainable, not shipped (no real files here):")
         for run in TRAINABLE_NOT_SHIPPED:
             print(f"  {run.key:28s} {command(run)}")

@@ -7,15 +7,13 @@ Both implement the export contract of `training/export.py`:
 `run` is blocking and thread-safe enough for the one inference thread the service uses. torch is imported
 only when the TorchScript backend is selected, so the default serving path (and its container) has no torch.
 
-ONNX Runtime calls of graphs with a ConvTranspose are row-parallel: a call of many rows is split into
-contiguous parts that run side by side on the worker's threads, one thread each (`row_parts`,
-SYNTHGEN_ORT_PART_ROWS). ORT's CPU ConvTranspose computes one image at a time, so a single call on several
-intra-op threads leaves most of them waiting: on 2 cores, n=1024 of the MNIST cDCGAN ran 7,400 images/s as one
-call and 13,100 in parts of 128 rows (the 64x64 DCGAN 2,800 -> 4,400; benchmarks/README.md). Graphs without
-one (the MLP GAN and MLP VAE: GEMMs, which ORT spreads over its threads itself) run as one call on all threads,
-1.2-2x faster than in parts. Rows are independent in every exported graph (checked at start-up), so the bytes
-are the same either way. `run_into` hands each part to the caller on the thread that computed it (the service
-quantizes it there).
+ONNX Runtime calls are row-parallel: a call of many rows is split into contiguous parts that run side by
+side on the worker's threads, one thread each (`row_parts`, SYNTHGEN_ORT_PART_ROWS). ORT's CPU ConvTranspose
+computes one image at a time, so a single call on several intra-op threads leaves most of them waiting:
+on 2 cores, n=1024 of the MNIST cDCGAN ran 7,400 images/s as one call and 13,100 in parts of 128 rows
+(the 64x64 DCGAN 2,800 -> 4,400; the MLP GAN, all GEMMs, 118,000 -> 113,000; benchmarks/README.md). Rows
+are independent in every exported graph (checked at start-up), so the bytes are the same either way.
+`run_into` hands each part to the caller on the thread that computed it (the service quantizes it there).
 """
 
 from __future__ import annotations
@@ -43,43 +41,6 @@ def register_shared_arena() -> None:
 
     cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
     ort.create_and_register_allocator(cpu, ort.OrtArenaCfg({}))
-
-
-def graph_op_types(path) -> set[str]:
-    """The op types of an ONNX file's main graph, read from its protobuf encoding (the serving set has no
-    `onnx` package): ModelProto field 7 is the graph, GraphProto field 1 a node, NodeProto field 4 its op type."""
-    def varint(buf: memoryview, i: int) -> tuple[int, int]:
-        value = shift = 0
-        while i < len(buf):
-            byte, i = buf[i], i + 1
-            value, shift = value | (byte & 0x7F) << shift, shift + 7
-            if byte < 0x80:
-                return value, i
-        raise BackendLoadError(f"{path.name} is not an ONNX protobuf (a truncated field)")
-
-    def fields(buf: memoryview):
-        """(field number, bytes) of each length-delimited field; other wire types are skipped."""
-        i = 0
-        while i < len(buf):
-            key, i = varint(buf, i)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                i = varint(buf, i)[1]
-            elif wire == 1:
-                i += 8
-            elif wire == 5:
-                i += 4
-            elif wire == 2:
-                length, i = varint(buf, i)
-                yield number, buf[i:i + length]
-                i += length
-            else:
-                raise BackendLoadError(f"{path.name} is not an ONNX protobuf (wire type {wire})")
-
-    model = memoryview(path.read_bytes())
-    return {bytes(op).decode() for number, graph in fields(model) if number == 7
-            for number_in_graph, node in fields(graph) if number_in_graph == 1
-            for number_in_node, op in fields(node) if number_in_node == 4}
 
 
 MIN_PART_ROWS = 16  # a part smaller than this costs more in hand-offs than a second thread saves
@@ -141,7 +102,7 @@ class OnnxRuntimeRunner:
         import onnxruntime as ort
 
         self.card, self.threads = card, threads
-        self.part_rows = part_rows if threads > 1 and "ConvTranspose" in graph_op_types(path) else 0
+        self.part_rows = part_rows if threads > 1 else 0
         # Row-parallel: each part runs on one thread; otherwise the one call gets all the intra-op threads.
         options = session_options(1 if self.part_rows else threads, spinning, arena)
         try:

@@ -18,9 +18,8 @@
                                (each worker may use every CPU for one      a cgroup v2 CPU quota)
                                large call; several workers' calls share)
     SYNTHGEN_ORT_PART_ROWS     ONNX Runtime calls of more rows run in      128
-                               parts side by side, one thread each,
-                               for graphs with a ConvTranspose (0, and
-                               other graphs: one call on all threads)
+                               parts side by side, one thread each
+                               (0: one call on all the threads)
     SYNTHGEN_ORT_SPINNING      1: idle ONNX Runtime threads spin (faster    1
                                large calls; 0 where idle CPU is billed)
     SYNTHGEN_ORT_ARENA         1: the models share one ONNX Runtime arena   1

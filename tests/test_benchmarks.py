@@ -27,8 +27,8 @@ def test_quick_benchmark_writes_the_expected_json(tmp_path):
     cfg = result["settings"]
 
     serving = result["serving"]
-    # The service's runner splits a ConvTranspose graph's calls into row parts when it has threads to run them
-    # on; the plain one-call session is then measured too, to show what the split gains.
+    # The service's runner splits calls into row parts when it has threads to run them on; the plain one-call
+    # session is then measured too, to show what the split gains.
     backends = ("torch_eager", "onnxruntime") + (("onnxruntime_one_call",) if serving["threads"] > 1 else ())
     assert serving["ort_part_rows"] == Settings().ort_part_rows
     assert {(r["backend"], r["n"]) for r in serving["in_process"]} == {(b, n) for b in backends for n in cfg["ns"]}

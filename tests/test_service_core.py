@@ -273,6 +273,9 @@ def test_batched_requests_are_byte_identical_to_unbatched(catalog, runners, key)
     (20, 2, 128, [(0, 20)]),  # two parts would each have under MIN_PART_ROWS (16)
     (40, 2, 128, [(0, 20), (20, 40)]),
     (64, 2, 128, [(0, 16), (16, 32), (32, 48), (48, 64)]),  # as many as keep 16 rows each, up to 4 per thread
+    (50, 2, 128, [(0, 25), (25, 50)]),  # 3 parts of 16 would leave a thread idle for the third: 2 of 25
+    (113, 2, 128, [(i * 113 // 6, (i + 1) * 113 // 6) for i in range(6)]),  # 7 rounded to a multiple of 2
+    (300, 3, 128, [(i * 300 // 12, (i + 1) * 300 // 12) for i in range(12)]),
     (300, 2, 128, [(i * 300 // 8, (i + 1) * 300 // 8) for i in range(8)]),  # 4 per thread, none over part_rows
     (1024, 2, 128, [(i, i + 128) for i in range(0, 1024, 128)]),
     (2048, 2, 128, [(i, i + 128) for i in range(0, 2048, 128)]),  # more than 4 per thread: none over part_rows

@@ -56,6 +56,23 @@ def test_nothing_trained_on_missing_real_files_is_shipped():
     assert shipped <= {"mnist", "fashion_mnist", "pneumoniamnist", "retinamnist", "breastmnist", "breastmnist_64"}
 
 
+def test_every_shipped_card_records_a_training_split_of_the_official_size():
+    """A model trained on a small or made-up file of the right layout would record its own image count."""
+    import json
+
+    import medmnist
+
+    official_train = {"mnist": 60_000, "fashion_mnist": 60_000}
+    for card_path in sorted((REPO / "exported").glob("*/*/card.json")):
+        card = json.loads(card_path.read_text())
+        data = card["training"].get("data") if isinstance(card["training"], dict) else None
+        if not isinstance(data, dict):  # older cards say "train split, real files"; a mixture lists its members
+            continue
+        info = dataset_info(card["dataset"])
+        expected = official_train.get(info.base) or medmnist.INFO[info.base]["n_samples"]["train"]
+        assert (data["split"], data["images"], sum(data["class_counts"])) == ("train", expected, expected), card_path
+
+
 def test_model_table_has_a_row_per_exported_card(exported_dir):
     from training.zoo import model_table
 

@@ -154,6 +154,10 @@ cmd_run() {
         say "PORT=$port: give a port from 1024 to 65535 (the container runs as a non-root user)"; exit 2
     fi
     name="${SYNTHGEN_CONTAINER_NAME:-synthgen-$port}"
+    # On the host network a port in use would fail inside the container, after the URL below was printed.
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        say "127.0.0.1:$port is in use by another process: choose another, e.g. PORT=8080 make container-run"; exit 1
+    fi
     need_engine
     docker image inspect "$image" >/dev/null 2>&1 || { say "no image $image: run 'make container' first"; exit 1; }
     local env_args=()

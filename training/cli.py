@@ -21,6 +21,17 @@ class UsageError(ValueError):
 USER_ERRORS = (UsageError, DataNotFoundError, DataFormatError)
 
 
+def flag(name: str, value=None) -> str:
+    """A config field's command-line flag: flag("batch_size") is "--batch-size"; with a value, the words that
+    set it: "--batch-size 64", and for a bool "--class-norm" or "--no-class-norm"."""
+    option = "--" + name.replace("_", "-")
+    if value is None:
+        return option
+    if isinstance(value, bool):
+        return option if value else "--no-" + option.removeprefix("--")
+    return f"{option} {value}"
+
+
 @contextlib.contextmanager
 def user_errors_exit():
     try:

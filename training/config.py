@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .augment import parse_policy
+from .cli import flag
 from .data import parse_dataset_id
 from .diagnosis import WEIGHTINGS
 from .models import MODEL_FAMILIES
@@ -28,7 +29,7 @@ CONDITIONAL_DCGAN_MODELS = tuple(m for m in DCGAN_MODELS if MODEL_FAMILIES[m].co
 
 def _flag(name: str) -> str:
     """A field as its errors name it: the field and its command-line flag, "batch_size (--batch-size)"."""
-    return f"{name} (--{name.replace('_', '-')})"
+    return f"{name} ({flag(name)})"
 
 
 @dataclass

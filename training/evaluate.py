@@ -99,7 +99,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import user_errors_exit
+from .cli import flag, user_errors_exit
 from .data import DATA_DIR_ENV, DataNotFoundError, DatasetInfo, ImageData, load_dataset
 from .manifest import CARD, MANIFEST, write_manifest
 from .sampling import balanced_labels
@@ -1004,7 +1004,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     if args.quick:
         if sizes:
             parser.error(f"--quick sets its own tiny sizes (1 seed, 64 images); drop "
-                         f"{', '.join('--' + name.replace('_', '-') for name in sizes)} or --quick")
+                         f"{', '.join(flag(name) for name in sizes)} or --quick")
         settings = Settings.quick_mode(**common)
     else:
         settings = Settings(**sizes, **common)  # the rest keep Settings' defaults

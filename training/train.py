@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from .cli import UsageError, user_errors_exit
+from .cli import UsageError, flag, user_errors_exit
 from .config import TrainConfig
 from .data import dataset_info, known_dataset_ids, load_dataset
 from .diagnosis import RealImageDiagnosis
@@ -97,13 +97,13 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     for field in dataclasses.fields(TrainConfig):
-        flag = "--" + field.name.replace("_", "-")
+        option = flag(field.name)
         default = getattr(defaults, field.name)
         # argparse expands "%" in help; a None default is explained by the comment ("None = ...")
         help_text = " ".join(part for part in (comments.get(field.name, "").replace("%", "%%"),
                                                f"(default: {default!r})" if default is not None else "") if part)
         if field.type == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+            parser.add_argument(option, action=argparse.BooleanOptionalAction, default=default, help=help_text)
             continue
         kind = {"int": int, "float": float, "str": str}.get(str(field.type).split(" |")[0], str)
         extra = {}
@@ -111,7 +111,7 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
             help_text += f"; known: {', '.join(known_dataset_ids())} (RGB sets also take _gray)"
         if field.name == "model":
             extra["choices"] = list(MODEL_FAMILIES)
-        parser.add_argument(flag, type=kind, default=default, help=help_text, **extra)
+        parser.add_argument(option, type=kind, default=default, help=help_text, **extra)
     parser.add_argument("--resume", action="store_true", help="continue from <out-dir>/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in an <out-dir> that holds a checkpoint, replacing it")
@@ -357,11 +357,10 @@ def _check_resume_matches(state: dict, cfg: TrainConfig) -> None:
     for name in RESUME_FIXED_FIELDS:
         before, now = getattr(saved, name), getattr(cfg, name)
         if before != now:
-            flag = name.replace("_", "-")
             if isinstance(before, bool):  # --class-norm / --no-class-norm
-                wanted, given = (f"--{flag}", f"--no-{flag}") if before else (f"--no-{flag}", f"--{flag}")
+                wanted, given = flag(name, before), flag(name, now)
             else:
-                wanted, given = f"--{flag} {before}", str(now)
+                wanted, given = flag(name, before), str(now)
             raise UsageError(f"--resume: the checkpoint was trained with {wanted}, not {given}; resume with {wanted}")
 
 

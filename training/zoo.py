@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import user_errors_exit
+from .cli import flag, user_errors_exit
 from .config import TrainConfig
 
 
@@ -203,18 +203,11 @@ def zoo_sizes(dataset: str, model: str, fields: tuple[str, ...] = GENERATOR_SIZE
     raise KeyError(f"{dataset}/{model} is not in the zoo")
 
 
-def _flag(key: str, value) -> str:
-    name = key.replace("_", "-")
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"--no-{name}"
-    return f"--{name} {value}"
-
-
 def command(run: ZooRun) -> str:
     """The shell command that trains run: one `training.train` per stage, the later ones with --resume."""
     commands = []
     for stage, overrides in enumerate(run.stages()):
-        flags = " ".join(_flag(k, v) for k, v in overrides.items()) + (" --resume" if stage else "")
+        flags = " ".join(flag(k, v) for k, v in overrides.items()) + (" --resume" if stage else "")
         commands.append(f"python -m training.train --dataset {run.dataset} --model {run.model} {flags}".strip())
     return " && ".join(commands)
 

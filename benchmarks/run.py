@@ -188,7 +188,8 @@ def _n1_gains(rows: list[dict], many: int):
     for (dataset, model, clients), one in cells.items():
         if clients == 1:
             many_row = cells[(dataset, model, many)]
-            yield f"{dataset}/{model}", one, many_row, many_row["requests_per_s"] / one["requests_per_s"]
+            gain = many_row["requests_per_s"] / one["requests_per_s"] if one["requests_per_s"] else float("nan")
+            yield f"{dataset}/{model}", one, many_row, gain  # nan when every request of the 1-client cell failed
 
 
 def targets(result: dict) -> list[dict]:
@@ -225,7 +226,7 @@ def targets(result: dict) -> list[dict]:
                 for name in ("ours", "ours_compiled", *large):
                     if name in r:
                         add(f"GPU training images/s, {name} (batch {r[name]['batch']})", f"mnist/cdcgan on {r['device']}",
-                            r[name]["images_per_s"], GPU_TRAINING_IMAGES_PER_S)
+                            r[name]["images_per_s"], GPU_TRAINING_IMAGES_PER_S, unit="images/s")
             continue
         for key, flags in (("ratio", ""), ("ratio_compiled", ", --compile"),
                            ("ratio_in_batch_pairs", ", --mode-seeking-in-batch"),

@@ -216,14 +216,17 @@ async def _mixed(url: str, small: tuple[str, str], bulk: tuple[str, str], bulk_n
             seed = 0
             while not stop:
                 seed += 1
-                errors += not await post(bulk, bulk_n, seed)
-                bulk_done += 1
+                ok = await post(bulk, bulk_n, seed)
+                errors += not ok
+                bulk_done += ok  # a failed request is no images served
 
         async def small_one(seed: int) -> None:
             nonlocal errors
             t = time.perf_counter()
-            errors += not await post(small, 1, seed)
-            latencies.append(time.perf_counter() - t)
+            if await post(small, 1, seed):
+                latencies.append(time.perf_counter() - t)
+            else:
+                errors += 1
 
         async def small_loop() -> None:
             # Open loop: a request every SMALL_EVERY_S whether or not the last has answered, so each arrives at
@@ -357,6 +360,7 @@ def bench_wrk(url: str, models: list[tuple[str, str]], clients=CLIENTS, duration
             result["images_per_s"] = result["requests_per_s"]
             rows.append({"dataset": dataset, "model": model, "n": 1, "format": "npz", "clients": c, "client": "wrk", **result})
             log(f"wrk {dataset}/{model} n=1 npz x{c}: {result['requests_per_s']:,.1f} req/s, p50 {result['p50_ms']:.2f} ms, "
-                f"p99 {result['p99_ms']:.2f} ms ({result['requests']} requests, {result['errors']} errors)")
+                f"p99 {result['p99_ms']:.2f} ms (median round: {result['requests']} requests; all rounds: "
+                f"{result['errors']} errors)")
         Path(script).unlink()
     return rows

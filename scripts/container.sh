@@ -36,11 +36,15 @@ say() { echo "container: $*" >&2; }
 
 # The project version, read without Python so that run/size/tag work on a host that only runs the image.
 version() {
-    local v; v="$(sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$PROJECT/pyproject.toml" | head -n 1)"
+    local v; v="$(sed -n "s/^version *= *[\"']\([^\"']*\)[\"'].*/\1/p" "$PROJECT/pyproject.toml" | head -n 1)"
     [ -n "$v" ] || { say "no version = \"...\" in $PROJECT/pyproject.toml"; exit 1; }
     echo "$v"
 }
-image_tag() { if [ -n "${SYNTHGEN_IMAGE:-}" ]; then echo "$SYNTHGEN_IMAGE"; else echo "synthgen-service:$(version)"; fi; }
+image_tag() {
+    if [ -n "${SYNTHGEN_IMAGE:-}" ]; then echo "$SYNTHGEN_IMAGE"; return; fi
+    local v; v="$(version)"  # its own statement, so that a failed version() stops the script
+    echo "synthgen-service:$v"
+}
 
 need_engine() {
     timeout 20 docker info >/dev/null 2>&1 && return 0
@@ -125,10 +129,16 @@ PYEOF
         docker tag "$image" "${image%:*}:latest" >/dev/null
         docker tag "$image" "$unique" >/dev/null
     fi
-    # The image this tag named before, now untagged, goes (its layers shared with the new one stay).
-    if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ] \
-       && [ "$(docker image inspect -f '{{len .RepoTags}}' "$previous" 2>/dev/null)" = 0 ]; then
-        docker image rm "$previous" >/dev/null 2>&1 || true
+    # The image this tag named before goes, with its own unique tag (a registry keeps what was pushed; its layers
+    # shared with the new one stay), unless another tag still names it.
+    if [ -n "$previous" ] && [ "$previous" != "$(docker image inspect -f '{{.Id}}' "$image")" ]; then
+        local old
+        for old in $(docker image inspect -f '{{join .RepoTags " "}}' "$previous" 2>/dev/null); do
+            case "$old" in "${image%:*}:$(version)-"*) docker image rm "$old" >/dev/null 2>&1 || true ;; esac
+        done
+        if [ "$(docker image inspect -f '{{len .RepoTags}}' "$previous" 2>/dev/null)" = 0 ]; then
+            docker image rm "$previous" >/dev/null 2>&1 || true
+        fi
     fi
     say "built $image in $(( $(date +%s) - start ))s; size $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
     [ -z "$unique" ] || say "this build is also $unique: deploy that tag (deploy/kustomization.yaml, images: newTag)"

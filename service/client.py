@@ -164,6 +164,7 @@ class SynthClient:
                                           or max_request_n < 1):
             raise ValueError(f"max_request_n is an integer of at least 1 (or None: the server's max_n); "
                              f"got {max_request_n!r}")
+        token = token.strip() if token else None  # as the service strips its own (a secret file's newline)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
         self.max_request_n = max_request_n

@@ -15,7 +15,7 @@
                                wait less (0: always SYNTHGEN_BATCH_ROWS)
     SYNTHGEN_WORKERS           server processes, each loads every model    1
     SYNTHGEN_ORT_THREADS       ONNX Runtime intra-op threads per worker    usable CPUs (affinity, capped by
-                               (each worker may use every CPU for one      a cgroup v2 CPU quota)
+                               (each worker may use every CPU for one      a cgroup v2 or v1 CPU quota)
                                large call; several workers' calls share)
     SYNTHGEN_ORT_PART_ROWS     ONNX Runtime calls of more rows run in      128
                                parts side by side, one thread each

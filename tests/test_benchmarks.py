@@ -96,6 +96,9 @@ def test_a_target_whose_cell_had_failed_requests_is_not_met():
     assert by_name["n=1 npz p50 ms, 1 Python client"]["met"]
     gain = by_name["n=1 npz req/s, 16 clients vs 1"]
     assert gain["value"] == 9.0 and not gain["met"] and gain["errors"] == 3
+    http[0].update(requests_per_s=0.0, errors=40)  # every 1-client request failed: no ratio, no crash
+    gain = {t["target"]: t for t in bench.targets(result)}["n=1 npz req/s, 16 clients vs 1"]
+    assert gain["value"] != gain["value"] and not gain["met"]  # nan
 
 
 

@@ -231,3 +231,15 @@ def test_retry_delays_double_and_retry_after_is_capped():
     assert retry_delay(httpx.Response(503, headers={"Retry-After": "3600"}), 0, 0.5) == MAX_RETRY_AFTER_S
     assert retry_delay(httpx.Response(500, text="internal"), 0, 0.5) is None
     assert retry_delay(SERVICE_503, 0, 0.5) is None
+
+
+def test_a_token_read_from_a_secret_file_is_sent_without_its_newline():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        return httpx.Response(200, json={"datasets": {}})
+
+    client = SynthClient("http://synthgen.test", token="s3cret\n", transport=httpx.MockTransport(handler))
+    client.http.get("/models")
+    assert seen == ["Bearer s3cret"]

@@ -268,7 +268,8 @@ def model_table(exported: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["list", "train", "export", "table"])
+    parser.add_argument("action", choices=["list", "train", "export", "table"],
+                        help="export rebuilds the zoo in --out: it replaces the models and mixtures there")
     parser.add_argument("--runs", default="runs", help="runs folder (default: runs)")
     parser.add_argument("--data-dir", default=None, help="data folder (default: $SYNTHGEN_DATA_DIR, then ./data)")
     parser.add_argument("--out", default="exported", help="export root (default: exported)")

@@ -698,14 +698,21 @@ def test_request_timers_are_cancelled_when_the_request_ends():
     from starlette.responses import PlainTextResponse
 
     async def scenario():
+        loop, armed = asyncio.get_running_loop(), []
+        call_later = loop.call_later
+
+        def recording_call_later(*args, **kwargs):  # every timer the middleware arms
+            armed.append(call_later(*args, **kwargs))
+            return armed[-1]
+
+        loop.call_later = recording_call_later
         middleware = _timeout_middleware(PlainTextResponse("ok"), timeout=300)
         for _ in range(3):
             sent = await _call(middleware)
-        loop = asyncio.get_running_loop()
-        return sent, [h for h in loop._scheduled if not h.cancelled()]
+        return sent, armed, [h for h in armed if not h.cancelled()]
 
-    sent, live_timers = asyncio.run(scenario())
-    assert sent[0]["status"] == 200 and live_timers == []
+    sent, armed, live_timers = asyncio.run(scenario())
+    assert sent[0]["status"] == 200 and len(armed) == 3 and live_timers == []
 
 
 def test_a_request_without_a_response_start_in_time_still_gets_504():

@@ -243,110 +243,130 @@ def markdown(result: dict) -> str:
     out = [f"Machine: {machine_line(result['machine'])}; load average at end "
            f"{'/'.join(f'{x:.1f}' for x in result['machine'].get('loadavg_at_end', []))}."
            + (" QUICK RUN: tiny models and sizes, numbers not meaningful." if result["quick"] else "")]
-    s = result.get("serving")
-    if s:
-        ort = (f"ONNX Runtime row parts of {s.get('ort_part_rows', 0)} rows (0: one call), "
-               f"spinning {'on' if s.get('ort_spinning') else 'off'}, arena {'on' if s.get('ort_arena') else 'off'}: "
-               "SYNTHGEN_ORT_PART_ROWS / _SPINNING / _ARENA, the same for the service")
-        out.append(f"\n### In-process generator calls ({s['threads']} threads each; {ort})\n")
-        by = {}
-        for r in s["in_process"]:
-            by.setdefault((r["dataset"], r["model"], r["n"]), {})[r["backend"]] = r
-        rows = []
-        for (dataset, model, n), b in by.items():
-            te, ort, one = b["torch_eager"], b["onnxruntime"], b.get("onnxruntime_one_call")
-            rows.append([f"{dataset}/{model}", n, fmt(te["images_per_s"]), fmt(te["median_ms"]),
-                         fmt(one["images_per_s"]) if one else "-", fmt(ort["images_per_s"]), fmt(ort["median_ms"]),
-                         f"{ort['images_per_s'] / te['images_per_s']:.2f}x"])
-        out.append(table(["model", "n", "torch eager img/s", "torch ms", "ORT one call img/s", "ORT img/s (service)",
-                          "ORT ms", "ORT / torch"], rows))
-
-        out.append("\n### HTTP `POST /generate` over loopback (httpx asyncio clients on the same machine)\n")
-        rows = [[f"{r['dataset']}/{r['model']}", r["format"], r["n"], r["clients"], fmt(r["requests_per_s"]),
-                 fmt(r["images_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]) + (" (max)" if r.get("p99_is_slowest") else ""),
-                 r["requests"], r["errors"]]
-                for r in s["http"]]
-        out.append(table(["model", "format", "n", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "requests",
-                          "errors"], rows))
-        out.append("\n(max): under 100 requests, the p99 is the slowest request. Req/s, img/s and the percentiles "
-                   "count good answers only; failed requests are in `errors`.")
-        rows = [[r["route"], r["clients"], fmt(r["requests_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
-                 r["requests"]] for r in s["http_floor"]]
-        out.append("\nThe HTTP stack alone, same client loop (no model, no body):\n")
-        out.append(table(["route", "clients", "req/s", "p50 ms", "p99 ms", "requests"], rows))
-
-        if s.get("wrk"):
-            out.append("\nn=1 `npz` with wrk (a C load generator, ~0.1 ms CPU per request; each request a new seed; "
-                       "1 and 16 connections in turn, each cell its median round):\n")
-            rows = [[f"{r['dataset']}/{r['model']}", r["clients"], fmt(r["requests_per_s"]),
-                     " / ".join(fmt(x) for x in r.get("rounds_requests_per_s", [])), fmt(r["p50_ms"]),
-                     fmt(r["p99_ms"]), r["requests"], r["errors"]] for r in s["wrk"]]
-            out.append(table(["model", "connections", "req/s", "rounds' req/s", "p50 ms", "p99 ms", "requests",
-                              "errors (all rounds)"], rows))
-        elif s.get("wrk_skipped"):
-            out.append(f"\nwrk cells skipped: {s['wrk_skipped']}.")
-
-        out.append("\n### HTTP vs in-process at the same n, measured in turn (paired)\n")
-        rows = [[f"{p['dataset']}/{p['model']}", p["n"], p["format"], fmt(p["http_images_per_s"]),
-                 fmt(p["onnxruntime_images_per_s"]), fmt(p["torch_eager_images_per_s"]),
-                 f"{p['http_vs_onnxruntime']:.2f}x", f"{p['http_vs_torch_eager']:.2f}x", p["rounds"]]
-                for p in s["paired"]]
-        out.append(table(["model", "n", "format", "HTTP img/s", "ORT img/s", "torch img/s", "HTTP / ORT",
-                          "HTTP / torch", "rounds"], rows))
-        if s.get("mixed"):
-            out.append(f"\n### Small requests behind a bulk one (SYNTHGEN_CALL_MS={s.get('call_ms')})\n")
-            out.append(table(["n=1 requests of", "while streaming", "n=1 p50 ms", "n=1 p99 ms", "n=1 requests",
-                              "bulk img/s", "errors"],
-                             [[m["small"], f"{m['bulk']} n={m['bulk_n']}", fmt(m["small_p50_ms"]),
-                               fmt(m["small_p99_ms"]), m["small_requests"], fmt(m["bulk_images_per_s"]), m["errors"]]
-                              for m in s["mixed"]]))
+    if result.get("serving"):
+        out += _serving_markdown(result["serving"])
     if result.get("training"):
-        where = result["training"][0].get("device", "cpu")
-        out.append(f"\n### Training throughput ({'CPU' if where == 'cpu' else where})\n")
-        rows = []
-        for r in result["training"]:
-            for name, label in (("ours", "ours: uint8 tensor + index slices, GANObjective.step"),
-                                ("ours_compiled", "ours with --compile (torch.compile)"),
-                                *((training_bench.large_batch_loop(b),
-                                   f"ours at batch {b} with --compile (quality not measured)")
-                                  for b in training_bench.GPU_LARGE_BATCHES),
-                                ("ours_fp32", "ours in fp32 (diagnostic)"),
-                                ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
-                                ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),
-                                ("ours_in_batch_pairs_compiled", "the same with --compile"),
-                                ("ours_ddp", "ours on 2 single-threaded processes (torchrun, DDP over gloo)"),
-                                ("ours_ddp_compiled", "the same with --compile"),
-                                ("ours_ddp_in_batch_pairs_compiled", "the same with --mode-seeking-in-batch too"),
-                                ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
-                if name not in r:
-                    continue
-                x = r[name]
-                rows.append([f"{r['dataset']}/{r['model']}", label, x["precision"], x["batch"], x["steps"],
-                             fmt(x["images_per_s"]), fmt(x["epoch_s"]), fmt(x.get("warmup_s", float("nan"))),
-                             fmt(x["median_step_s"] * 1e3),
-                             f"{x['data_share'] * 100:.1f}%",
-                             fmt(x["flops_per_image"] / 1e6), f"{fmt(x['gflops'])} ({100 * x['share_of_peak']:.0f}%)",
-                             f"{x['images_per_s'] / r['reference']['images_per_s']:.2f}x"])
-        out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "s/epoch", "warm-up s", "ms/step", "data share",
-                          "MFLOP/img", "GFLOP/s (of peak)", "vs reference"], rows))
-        out.append("\ns/epoch is the training split at the median step; it leaves out the warm-up step (for "
-                   "--compile loops, the compilation), which a run pays once.")
-        peak = result["training"][0]["matmul_peak_gflops"]
-        out.append(f"\nMatmul peak {'at the same threads (2048x2048)' if where == 'cpu' else '(8192x8192)'}: "
-                   + ", ".join(f"{k} {fmt(v)} GFLOP/s" for k, v in peak.items())
-                   + ". Most a loop doing the reference's arithmetic in fp32 could gain over it: "
-                   + ", ".join(f"{r['dataset']}/{r['model']} {r['fp32_ceiling_vs_reference']:.2f}x"
-                               for r in result["training"]) + ".")
-        out.append("\nData: " + "; ".join(f"{r['dataset']}: {r['data']}" for r in result["training"]) + ".")
+        out += _training_markdown(result["training"])
     if result.get("targets"):
-        out.append("\n### Targets\n")
-        rows = [[t["target"], t["subject"], fmt(t["value"]), f"{t['comparison']} {fmt(t['threshold'])}",
-                 ("met" if t["met"] else "MISSED") + (f" ({t['errors']} failed requests)" if t["errors"] else "")]
-                for t in result["targets"]]
-        out.append(table(["target", "model", "value", "threshold", "result"], rows))
+        out += _targets_markdown(result["targets"])
     wall = ", ".join(f"{k} {v:.0f} s" for k, v in result["wall_s"].items())
     out.append(f"\nWall time: {wall}.")
     return "\n".join(out)
+
+
+def _serving_markdown(s: dict) -> list[str]:
+    """The serving part's tables: in-process, HTTP, wrk, paired, mixed."""
+    out = []
+    ort = (f"ONNX Runtime row parts of {s.get('ort_part_rows', 0)} rows (0: one call), "
+           f"spinning {'on' if s.get('ort_spinning') else 'off'}, arena {'on' if s.get('ort_arena') else 'off'}: "
+           "SYNTHGEN_ORT_PART_ROWS / _SPINNING / _ARENA, the same for the service")
+    out.append(f"\n### In-process generator calls ({s['threads']} threads each; {ort})\n")
+    by = {}
+    for r in s["in_process"]:
+        by.setdefault((r["dataset"], r["model"], r["n"]), {})[r["backend"]] = r
+    rows = []
+    for (dataset, model, n), b in by.items():
+        te, ort, one = b["torch_eager"], b["onnxruntime"], b.get("onnxruntime_one_call")
+        rows.append([f"{dataset}/{model}", n, fmt(te["images_per_s"]), fmt(te["median_ms"]),
+                     fmt(one["images_per_s"]) if one else "-", fmt(ort["images_per_s"]), fmt(ort["median_ms"]),
+                     f"{ort['images_per_s'] / te['images_per_s']:.2f}x"])
+    out.append(table(["model", "n", "torch eager img/s", "torch ms", "ORT one call img/s", "ORT img/s (service)",
+                      "ORT ms", "ORT / torch"], rows))
+
+    out.append("\n### HTTP `POST /generate` over loopback (httpx asyncio clients on the same machine)\n")
+    rows = [[f"{r['dataset']}/{r['model']}", r["format"], r["n"], r["clients"], fmt(r["requests_per_s"]),
+             fmt(r["images_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]) + (" (max)" if r.get("p99_is_slowest") else ""),
+             r["requests"], r["errors"]]
+            for r in s["http"]]
+    out.append(table(["model", "format", "n", "clients", "req/s", "img/s", "p50 ms", "p99 ms", "requests",
+                      "errors"], rows))
+    out.append("\n(max): under 100 requests, the p99 is the slowest request. Req/s, img/s and the percentiles "
+               "count good answers only; failed requests are in `errors`.")
+    rows = [[r["route"], r["clients"], fmt(r["requests_per_s"]), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
+             r["requests"]] for r in s["http_floor"]]
+    out.append("\nThe HTTP stack alone, same client loop (no model, no body):\n")
+    out.append(table(["route", "clients", "req/s", "p50 ms", "p99 ms", "requests"], rows))
+
+    if s.get("wrk"):
+        out.append("\nn=1 `npz` with wrk (a C load generator, ~0.1 ms CPU per request; each request a new seed; "
+                   "1 and 16 connections in turn, each cell its median round):\n")
+        rows = [[f"{r['dataset']}/{r['model']}", r["clients"], fmt(r["requests_per_s"]),
+                 " / ".join(fmt(x) for x in r.get("rounds_requests_per_s", [])), fmt(r["p50_ms"]),
+                 fmt(r["p99_ms"]), r["requests"], r["errors"]] for r in s["wrk"]]
+        out.append(table(["model", "connections", "req/s", "rounds' req/s", "p50 ms", "p99 ms", "requests",
+                          "errors (all rounds)"], rows))
+    elif s.get("wrk_skipped"):
+        out.append(f"\nwrk cells skipped: {s['wrk_skipped']}.")
+
+    out.append("\n### HTTP vs in-process at the same n, measured in turn (paired)\n")
+    rows = [[f"{p['dataset']}/{p['model']}", p["n"], p["format"], fmt(p["http_images_per_s"]),
+             fmt(p["onnxruntime_images_per_s"]), fmt(p["torch_eager_images_per_s"]),
+             f"{p['http_vs_onnxruntime']:.2f}x", f"{p['http_vs_torch_eager']:.2f}x", p["rounds"]]
+            for p in s["paired"]]
+    out.append(table(["model", "n", "format", "HTTP img/s", "ORT img/s", "torch img/s", "HTTP / ORT",
+                      "HTTP / torch", "rounds"], rows))
+    if s.get("mixed"):
+        out.append(f"\n### Small requests behind a bulk one (SYNTHGEN_CALL_MS={s.get('call_ms')})\n")
+        out.append(table(["n=1 requests of", "while streaming", "n=1 p50 ms", "n=1 p99 ms", "n=1 requests",
+                          "bulk img/s", "errors"],
+                         [[m["small"], f"{m['bulk']} n={m['bulk_n']}", fmt(m["small_p50_ms"]),
+                           fmt(m["small_p99_ms"]), m["small_requests"], fmt(m["bulk_images_per_s"]), m["errors"]]
+                          for m in s["mixed"]]))
+    return out
+
+
+def _training_markdown(training: list[dict]) -> list[str]:
+    """The training part's table and its notes (matmul peak, data)."""
+    out = []
+    where = training[0].get("device", "cpu")
+    out.append(f"\n### Training throughput ({'CPU' if where == 'cpu' else where})\n")
+    rows = []
+    for r in training:
+        for name, label in (("ours", "ours: uint8 tensor + index slices, GANObjective.step"),
+                            ("ours_compiled", "ours with --compile (torch.compile)"),
+                            *((training_bench.large_batch_loop(b),
+                               f"ours at batch {b} with --compile (quality not measured)")
+                              for b in training_bench.GPU_LARGE_BATCHES),
+                            ("ours_fp32", "ours in fp32 (diagnostic)"),
+                            ("ours_no_mode_seeking", "ours without the mode-seeking term (diagnostic)"),
+                            ("ours_in_batch_pairs", "ours, mode seeking on in-batch pairs (--mode-seeking-in-batch)"),
+                            ("ours_in_batch_pairs_compiled", "the same with --compile"),
+                            ("ours_ddp", "ours on 2 single-threaded processes (torchrun, DDP over gloo)"),
+                            ("ours_ddp_compiled", "the same with --compile"),
+                            ("ours_ddp_in_batch_pairs_compiled", "the same with --mode-seeking-in-batch too"),
+                            ("reference", "reference: DataLoader + ToTensor/Normalize, textbook step")):
+            if name not in r:
+                continue
+            x = r[name]
+            rows.append([f"{r['dataset']}/{r['model']}", label, x["precision"], x["batch"], x["steps"],
+                         fmt(x["images_per_s"]), fmt(x["epoch_s"]), fmt(x.get("warmup_s", float("nan"))),
+                         fmt(x["median_step_s"] * 1e3),
+                         f"{x['data_share'] * 100:.1f}%",
+                         fmt(x["flops_per_image"] / 1e6), f"{fmt(x['gflops'])} ({100 * x['share_of_peak']:.0f}%)",
+                         f"{x['images_per_s'] / r['reference']['images_per_s']:.2f}x"])
+    out.append(table(["model", "loop", "precision", "batch", "steps", "img/s", "s/epoch", "warm-up s", "ms/step", "data share",
+                      "MFLOP/img", "GFLOP/s (of peak)", "vs reference"], rows))
+    out.append("\ns/epoch is the training split at the median step; it leaves out the warm-up step (for "
+               "--compile loops, the compilation), which a run pays once.")
+    peak = training[0]["matmul_peak_gflops"]
+    out.append(f"\nMatmul peak {'at the same threads (2048x2048)' if where == 'cpu' else '(8192x8192)'}: "
+               + ", ".join(f"{k} {fmt(v)} GFLOP/s" for k, v in peak.items())
+               + ". Most a loop doing the reference's arithmetic in fp32 could gain over it: "
+               + ", ".join(f"{r['dataset']}/{r['model']} {r['fp32_ceiling_vs_reference']:.2f}x"
+                           for r in training) + ".")
+    out.append("\nData: " + "; ".join(f"{r['dataset']}: {r['data']}" for r in training) + ".")
+    return out
+
+
+def _targets_markdown(targets: list[dict]) -> list[str]:
+    """Each target, its value and whether it was met."""
+    out = []
+    out.append("\n### Targets\n")
+    rows = [[t["target"], t["subject"], fmt(t["value"]), f"{t['comparison']} {fmt(t['threshold'])}",
+             ("met" if t["met"] else "MISSED") + (f" ({t['errors']} failed requests)" if t["errors"] else "")]
+            for t in targets]
+    out.append(table(["target", "model", "value", "threshold", "result"], rows))
+    return out
 
 
 def main(argv=None) -> dict:

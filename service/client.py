@@ -255,7 +255,8 @@ class SynthClient:
         """The most images one request of `generate` asks for: the server's max_n (or `max_request_n`, if
         lower), rounded down to a multiple of the model's class count for "balanced" labels (where that leaves
         none, `iter_batches` sends the balanced labels as a list)."""
-        limit = min(self._cached_models()["max_n"], self.max_request_n or self._cached_models()["max_n"])
+        max_n = self._cached_models()["max_n"]
+        limit = min(max_n, self.max_request_n or max_n)
         classes = self._balanced_classes(dataset, model, labels)
         if classes is None or limit < classes:
             return limit

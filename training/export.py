@@ -304,6 +304,17 @@ def write_card(model_dir: Path, out_root: str | Path, card: dict) -> None:
     write_manifest(out_root)
 
 
+def refuse_to_replace(parser: argparse.ArgumentParser, target: Path, overwrite: bool, instead: str) -> None:
+    """Stop the command (parser.error) when `target` holds an exported model and --overwrite was not given: its
+    card may hold hours of evaluation. `instead` says what else to give, e.g. "give another --out"."""
+    if overwrite or not (target / CARD).exists():
+        return
+    metrics = json.loads((target / CARD).read_text()).get("metrics") or {}
+    evaluated = (metrics.get("protocol") or {}).get("evaluated_at")
+    parser.error(f"{target} holds an exported model{f' (evaluated {evaluated})' if evaluated else ''}; "
+                 f"--overwrite replaces it, or {instead}")
+
+
 def export_target(source: str | Path, out_root: str | Path, from_exported: bool) -> Path | None:
     """Where exporting `source` (a run folder, or an exported folder with from_exported) writes: out_root/<dataset>/
     <model>, from its config.json or card.json; None when neither says (the export then names the problem)."""
@@ -331,11 +342,8 @@ def main() -> None:
         parser.error(f"--out: {args.out} is a file, not a folder")
     for run_dir in args.run_dirs:
         target = export_target(run_dir, args.out, args.from_exported)
-        if target is not None and (target / CARD).exists() and not args.overwrite:
-            metrics = json.loads((target / CARD).read_text()).get("metrics") or {}
-            evaluated = (metrics.get("protocol") or {}).get("evaluated_at")
-            parser.error(f"{target} holds an exported model{f' (evaluated {evaluated})' if evaluated else ''}; "
-                         "--overwrite replaces it, or give another --out")
+        if target is not None:
+            refuse_to_replace(parser, target, args.overwrite, "give another --out")
     for run_dir in args.run_dirs:
         if args.from_exported:
             out = export_model(*rebuild_from_exported(run_dir), args.out, args.weights)

@@ -45,7 +45,7 @@ from torch import nn
 from .cli import UsageError, user_errors_exit
 from . import latent_prior
 from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
-                     write_card)
+                     refuse_to_replace, write_card)
 from .manifest import CARD, sha256_of
 from .sampling import class_rows, save_grid
 
@@ -282,9 +282,7 @@ def main(argv=None) -> None:
                         help="replace a model already exported to <out>/<dataset>/<name> (refused without it)")
     args = parser.parse_args(argv)
     dataset = _read_member(Path(args.members[0]))["dataset"]
-    target = Path(args.out) / dataset / args.name
-    if (target / CARD).exists() and not args.overwrite:
-        parser.error(f"{target} holds an exported model; --overwrite replaces it, or give another --name or --out")
+    refuse_to_replace(parser, Path(args.out) / dataset / args.name, args.overwrite, "give another --name or --out")
     scales = args.noise_scales if args.noise_scales is not None else [1.0] * len(args.members)
     out = export_mixture(args.members, args.shares, scales, args.name, args.out)
     card = json.loads((out / CARD).read_text())

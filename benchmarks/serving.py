@@ -339,19 +339,21 @@ def bench_wrk(url: str, models: list[tuple[str, str]], clients=CLIENTS, duration
         with tempfile.NamedTemporaryFile("w", suffix=".lua", dir=workdir, delete=False) as f:
             f.write(WRK_SCRIPT.replace("%s", dataset, 1).replace("%s", model, 1))
             script = f.name
-        by_clients: dict[int, list[dict]] = {c: [] for c in clients}
-        for _ in range(rounds):
-            for c in clients:
-                seconds = max(1, round(duration_s))
-                run = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "--latency", "-s", script, url],
-                                     capture_output=True, text=True)
-                try:
-                    result = json.loads(run.stdout.strip().splitlines()[-1])
-                except (IndexError, ValueError):
-                    Path(script).unlink()
-                    raise RuntimeError(f"wrk exited {run.returncode} without its summary: {run.stderr.strip()[-500:]}") from None
-                result["requests_per_s"] = result["requests"] / result["wall_s"]
-                by_clients[c].append(result)
+        try:
+            by_clients: dict[int, list[dict]] = {c: [] for c in clients}
+            for _ in range(rounds):
+                for c in clients:
+                    seconds = max(1, round(duration_s))
+                    run = subprocess.run(["wrk", "-t1", f"-c{c}", f"-d{seconds}s", "--latency", "-s", script, url],
+                                         capture_output=True, text=True)
+                    try:
+                        result = json.loads(run.stdout.strip().splitlines()[-1])
+                    except (IndexError, ValueError):
+                        raise RuntimeError(f"wrk exited {run.returncode} without its summary: {run.stderr.strip()[-500:]}") from None
+                    result["requests_per_s"] = result["requests"] / result["wall_s"]
+                    by_clients[c].append(result)
+        finally:
+            Path(script).unlink()
         for c, results in by_clients.items():
             ordered = sorted(results, key=lambda r: r["requests_per_s"])
             result = {**ordered[(len(ordered) - 1) // 2], "rounds": len(results),
@@ -362,5 +364,4 @@ def bench_wrk(url: str, models: list[tuple[str, str]], clients=CLIENTS, duration
             log(f"wrk {dataset}/{model} n=1 npz x{c}: {result['requests_per_s']:,.1f} req/s, p50 {result['p50_ms']:.2f} ms, "
                 f"p99 {result['p99_ms']:.2f} ms (median round: {result['requests']} requests; all rounds: "
                 f"{result['errors']} errors)")
-        Path(script).unlink()
     return rows

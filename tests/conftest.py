@@ -94,13 +94,14 @@ def _fewer_prior_codes():
     training.latent_prior.PRIOR_POINTS = 4_000
 
 
-def train_tiny(data_dir: Path, out: Path, dataset: str, model: str, steps: int = 3, **overrides) -> Path:
+def train_tiny(data_dir: Path | None, out: Path, dataset: str, model: str, steps: int = 3, **overrides) -> Path:
     """A few optimiser steps of a small model into `out` (a run directory)."""
     from training.config import TrainConfig
     from training.train import main
 
     cfg = TrainConfig(dataset=dataset, model=model, epochs=1, batch_size=16, width=8, max_steps=steps,
-                      data_dir=str(data_dir), out_dir=str(out), **overrides).resolve()
+                      data_dir=data_dir and str(data_dir), out_dir=str(out),
+                      **overrides).resolve()
     return main(cfg)
 
 

@@ -84,6 +84,12 @@ def test_a_run_leaves_config_checkpoint_logs_curve_and_samples(data_dir, tmp_pat
     assert set(state["models"]) == {"generator", "discriminator"} and set(state["optimizers"]) == {"generator", "discriminator"}
 
 
+def test_a_run_given_its_data_by_the_environment_records_that_folder(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SYNTHGEN_DATA_DIR", str(data_dir))
+    out = train_tiny(None, tmp_path / "run", "mnist", "mlp_gan", steps=1)
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(data_dir)
+
+
 def test_checkpoint_alone_rebuilds_the_model(data_dir, tmp_path):
     from training.train import load_checkpoint
 

@@ -42,7 +42,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .cli import UsageError, flag, user_errors_exit
 from .config import TrainConfig
-from .data import dataset_info, known_dataset_ids, load_dataset
+from .data import dataset_info, known_dataset_ids, load_dataset, resolve_data_dir
 from .diagnosis import RealImageDiagnosis
 from .hardware import cpu_model
 from .ema import GeneratorEMA
@@ -159,6 +159,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[torch.device, int, int]:
 
 def main(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train one run into cfg.out_dir (continuing its checkpoint when resume) and return that folder."""
+    cfg = dataclasses.replace(cfg, data_dir=str(resolve_data_dir(cfg.data_dir)))  # the config records where the data was
     device, rank, world = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, WithJsonSchema, model_validator
 
 from .config import current
 from .encoders import FORMATS
@@ -22,11 +22,15 @@ SETTINGS = current()
 MAX_SEED = 2**63 - 1
 MAX_NAME = 64  # longest dataset/model name accepted; real ones are short identifiers
 MAX_TEMPERATURE = 2.0
+DEFAULT_N = min(64, SETTINGS.max_n)  # a default above a configured limit would break that limit
+DEFAULT_STEPS = min(8, SETTINGS.max_steps)
 TEMPERATURE_DOC = ("scale of the latent noise, z = temperature x N(0, I): below 1 fewer odd images and less "
                    "variety (the truncation trick), above 1 the reverse, 0 one central image per class; "
                    "default 1, the distribution the model was trained on")
 
 Format = Literal[FORMATS]
+# -0.0 is 0: the same images, so the same bytes and file name as a request for 0
+Temperature = Annotated[float, AfterValidator(lambda t: t + 0.0)]
 # BentoML flattens a JSON-schema "anyOf" to its first member when it builds /docs.json, which would document
 # `labels` as the constant "balanced"; these explicit "oneOf" schemas keep every accepted shape visible.
 _ONE_LABEL = [{"type": "integer", "minimum": 0, "description": "class id"},
@@ -63,8 +67,8 @@ class GenerateRequest(_Strict):
     dataset: StrictStr = Field(max_length=MAX_NAME, description="dataset id, e.g. 'mnist' (see /models)")
     model: StrictStr | None = Field(default=None, max_length=MAX_NAME,
                                     description="model family; default: the dataset's default model")
-    n: StrictInt = Field(default=64, ge=1, le=SETTINGS.max_n,
-                         description="number of images; default 64, or the sum of a labels object's counts")
+    n: StrictInt = Field(default=DEFAULT_N, ge=1, le=SETTINGS.max_n,
+                         description=f"number of images; default {DEFAULT_N}, or the sum of a labels object's counts")
     labels: Labels = Field(
         default=None,
         description="conditional models: 'balanced' (default: 0,1,..,k-1,0,1,..), one class id or name for "
@@ -74,7 +78,7 @@ class GenerateRequest(_Strict):
     seed: StrictInt | None = Field(default=None, ge=0, le=MAX_SEED,
                                    description="random seed; omitted: one is drawn and returned (X-Seed header, "
                                                "and inside npz/zip/json)")
-    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+    temperature: Temperature = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                description=TEMPERATURE_DOC)
     format: Format = Field(default="npz", description="npz (default) | png_grid | zip | json")
 
@@ -86,11 +90,12 @@ class InterpolateRequest(_Strict):
     model: StrictStr | None = Field(default=None, max_length=MAX_NAME)
     seed_start: StrictInt = Field(default=0, ge=0, le=MAX_SEED)
     seed_end: StrictInt = Field(default=1, ge=0, le=MAX_SEED)
-    steps: StrictInt = Field(default=8, ge=2, le=SETTINGS.max_steps, description="images on the path, ends included")
+    steps: StrictInt = Field(default=DEFAULT_STEPS, ge=2, le=SETTINGS.max_steps,
+                             description=f"images on the path, ends included; default {DEFAULT_STEPS}")
     label: Label = Field(
         default=None, description="conditional models: the class of every step (id or name; default class 0)")
     method: Literal[INTERPOLATION_METHODS] = Field(default="slerp", description="spherical (default) or linear path")
-    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+    temperature: Temperature = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                description=TEMPERATURE_DOC + "; the ends are /generate's images at the same one")
     format: Format = Field(default="png_grid", description="png_grid (default, one row) | npz | zip | json")
 

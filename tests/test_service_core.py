@@ -601,6 +601,19 @@ def test_arbitrary_bodies_give_validation_errors_never_crashes(body):
         pass
 
 
+def test_the_default_n_and_steps_stay_within_configured_limits_below_them():
+    code = ("from service import schemas; "
+            "print(schemas.GenerateRequest(dataset='mnist').n, schemas.InterpolateRequest(dataset='mnist').steps)")
+    env = {"PATH": "", "SYNTHGEN_MAX_N": "10", "SYNTHGEN_MAX_STEPS": "5"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["10", "5"]
+
+
+def test_a_temperature_of_minus_zero_is_zero():
+    request = schemas.GenerateRequest.model_validate_json('{"dataset": "mnist", "temperature": -0.0}')
+    assert request.temperature == 0.0 and str(request.temperature) == "0.0"
+
+
 def test_deeply_nested_json_is_a_validation_error():
     with pytest.raises(ValidationError, match="recursion"):
         schemas.GenerateRequest.model_validate_json(b'{"dataset": "mnist", "labels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")

@@ -50,14 +50,21 @@ def count_of(labels: dict) -> int | None:
     return None
 
 
+def integer(name: str, value) -> int:
+    """value as a Python int (numpy integers too); a bool or a non-integer raises, as the service would refuse it."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} is an integer; got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} is an integer; got {value!r}") from None
+
+
 def plain_fields(n, labels, seed, temperature) -> tuple:
     """n, labels, seed and temperature as JSON takes them: numpy integers and floats as Python ones, a numpy
     array of labels as a list. A value that is not one of the kinds the service takes raises here, naming it."""
-    try:
-        n = None if n is None else operator.index(n)
-        seed = None if seed is None else operator.index(seed)
-    except TypeError:
-        raise TypeError(f"n and seed are integers; got n={n!r}, seed={seed!r}") from None
+    n = None if n is None else integer("n", n)
+    seed = None if seed is None else integer("seed", seed)
     if temperature is not None:
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)):
             raise TypeError(f"temperature is a number in 0..2; got {temperature!r}")
@@ -295,7 +302,7 @@ class SynthClient:
                     temperature: float | None = None) -> np.ndarray:
         """uint8 steps x H x W x C images from the seed_start image to the seed_end image."""
         _, label, _, temperature = plain_fields(None, label, None, temperature)
-        seed_start, seed_end, steps = operator.index(seed_start), operator.index(seed_end), operator.index(steps)
+        seed_start, seed_end, steps = integer("seed_start", seed_start), integer("seed_end", seed_end), integer("steps", steps)
         response = self._post("/interpolate", {"dataset": dataset, "model": model, "seed_start": seed_start,
                                                "seed_end": seed_end, "steps": steps, "label": label,
                                                "method": method, "temperature": temperature, "format": "npz"})

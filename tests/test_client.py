@@ -99,6 +99,15 @@ def test_numpy_numbers_and_label_arrays_are_taken_as_their_python_values(client)
         client.generate("mnist", n=3, temperature=float("nan"))
 
 
+@pytest.mark.parametrize("call, field", [
+    (lambda c: c.generate("mnist", n=True), "n"), (lambda c: c.generate("mnist", n=2, seed=False), "seed"),
+    (lambda c: c.generate("mnist", n=2.0), "n"), (lambda c: c.interpolate("mnist", seed_start=True), "seed_start"),
+    (lambda c: c.interpolate("mnist", steps=np.bool_(True)), "steps")])
+def test_a_bool_or_a_float_for_an_integer_field_is_refused_naming_it_not_sent_as_a_number(call, field):
+    with pytest.raises(TypeError, match=f"^{field} is an integer"):
+        call(SynthClient("http://127.0.0.1:9"))
+
+
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])
 def test_a_request_size_below_one_is_refused_when_the_client_is_made(bad):
     with pytest.raises(ValueError, match="max_request_n"):

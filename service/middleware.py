@@ -3,7 +3,7 @@ rewriter that gives every error response of those routes the format of `service.
 
 It runs before BentoML reads the body, so an oversized or unauthorised request is refused without parsing
 anything or allocating images: 401 (missing or wrong token, when SYNTHGEN_API_TOKEN is set), 415 (a body
-that is not JSON), 413 (a body over SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads,
+that is not JSON, or sent compressed: its Content-Encoding would otherwise be ignored), 413 (a body over SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads,
 while reading), 400 (a key given twice in one JSON object, which JSON parsers - BentoML's too - would
 otherwise settle silently by keeping the last). Health, metrics and docs routes stay open: probes and
 scrapers carry no token.
@@ -48,6 +48,10 @@ class GuardMiddleware:
         if content_type not in JSON_TYPES:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
                                       f"not {content_type!r}")(scope, receive, send)
+        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        if encoding not in ("", "identity"):
+            return await error_response(415, f"Content-Encoding {encoding[:32]!r} is not supported: send the JSON body "
+                                      "uncompressed")(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():

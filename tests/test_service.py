@@ -8,6 +8,7 @@ health, metrics and OpenAPI routes keep working.
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
 import json
 import re
 import tomllib
@@ -448,6 +449,15 @@ def test_non_json_content_type_gives_415(http):
     error(http.post("/generate", content=b"dataset=mnist", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
     error(http.post("/generate", content=b"x", headers={"Content-Type": "application/vnd.bentoml+pickle"}), 415)
 
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_a_compressed_body_gives_415_naming_its_encoding_not_a_json_error_or_a_silent_read(http, encoding):
+    body = gzip.compress(b'{"dataset": "mnist", "n": 1}') if encoding == "gzip" else b'{"dataset": "mnist", "n": 1}'
+    answer = error(http.post("/generate", content=body, headers={"Content-Type": "application/json",
+                                                                  "Content-Encoding": encoding}), 415)
+    assert encoding in answer["error"] and "uncompressed" in answer["error"]
+    assert http.post("/generate", json={"dataset": "mnist", "n": 1}, headers={"Content-Encoding": "identity"}).status_code == 200
 
 # --- BentoML's own routes -----------------------------------------------------------------------------------
 

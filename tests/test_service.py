@@ -11,6 +11,8 @@ import concurrent.futures
 import gzip
 import json
 import re
+import socket
+import time
 import tomllib
 from pathlib import Path
 
@@ -183,6 +185,29 @@ def model_calls(http) -> float:
     match = re.search(r'^synthgen_model_calls_total\{[^}]*dataset="mnist"[^}]*model="cdcgan"[^}]*\} (\S+)$', text, re.M)
     return float(match.group(1)) if match else 0.0
 
+
+
+def images_made(http, dataset: str, model: str) -> float:
+    text = ok(http.get("/metrics")).text
+    match = re.search(rf'^synthgen_images_total\{{[^}}]*dataset="{dataset}"[^}}]*model="{model}"[^}}]*\}} (\S+)$', text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_a_client_that_goes_away_cancels_the_rows_of_its_request_not_yet_computed(server, http):
+    request = {"dataset": "bloodmnist_64", "model": "dcgan", "n": schemas.SETTINGS.max_n, "seed": 0}
+    started = time.monotonic()
+    ok(generate(http, **request))
+    whole_s = time.monotonic() - started
+    before, since = images_made(http, "bloodmnist_64", "dcgan"), len(server.log_text())
+    body = json.dumps(request).encode()
+    with socket.create_connection(server.url.removeprefix("http://").split(":"), timeout=30) as s:
+        s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    time.sleep(whole_s)  # as long as the whole request took
+    made = images_made(http, "bloodmnist_64", "dcgan") - before
+    assert made < request["n"] / 2, (made, whole_s)
+    assert "Client went away: cancelled /generate [POST]" in server.wait_for_log(lambda t: "went away" in t, since)
+    assert ok(generate(http, **{**request, "n": 4})).headers["x-count"] == "4"
 
 # --- labels -------------------------------------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ class ApiError(Exception):
 
     def detail_item(self, loc: list | None = None) -> dict:
         """This error as one `detail` entry, at `loc` (default: its field)."""
-        item = {"loc": loc if loc is not None else [self.field], "msg": self.message, "type": self.kind}
+        item = {"loc": short_loc(loc if loc is not None else [self.field]), "msg": self.message, "type": self.kind}
         if self.allowed is not None:
             item["allowed"] = self.allowed
         return item
@@ -49,6 +49,12 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 
 MAX_DETAIL = 10  # entries of one error body: a 10,000-item labels list of floats is one mistake, not 10,000
+MAX_KEY = 64  # characters of a client's key shown back: a 500 KB field name is not echoed whole
+
+
+def short_loc(loc: list) -> list:
+    """`loc` with each name cut to MAX_KEY characters ("..." marks a cut one); list indices as they are."""
+    return [k if not isinstance(k, str) or len(k) <= MAX_KEY else k[:MAX_KEY] + "..." for k in loc]
 
 
 def _allowed(prop: dict) -> list | dict:
@@ -125,7 +131,7 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
             continue  # a later branch's error about the whole field, after a precise one about one of its items
         if key[:1] in items and len(key) > 1 or kind == "too_long":
             items.pop(key[:1], None)  # a list item's or length's error is more precise than the field's
-        items[key] = {"loc": list(key), "msg": msg, "type": kind, **({"allowed": allowed} if allowed is not None else {})}
+        items[key] = {"loc": short_loc(list(key)), "msg": msg, "type": kind, **({"allowed": allowed} if allowed is not None else {})}
     detail = list(items.values())[:MAX_DETAIL]
     more = len(items) - len(detail)
     message = "; ".join(item["msg"] for item in detail) or "invalid request"

@@ -153,7 +153,7 @@ def repeated_key(body: bytes) -> ApiError | None:
     key, obj = repeats[0]
     if obj is parsed:
         return ApiError(400, f"{key[:64]!r} is given twice in the request body; give each field once",
-                        field=key[:64], kind="duplicate_key")
+                        field=key, kind="duplicate_key")
     parent = next((k for k, v in parsed.items() if v is obj), None) if isinstance(parsed, dict) else None
     return ApiError(400, f"{parent or 'the request body'}: {key[:64]!r} is given twice in one object; give each "
                          "key once", field=parent or "body", kind="duplicate_key")

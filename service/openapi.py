@@ -34,12 +34,12 @@ _ERRORS = {
     "401": "missing or wrong bearer token (only when the server sets SYNTHGEN_API_TOKEN)",
     "404": "unknown dataset or model: `datasets` lists what is served",
     "413": "the request body is over SYNTHGEN_MAX_BODY_BYTES",
-    "415": "the request body is not JSON",
+    "415": "the request body is not JSON, or is sent compressed (Content-Encoding)",
     "503": "the model failed its start-up check (until a restart: no Retry-After) or this call (Retry-After: "
            "worth retrying); the message says which",
     "504": "no response within the request timeout (300 s)",
 }
-_MODELS_ERRORS = ("400", "401", "415")
+_MODELS_ERRORS = ("400", "401", "413", "415")
 
 
 def _error_responses(codes) -> dict:

@@ -416,12 +416,20 @@ def test_an_unknown_field_lists_the_fields(http):
     assert body["detail"][0]["allowed"] == ["dataset", "model", "n", "labels", "seed", "temperature", "format"]
 
 
-def test_wrong_methods_and_unknown_routes_get_json_errors(http):
+def test_a_long_unknown_name_is_not_echoed_whole(http):
+    long_name = "x" * 100_000
+    for body in (error(generate(http, **MNIST, **{long_name: 1}), 400),
+                 error(generate(http, dataset="pneumoniamnist", labels={long_name: 1}), 400)):
+        assert len(json.dumps(body)) < 2_000 and body["detail"][0]["loc"][-1] == "x" * 64 + "..."
+
+
+def test_wrong_methods_and_unknown_routes_get_json_errors_without_detail(http):
     body = error(http.get("/generate"), 405)
-    assert "GET" in body["error"] and "POST" in body["error"]
-    error(http.put("/interpolate", json={}), 405)
+    assert "GET" in body["error"] and "POST" in body["error"] and "detail" not in body
+    assert "detail" not in error(http.put("/interpolate", json={}), 405)
     assert "GET, POST" in error(http.put("/models"), 405)["error"]
-    assert "/generate" in error(http.get("/no-such-route"), 404)["error"]
+    body = error(http.get("/no-such-route"), 404)
+    assert "/generate" in body["error"] and "detail" not in body
 
 
 @pytest.mark.parametrize("path, raw, field, key", [
@@ -508,6 +516,7 @@ def test_openapi_is_valid_and_documents_what_the_routes_answer(http):
     assert {"400", "401", "404", "413", "415", "503"} <= set(answers) and "500" not in answers
     assert answers["404"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert set(spec["paths"]["/models"]) == {"get", "post"}
+    assert {"401", "413", "415"} <= set(spec["paths"]["/models"]["post"]["responses"])  # it takes a (JSON) body too
     assert "securitySchemes" not in spec["components"]  # no SYNTHGEN_API_TOKEN, no auth to declare
     request = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert request["properties"]["n"]["nullable"] and not request["properties"]["dataset"].get("nullable")

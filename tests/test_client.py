@@ -223,6 +223,13 @@ def test_request_errors_and_a_model_that_failed_to_load_are_raised_at_once(answe
     assert info.value.status == answer.status_code and len(calls) == 1
 
 
+def test_a_read_timeout_is_raised_at_once_as_httpx_read_timeout():
+    client, calls = scripted_client([httpx.ReadTimeout("no answer in time"), npz_answer()])
+    with pytest.raises(httpx.ReadTimeout):
+        client.generate("mnist", n=1, seed=5)
+    assert len(calls) == 1
+
+
 def test_when_retries_run_out_the_last_failure_is_raised():
     client, calls = scripted_client([httpx.Response(504, text="gateway timeout")], retries=2)
     with pytest.raises(SynthError) as info:

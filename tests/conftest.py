@@ -105,6 +105,15 @@ def train_tiny(data_dir: Path | None, out: Path, dataset: str, model: str, steps
     return main(cfg)
 
 
+SERVER_FIXTURES = {"server", "url"}  # module fixtures that start a real `bentoml serve`
+
+
+def pytest_collection_modifyitems(items):
+    """A test that talks to a real server is an end-to-end test: marked slow (CI runs it; -m "not slow" skips it)."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 # The tiny zoo the service tests serve: one conditional and one unconditional 28x28 model, one 64x64 RGB model.
 TINY_ZOO = (("mnist", "cdcgan"), ("mnist", "mlp_vae"), ("bloodmnist_64", "dcgan"), ("pneumoniamnist", "cvae"))
 FLOAT16_WEIGHTS = {("mnist", "cdcgan")}  # exported with float16 weights, so the serving tests cover both storages

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import run as bench
 from service.config import Settings
 
@@ -14,6 +16,7 @@ SERVING = (("mnist", "cdcgan", {"width": 16}),)  # one model keeps the test well
 TRAINING = (("mnist", "cdcgan", {"width": 32}),)
 
 
+@pytest.mark.slow
 def test_quick_benchmark_writes_the_expected_json(tmp_path):
     out = tmp_path / "bench.json"
     result = bench.run(quick=True, serving_models=SERVING, training_models=TRAINING, workdir=tmp_path, out=out)

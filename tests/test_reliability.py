@@ -20,6 +20,7 @@ import pytest
 from service import encoders
 from service_harness import REPO, run_serve_expecting_failure, start
 
+pytestmark = pytest.mark.slow  # every test here starts `bentoml serve`
 TOKEN = "test-token-3f9c"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
@@ -213,7 +214,6 @@ def test_the_readme_override_turns_off_bentomls_access_log_and_the_default_keeps
         quiet.stop()
 
 
-@pytest.mark.slow
 def test_two_workers_give_the_same_bytes_and_count_their_images_together(exported_dir, tmp_path):
     """deploy/ runs SYNTHGEN_WORKERS=2: both workers serve, a seed's bytes do not depend on which one answers,
     and /metrics adds up the images of both."""

@@ -192,13 +192,13 @@ def test_runs_as_bentomls_non_root_user_read_only(deployment, container):
     ctx = container["securityContext"]
     assert ctx["allowPrivilegeEscalation"] is False
     assert ctx["capabilities"]["drop"] == ["ALL"]
-    if ctx.get("readOnlyRootFilesystem"):
-        # BentoML writes its home (store, Prometheus multiprocess files): it must sit on a mounted volume.
-        home = _env(container)["BENTOML_HOME"]["value"]
-        mounts = [m["mountPath"] for m in container["volumeMounts"]]
-        assert any(home == m or home.startswith(m.rstrip("/") + "/") for m in mounts), (home, mounts)
-        volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
-        assert {m["name"] for m in container["volumeMounts"]} <= volumes
+    assert ctx["readOnlyRootFilesystem"] is True
+    # BentoML writes its home (store, Prometheus multiprocess files): it must sit on a mounted volume.
+    home = _env(container)["BENTOML_HOME"]["value"]
+    mounts = [m["mountPath"] for m in container["volumeMounts"]]
+    assert any(home == m or home.startswith(m.rstrip("/") + "/") for m in mounts), (home, mounts)
+    volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} <= volumes
 
 
 def test_resources_and_shutdown(deployment, container):

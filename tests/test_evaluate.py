@@ -221,13 +221,15 @@ def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, ca
     assert not (classifiers / "mnist.pt").exists()
 
 
-def test_evaluation_is_reproducible_and_uses_the_cache(zoo, data_dir, tmp_path):
+def test_evaluation_is_reproducible_and_uses_the_cache(zoo, data_dir, tmp_path, capsys):
     settings = ev.Settings.quick_mode(augmentation=False)
     kwargs = dict(data_dir=data_dir, classifier_dir=tmp_path / "classifiers", report_dir=None)
     (_, first), = ev.run([zoo / "mnist/cdcgan"], settings, **kwargs)
     assert first["protocol"]["classifier"]["cache"].endswith("quick/mnist.pt")
+    assert "training the reference classifier" in capsys.readouterr().err
     card = json.loads((zoo / "mnist/cdcgan/card.json").read_text())
     (_, second), = ev.run([zoo / "mnist/cdcgan"], settings, write_card=False, **kwargs)
+    assert "training the reference classifier" not in capsys.readouterr().err  # read from the cache
     for key in ("fid", "fid_floor", "precision", "recall", "label_fidelity", "cas", "cas_real"):
         assert first[key] == second[key], key
     assert json.loads((zoo / "mnist/cdcgan/card.json").read_text()) == card  # write_card=False leaves it alone
@@ -272,11 +274,17 @@ def test_an_evaluation_at_another_temperature_writes_its_own_report_and_leaves_t
             ev.main([str(zoo / "mnist/cdcgan"), "--quick", *sizes])
 
 
-def test_fractions_parser():
-    assert ev._floats("1%,10%,100%") == (0.01, 0.1, 1.0)
-    assert ev._floats("0.25, 1") == (0.25, 1.0)
-    with pytest.raises(Exception):
-        ev._floats("0,2")
+@pytest.mark.parametrize("given, expected", [("1%,10%,100%", (0.01, 0.1, 1.0)), ("0.25, 1", (0.25, 1.0))])
+def test_fractions_are_numbers_or_percentages(given, expected):
+    assert ev.build_parser().parse_args(["x", "--fractions", given]).fractions == expected
+
+
+@pytest.mark.parametrize("given, message", [("0,2", "fractions must be in (0, 1]"), ("half", "numbers or percentages")])
+def test_bad_fractions_are_a_usage_error_naming_the_rule(given, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["x", "--fractions", given])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_all_skips_models_whose_data_is_missing(zoo, data_dir, tmp_path, capsys):

@@ -320,6 +320,19 @@ def test_interpolation_label_on_an_unconditional_model_gives_400(http):
     assert named_fields(body) == {"label"}
 
 
+
+@pytest.mark.parametrize("field, value, allowed", [
+    ("steps", 1, {"minimum": 2, "maximum": schemas.SETTINGS.max_steps}),
+    ("steps", schemas.SETTINGS.max_steps + 1, {"minimum": 2, "maximum": schemas.SETTINGS.max_steps}),
+    ("method", "cubic", ["slerp", "lerp"]), ("seed_start", -1, {"minimum": 0}), ("seed_end", 2**63, {"maximum": 2**63 - 1}),
+    ("label", "not-a-digit", [str(i) for i in range(10)]), ("format", "gif", ["npz", "png_grid", "zip", "json"]),
+])
+def test_a_bad_interpolation_field_gives_400_naming_it_and_what_it_allows(http, field, value, allowed):
+    body = error(http.post("/interpolate", json={**MNIST, field: value}), 400)
+    assert named_fields(body) == {field}
+    given = body["detail"][0]["allowed"]
+    assert given == allowed if isinstance(allowed, list) else allowed.items() <= given.items(), given
+
 # --- errors -------------------------------------------------------------------------------------------------
 
 def test_unknown_dataset_gives_404_listing_datasets(http):

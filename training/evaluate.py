@@ -940,7 +940,7 @@ def _parse_fraction(text: str) -> float:
     return float(text[:-1]) / 100 if text.endswith("%") else float(text)
 
 
-def main(argv=None) -> list[tuple[str, dict]]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dirs", nargs="*", help="exported model folders (holding card.json and generator.onnx)")
     parser.add_argument("--all", action="store_true", help="evaluate every model in <exported-dir>/manifest.json")
@@ -979,6 +979,11 @@ def main(argv=None) -> list[tuple[str, dict]]:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch / ONNX Runtime threads (default: 1; on a CPU shared with training jobs more threads "
                              "oversubscribe it and run several times slower)")
+    return parser
+
+
+def main(argv=None) -> list[tuple[str, dict]]:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

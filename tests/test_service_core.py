@@ -554,7 +554,9 @@ def test_npz_is_byte_for_byte_what_zipfile_and_numpy_write(batch):
     reference = io.BytesIO()
     with zipfile.ZipFile(reference, mode="w", compression=zipfile.ZIP_STORED) as archive:
         for key, value in arrays.items():
-            with archive.open(encoders._zip_entry(f"{key}.npy"), "w") as f:
+            entry = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            entry.external_attr = 0o644 << 16
+            with archive.open(entry, "w") as f:
                 np.lib.format.write_array(f, value, allow_pickle=False)
     assert encoders.encode_npz(batch) == reference.getvalue()
     assert encoders._encode_npz_with_zipfile(encoders._npz_arrays(batch)) == reference.getvalue()

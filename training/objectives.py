@@ -20,7 +20,7 @@ from .augment import DiffAugment
 from .config import TrainConfig
 from .models.gan import MinibatchStd, class_grouped_order
 from .models.vae import reparameterize
-from .sampling import unwrap
+from .sampling import uncompiled, unwrap
 
 R1_EVERY = 16  # steps between lazy R1 steps (StyleGAN2's lazy regularisation interval for D)
 
@@ -355,7 +355,7 @@ class WGANGPObjective(Objective):
         with torch.no_grad():
             fake = self.G(z, y)
         wasserstein = self.D(fake, y).mean() - self.D(real, y).mean()  # critic in fp32: the GP needs it
-        gp = gradient_penalty(self.D, real, fake, y)
+        gp = gradient_penalty(uncompiled(self.D), real, fake, y)  # a double backward: not through torch.compile
         loss_c = wasserstein + self.cfg.gp_weight * gp
         opt_c.zero_grad(set_to_none=True)
         loss_c.backward()

@@ -15,6 +15,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module behind a torch.compile wrapper (still inside DistributedDataParallel when it is): for a double
+    backward, which torch.compile's autograd does not support."""
+    return getattr(model, "_orig_mod", model)
+
+
 def noise_dim(model: nn.Module) -> int:
     """Width of the standard normal noise `model.generate` takes: its latent_dim, or the noise_dim of a VAE
     whose fitted mixture prior (`models/prior.py`) adds a component coordinate."""

@@ -91,8 +91,8 @@ def test_a_run_given_its_data_by_the_environment_records_that_folder(data_dir, t
 
 
 @pytest.mark.parametrize("model", ["wgan_gp", "cdcgan"])
-def test_compiled_training_runs_for_a_gan_and_for_wgan_gp_whose_penalty_is_a_double_backward(model, data_dir, tmp_path,
-                                                                                      monkeypatch):
+def test_compiled_training_runs_for_a_gan_and_for_wgan_gp_whose_penalty_is_a_double_backward(
+        model, data_dir, tmp_path, monkeypatch):
     compile_ = torch.compile  # aot_eager: torch.compile's autograd (what refuses a double backward) without codegen
     monkeypatch.setattr(torch, "compile", lambda module, **kw: compile_(module, backend="aot_eager", **kw))
     out = train_tiny(data_dir, tmp_path / "run", "mnist", model, steps=2, compile=True)

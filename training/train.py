@@ -367,15 +367,18 @@ def _check_resume_matches(state: dict, cfg: TrainConfig) -> None:
 
 def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
     """Resume the discriminator; a class head, twin head or latent encoder the checkpoint lacks
-    (--aux-classifier, --twin-classifier or --reconstruction added on resume) starts fresh."""
+    (--aux-classifier, --twin-classifier or --reconstruction added on resume) starts fresh, and one the run no
+    longer trains (the flag left out on resume) is dropped with its optimiser state."""
     missing, unexpected = discriminator.load_state_dict(weights, strict=False)
-    heads = {"classifier.": "class head; --aux-classifier", "twin_classifier.": "twin head; --twin-classifier",
-             "encoder.": "latent encoder; --reconstruction"}
-    if unexpected or any(not key.startswith(tuple(heads)) for key in missing):
+    heads = {"classifier.": "class head (--aux-classifier)", "twin_classifier.": "twin head (--twin-classifier)",
+             "encoder.": "latent encoder (--reconstruction)"}
+    if any(not key.startswith(tuple(heads)) for key in missing + unexpected):
         raise RuntimeError(f"checkpoint does not match the discriminator: missing {missing}, unexpected {unexpected}")
     for prefix, what in heads.items():
         if is_main and any(key.startswith(prefix) for key in missing):
-            print(f"resume: the checkpoint has no {what} starts one fresh", flush=True)
+            print(f"resume: the checkpoint has no {what}: this run starts one fresh", flush=True)
+        if is_main and any(key.startswith(prefix) for key in unexpected):
+            print(f"resume: this run does not train the checkpoint's {what}: its weights are dropped", flush=True)
 
 
 def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: str) -> list[dict]:

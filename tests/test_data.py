@@ -1,6 +1,8 @@
 """Promises of training/data.py: every dataset loads from files of its real format, and a missing file says how to fix it."""
 
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +128,23 @@ def test_a_medmnist_file_without_the_split_arrays_lists_what_it_holds(tmp_path):
     (tmp_path / "bloodmnist.npz").write_bytes(b"hello")  # numpy would call it a pickle and suggest loading it unsafely
     with pytest.raises(DataFormatError, match=r"not a readable .npz file \(not a zip archive\)$"):
         load_dataset("bloodmnist", "train", tmp_path)
+
+
+def test_a_truncated_medmnist_file_is_refused_naming_it(tmp_path):
+    whole = tmp_path / "whole.npz"
+    np.savez(whole, **_official_bloodmnist(64))
+    (tmp_path / "bloodmnist.npz").write_bytes(whole.read_bytes()[:5000])
+    with pytest.raises(DataFormatError, match=r"bloodmnist.npz: not a readable .npz file \("):
+        load_dataset("bloodmnist", "train", tmp_path)
+
+
+def test_a_truncated_gzipped_idx_file_is_refused_naming_it_and_leaves_nothing_in_the_cache(data_dir, tmp_path):
+    shutil.copytree(data_dir / "MNIST", tmp_path / "MNIST")
+    images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:len(images.read_bytes()) // 2])
+    with pytest.raises(DataFormatError, match="train-images-idx3-ubyte.gz: not a readable gzip file"):
+        load_dataset("mnist", "train", tmp_path)
+    assert not list(Path(os.environ["SYNTHGEN_CACHE_DIR"]).rglob("*.tmp"))
 
 
 def test_an_empty_split_is_refused_naming_the_file(tmp_path):

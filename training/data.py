@@ -25,6 +25,8 @@ import hashlib
 import os
 import shutil
 import warnings
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,8 +216,13 @@ def _decompressed_copy(raw: Path, cls_name: str) -> Path:
         if out.exists():
             continue
         tmp = out.with_suffix(f".{os.getpid()}.tmp")  # per process: two runs may fill the cache at once
-        with (gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")) as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
+        try:
+            with (gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        except (EOFError, OSError, zlib.error) as err:  # truncated, or not gzip (gzip.BadGzipFile is an OSError)
+            tmp.unlink(missing_ok=True)
+            raise DataFormatError(f"{source}: not a readable gzip file ({err}); replace it with the published "
+                                  "file") from None
         tmp.replace(out)
     return root
 
@@ -254,7 +261,7 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
         raise DataFormatError(f"{path}: no '{split}_images' and '{split}_labels' arrays; it holds {found}, an "
                               f"official MedMNIST file holds {[f'{s}_{a}' for s in SPLITS for a in ('images', 'labels')]}"
                               ) from None
-    except (ValueError, OSError) as err:  # not an npz archive at all (truncated, or another format)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # not a whole npz (truncated, another format)
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # numpy reads anything else as a pickle, and says so
         raise DataFormatError(f"{path}: not a readable .npz file " + (f"({err})" if is_zip else "(not a zip archive)")

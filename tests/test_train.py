@@ -728,6 +728,10 @@ def test_an_export_never_replaces_an_exported_model_without_overwrite(data_dir, 
     not_a_folder = subprocess.run([sys.executable, "-m", "training.export", str(run), "--out", str(tmp_path / "afile")],
                                   cwd=REPO, capture_output=True, text=True, timeout=300)
     assert not_a_folder.returncode == 2 and "is a file, not a folder" in not_a_folder.stderr
+    twin = train_tiny(data_dir, tmp_path / "twin", "mnist", "mlp_gan", steps=1)
+    both = subprocess.run([sys.executable, "-m", "training.export", str(run), str(twin), "--out", str(tmp_path / "two"),
+                           "--overwrite"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert both.returncode == 2 and "would both export to" in both.stderr and not (tmp_path / "two").exists()
 
 
 def test_the_training_commands_end_a_users_mistake_in_one_line_without_a_traceback(tmp_path, capsys):

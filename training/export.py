@@ -340,9 +340,14 @@ def main() -> None:
     args = parser.parse_args()
     if Path(args.out).exists() and not Path(args.out).is_dir():
         parser.error(f"--out: {args.out} is a file, not a folder")
+    targets: dict[Path, str] = {}
     for run_dir in args.run_dirs:
         target = export_target(run_dir, args.out, args.from_exported)
         if target is not None:
+            if target in targets:  # the second would replace the first, --overwrite or not
+                parser.error(f"{targets[target]} and {run_dir} would both export to {target}; export them to "
+                             "different --out folders")
+            targets[target] = run_dir
             refuse_to_replace(parser, target, args.overwrite, "give another --out")
     for run_dir in args.run_dirs:
         if args.from_exported:

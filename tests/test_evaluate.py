@@ -350,7 +350,7 @@ def test_our_fid_inception_gives_pytorch_fids_features_on_the_same_weights(incep
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_missing_or_wrong_inception_weights_file_is_named(data_dir, tmp_path):
+def test_a_missing_or_wrong_inception_weights_file_is_named_before_any_work(data_dir, tmp_path, capsys):
     from training.inception_fid import load_fid_inception
 
     with pytest.raises(FileNotFoundError, match="--inception-weights: no file at .*pt_inception"):
@@ -359,8 +359,11 @@ def test_a_missing_or_wrong_inception_weights_file_is_named(data_dir, tmp_path):
     torch.save(ev.Classifier(1, 28, 10).state_dict(), wrong)
     with pytest.raises(ValueError, match="is not the FID Inception weights"):
         load_fid_inception(wrong)
-    with pytest.raises(SystemExit):
-        ev.main(["--all", "--quick", "--data-dir", str(data_dir), "--inception-weights", str(tmp_path / "missing.pth")])
+    for weights in (tmp_path / "missing.pth", wrong):
+        with pytest.raises(SystemExit) as stop:
+            ev.main(["--all", "--quick", "--data-dir", str(data_dir), "--inception-weights", str(weights)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "--inception-weights" in err and "Traceback" not in err
 
 
 @pytest.mark.slow

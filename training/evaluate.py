@@ -999,8 +999,13 @@ def main(argv=None) -> list[tuple[str, dict]]:
                          "RUN_DIR --out DIR writes DIR/<dataset>/<model>/), not training run folders")
     if not 0.0 <= args.temperature <= 2.0:
         parser.error(f"--temperature: {args.temperature:g} is outside 0..2, the service's range")
-    if args.inception_weights and not Path(args.inception_weights).is_file():
-        parser.error(f"--inception-weights: no file at {args.inception_weights}")
+    if args.inception_weights:
+        from .inception_fid import load_fid_inception
+
+        try:
+            load_fid_inception(args.inception_weights)  # a wrong file stops here, not after the evaluation's work
+        except (FileNotFoundError, ValueError) as err:
+            parser.error(str(err))
     common = dict(label_mix=args.label_mix, synthetic_share=args.synthetic_share, augmentation=args.augmentation,
                   fractions=args.fractions, classifier_epochs=args.classifier_epochs,
                   inception_weights=args.inception_weights, temperature=args.temperature)

@@ -185,6 +185,19 @@ def _verify_manifest(root):
     return manifest
 
 
+def test_quick_never_replaces_a_full_evaluation_on_a_card(zoo, tmp_path, capsys):
+    model = tmp_path / "mnist" / "cdcgan"
+    shutil.copytree(zoo / "mnist/cdcgan", model)
+    card = json.loads((model / "card.json").read_text())
+    card["metrics"] = {"fid": 2.5, "protocol": {"quick": False}}
+    (model / "card.json").write_text(json.dumps(card))
+    before = (model / "card.json").read_text()
+    with pytest.raises(SystemExit) as stop:
+        ev.main([str(model), "--quick"])
+    assert stop.value.code == 2 and "add --no-card" in capsys.readouterr().err
+    assert (model / "card.json").read_text() == before
+
+
 def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, capsys):
     classifiers, reports = tmp_path / "classifiers", tmp_path / "eval"
     results = ev.main(["--all", "--exported-dir", str(zoo), "--quick", "--data-dir", str(data_dir),

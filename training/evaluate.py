@@ -940,6 +940,16 @@ def _parse_fraction(text: str) -> float:
     return float(text[:-1]) / 100 if text.endswith("%") else float(text)
 
 
+def _evaluated_in_full(model_dir: Path) -> bool:
+    """Whether the card in model_dir holds metrics of a full (not --quick) evaluation."""
+    try:
+        metrics = json.loads((model_dir / CARD).read_text()).get("metrics") or {}
+    except (OSError, ValueError):
+        return False
+    protocol = metrics.get("protocol") or {}
+    return bool(protocol) and not protocol.get("quick", False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dirs", nargs="*", help="exported model folders (holding card.json and generator.onnx)")
@@ -1015,6 +1025,10 @@ def main(argv=None) -> list[tuple[str, dict]]:
         if sizes:
             parser.error(f"--quick sets its own tiny sizes (1 seed, 64 images); drop "
                          f"{', '.join(flag(name) for name in sizes)} or --quick")
+        fully_evaluated = [str(d) for d in model_dirs if not args.no_card and _evaluated_in_full(Path(d))]
+        if fully_evaluated:
+            parser.error(f"--quick would replace the full evaluation on the card of {', '.join(fully_evaluated)} "
+                         "with meaningless numbers; add --no-card (report only)")
         settings = Settings.quick_mode(**common)
     else:
         settings = Settings(**sizes, **common)  # the rest keep Settings' defaults

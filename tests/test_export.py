@@ -155,8 +155,26 @@ def test_a_re_export_keeps_the_metrics_of_the_same_model_only(data_dir, tmp_path
     card = json.loads(card_path.read_text())
     card["metrics"] = {"fid": 1.0}  # as training.evaluate writes them
     card_path.write_text(json.dumps(card))
-    assert json.loads(card_path.read_text())["metrics"] == {"fid": 1.0}
     export_run(run_a, tmp_path / "exported")  # same run again: same ONNX bytes, the metrics still hold
     assert json.loads(card_path.read_text())["metrics"] == {"fid": 1.0}
     export_run(run_b, tmp_path / "exported")  # another model in the same place: they do not
     assert json.loads(card_path.read_text())["metrics"] == {}
+
+
+def test_an_export_that_fails_its_parity_check_leaves_the_model_already_there_as_it_was(data_dir, tmp_path,
+                                                                                          monkeypatch):
+    import training.export
+
+    run_a = train_tiny(data_dir, tmp_path / "a", "mnist", "mlp_gan", steps=1)
+    run_b = train_tiny(data_dir, tmp_path / "b", "mnist", "mlp_gan", steps=1, seed=1)
+    out = export_run(run_a, tmp_path / "exported")
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def failing_parity(*args):
+        raise AssertionError("ONNX Runtime differs from eager by 1e-3")
+
+    monkeypatch.setattr(training.export, "check_parity", failing_parity)
+    with pytest.raises(AssertionError, match="differs from eager"):
+        export_run(run_b, tmp_path / "exported")
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["mlp_gan"]  # no staging folder left

@@ -27,6 +27,8 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -224,7 +226,10 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
     cfg, info = state["config"], state["dataset_info"]
     family = MODEL_FAMILIES[cfg["model"]]
     out = Path(out_root) / info["id"] / cfg["model"]
-    out.mkdir(parents=True, exist_ok=True)
+    # The files are written and checked beside the folder, and replace its files only once they pass: an export
+    # that fails its parity check leaves a model already there as it was.
+    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
 
     module = inference_module(model)
     inputs = example_inputs(model, 4)
@@ -236,16 +241,22 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
         storage["max_abs_weight_change"] = store_weights_in_float16(module)
         with torch.inference_mode():
             storage["max_abs_output_change"] = float((module(*probe) - before).abs().max())  # 64 samples, [0, 1] scale
-    export_onnx(module, inputs, out / ONNX_FILE)
-    export_torchscript(module, inputs, out / TORCHSCRIPT_FILE)
-    parity = check_parity(module, out / ONNX_FILE, out / TORCHSCRIPT_FILE, model)
-
-    per_class = 10
-    labels = class_rows(len(info["classes"]), per_class) if family.conditional else None
-    grid = sample(module.model, len(info["classes"]) * per_class if family.conditional else 64, labels, torch.Generator().manual_seed(0))
-    save_grid(grid, out / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
-
     files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
+    try:
+        export_onnx(module, inputs, staging / ONNX_FILE)
+        export_torchscript(module, inputs, staging / TORCHSCRIPT_FILE)
+        parity = check_parity(module, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, model)
+        per_class = 10
+        labels = class_rows(len(info["classes"]), per_class) if family.conditional else None
+        grid = sample(module.model, len(info["classes"]) * per_class if family.conditional else 64, labels,
+                      torch.Generator().manual_seed(0))
+        save_grid(grid, staging / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in files.values():
+            (staging / name).replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
     card = {
         "format": "synthgen-card/1",
         "dataset": info["id"],

@@ -23,6 +23,7 @@ Writes generator.onnx, generator.pt, samples.png (one row per class), card.json,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -218,6 +219,22 @@ def rebuild_from_exported(model_dir: str | Path) -> tuple[nn.Module, dict]:
     return generator.eval(), state
 
 
+@contextlib.contextmanager
+def staged(out: Path, names):
+    """A folder beside `out` to write and check the files `names` in. They replace out's files when the block
+    ends without an error and vanish when it raises, so an export that fails its checks leaves a model already
+    in `out` as it was."""
+    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
+    staging.mkdir(parents=True, exist_ok=True)
+    try:
+        yield staging
+        out.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (staging / name).replace(out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported", weights: str = "float32") -> Path:
     """Export a generator or VAE with its checkpoint record (`load_checkpoint`, `rebuild_from_exported`) to
     out_root/<dataset>/<model>/ and refresh the manifest; returns that folder."""
@@ -226,10 +243,6 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
     cfg, info = state["config"], state["dataset_info"]
     family = MODEL_FAMILIES[cfg["model"]]
     out = Path(out_root) / info["id"] / cfg["model"]
-    # The files are written and checked beside the folder, and replace its files only once they pass: an export
-    # that fails its parity check leaves a model already there as it was.
-    staging = out.with_name(f".{out.name}.export-{os.getpid()}")
-    staging.mkdir(parents=True, exist_ok=True)
 
     module = inference_module(model)
     inputs = example_inputs(model, 4)
@@ -242,7 +255,7 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
         with torch.inference_mode():
             storage["max_abs_output_change"] = float((module(*probe) - before).abs().max())  # 64 samples, [0, 1] scale
     files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
-    try:
+    with staged(out, files.values()) as staging:
         export_onnx(module, inputs, staging / ONNX_FILE)
         export_torchscript(module, inputs, staging / TORCHSCRIPT_FILE)
         parity = check_parity(module, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, model)
@@ -251,11 +264,6 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
         grid = sample(module.model, len(info["classes"]) * per_class if family.conditional else 64, labels,
                       torch.Generator().manual_seed(0))
         save_grid(grid, staging / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in files.values():
-            (staging / name).replace(out / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
     card = {
         "format": "synthgen-card/1",

@@ -45,7 +45,7 @@ from torch import nn
 from .cli import UsageError, user_errors_exit
 from . import latent_prior
 from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
-                     refuse_to_replace, write_card)
+                     refuse_to_replace, staged, write_card)
 from .manifest import CARD, sha256_of
 from .sampling import class_rows, save_grid
 
@@ -207,27 +207,26 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
     out = Path(out_root) / first["dataset"] / name
     if any(out.resolve() == d.resolve() for d in member_dirs):
         raise UsageError(f"--name {name} would overwrite a member's folder")
-    out.mkdir(parents=True, exist_ok=True)
 
     members = [torch.jit.load(str(d / card["files"]["torchscript"])).eval() for d, card in zip(member_dirs, cards)]
     num_classes = len(first["classes"]) if conditional else 0
     mixture = MemberMixture(members, latent_dims, noise_scales, thresholds, num_classes,
                             tuple(first["image_shape"])).eval().requires_grad_(False)
     onnx_members = [onnx.load(str(d / card["files"]["onnx"])) for d, card in zip(member_dirs, cards)]
-    onnx.save(compose_onnx(onnx_members, latent_dims, noise_scales, thresholds, conditional, tuple(first["image_shape"])),
-              str(out / ONNX_FILE))
-    export_torchscript(mixture, example_inputs(mixture, 4), out / TORCHSCRIPT_FILE)
-    parity = check_parity(mixture, out / ONNX_FILE, out / TORCHSCRIPT_FILE, mixture)  # against the members' modules
-
-    per_class = 10
-    n_grid = num_classes * per_class if conditional else 64
-    noise = torch.randn(n_grid, mixture.noise_dim, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        grid = mixture(noise, class_rows(num_classes, per_class)) if conditional else mixture(noise)
-    save_grid(grid.clamp(0, 1), out / SAMPLES_FILE, nrow=per_class if conditional else 8)
+    files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
+    with staged(out, files.values()) as staging:
+        onnx.save(compose_onnx(onnx_members, latent_dims, noise_scales, thresholds, conditional,
+                               tuple(first["image_shape"])), str(staging / ONNX_FILE))
+        export_torchscript(mixture, example_inputs(mixture, 4), staging / TORCHSCRIPT_FILE)
+        parity = check_parity(mixture, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, mixture)  # against the members'
+        per_class = 10
+        n_grid = num_classes * per_class if conditional else 64
+        noise = torch.randn(n_grid, mixture.noise_dim, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            grid = mixture(noise, class_rows(num_classes, per_class)) if conditional else mixture(noise)
+        save_grid(grid.clamp(0, 1), staging / SAMPLES_FILE, nrow=per_class if conditional else 8)
 
     storages = {card.get("weights", {}).get("storage", "float32") for card in cards}
-    files = {"onnx": ONNX_FILE, "torchscript": TORCHSCRIPT_FILE, "samples": SAMPLES_FILE}
     card = {
         "format": "synthgen-card/1",
         "dataset": first["dataset"],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -87,6 +88,8 @@ class MicroBatcher:
             return await job.future
         except asyncio.CancelledError:
             job.cancelled = True  # the client went away: skip the rows not yet computed
+            with contextlib.suppress(ValueError):  # and free its latents now, not when the queue reaches it
+                self._pending.remove(job)
             raise
 
     def _ensure_worker(self) -> None:

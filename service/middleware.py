@@ -20,6 +20,8 @@ import hmac
 import json
 import logging
 import re
+import time
+from collections.abc import Callable
 
 from .errors import ApiError, error_response, validation_error_body
 
@@ -30,12 +32,14 @@ logger = logging.getLogger("bentoml.synthgen.middleware")
 
 
 class GuardMiddleware:
-    """ASGI middleware; `token` None disables auth, `max_body_bytes` bounds every request body."""
+    """ASGI middleware; `token` None disables auth, `max_body_bytes` bounds every request body, `on_cancel`
+    counts the requests cancelled because their client went away."""
 
-    def __init__(self, app, token: str | None, max_body_bytes: int):
+    def __init__(self, app, token: str | None, max_body_bytes: int, on_cancel: Callable[[str], None] | None = None):
         self.app = app
         self.expected = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
+        self.on_cancel = on_cancel  # told the path of each request cancelled because its client went away
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
@@ -106,7 +110,7 @@ class GuardMiddleware:
                 complete = True
             await send(message)
 
-        request_task, disconnected = asyncio.current_task(), False
+        request_task, disconnected, started = asyncio.current_task(), False, time.perf_counter()
 
         async def watch():
             nonlocal disconnected
@@ -121,7 +125,11 @@ class GuardMiddleware:
         except asyncio.CancelledError:
             # ours alone (not also the timeout's, which TimeoutMiddleware answers with a 504): the request ends here
             if disconnected and request_task.uncancel() == 0:
-                logger.info("Client went away: cancelled %s [%s]", scope["path"], scope["method"])
+                client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "a client"
+                logger.info("Client went away: cancelled %s [%s] from %s after %.3f s", scope["path"], scope["method"],
+                            client, time.perf_counter() - started)
+                if self.on_cancel is not None:
+                    self.on_cancel(scope["path"])
                 return
             raise
         finally:
@@ -155,8 +163,9 @@ def repeated_key(body: bytes) -> ApiError | None:
         return ApiError(400, f"{key[:64]!r} is given twice in the request body; give each field once",
                         field=key, kind="duplicate_key")
     parent = next((k for k, v in parsed.items() if v is obj), None) if isinstance(parsed, dict) else None
-    return ApiError(400, f"{parent or 'the request body'}: {key[:64]!r} is given twice in one object; give each "
-                         "key once", field=parent or "body", kind="duplicate_key")
+    where = parent[:64] if parent else "the request body"
+    return ApiError(400, f"{where}: {key[:64]!r} is given twice in one object; give each key once",
+                    field=parent or "body", kind="duplicate_key")
 
 
 VALIDATION_ERROR = re.compile(r"^\d+ validation errors? for ")

@@ -61,6 +61,9 @@ MODEL_CALLS = bentoml.metrics.Counter(name="synthgen_model_calls", labelnames=["
                                       documentation="Model calls; concurrent requests share calls (micro-batching)")
 IMAGES = bentoml.metrics.Counter(name="synthgen_images", labelnames=["dataset", "model"],
                                  documentation="Images generated")
+CANCELLED = bentoml.metrics.Counter(name="synthgen_requests_cancelled", labelnames=["route"],
+                                    documentation="Requests whose client went away before the answer was complete "
+                                                  "(their work not yet done is skipped; no access-log line)")
 
 
 class MemoryBudget:
@@ -84,6 +87,22 @@ class MemoryBudget:
             async with self._cond:
                 self.used -= nbytes
                 self._cond.notify_all()
+
+
+def count_cancelled(path: str) -> None:
+    """One more request whose client went away, by route (any other path as "other": labels stay few)."""
+    CANCELLED.labels(route=path if path in ("/generate", "/interpolate", "/models") else "other").inc()
+
+
+async def thread_work(future: asyncio.Future):
+    """The result of work running on an executor thread. A request cancelled meanwhile (its client went away)
+    still waits for the thread to finish before it ends, so that the memory it reserved is not given to another
+    request while the thread is still using it."""
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
 
 
 def nothing_servable(catalog) -> str:
@@ -258,7 +277,8 @@ class SyntheticImages:
             if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
                 body = encode(batch, fmt)
             else:
-                body = await asyncio.get_running_loop().run_in_executor(self.encoders, encode, batch, fmt, columns)
+                body = await thread_work(asyncio.get_running_loop().run_in_executor(self.encoders, encode, batch, fmt,
+                                                                                    columns))
             del images, batch
         headers = {"X-Dataset": entry.dataset, "X-Model": entry.model, "X-Count": str(len(z)),
                    "Content-Disposition": f'{"inline" if fmt == "png_grid" else "attachment"}; '
@@ -331,6 +351,7 @@ class SyntheticImages:
 
 SyntheticImages.add_asgi_middleware(OpenApiDocs, spec=lambda: SyntheticImages.openapi_spec.asdict(),
                                     bearer=SETTINGS.api_token is not None)
-SyntheticImages.add_asgi_middleware(GuardMiddleware, token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes)
+SyntheticImages.add_asgi_middleware(GuardMiddleware, token=SETTINGS.api_token, max_body_bytes=SETTINGS.max_body_bytes,
+                                    on_cancel=count_cancelled)
 SyntheticImages.add_asgi_middleware(ErrorBodies, request_schemas={
     "/generate": schemas.GenerateRequest.model_json_schema(), "/interpolate": schemas.InterpolateRequest.model_json_schema()})

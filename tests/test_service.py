@@ -193,12 +193,17 @@ def images_made(http, dataset: str, model: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def cancelled(http) -> float:
+    match = re.search(r'^synthgen_requests_cancelled_total\{[^}]*route="/generate"[^}]*\} (\S+)$', ok(http.get("/metrics")).text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
 def test_a_client_that_goes_away_cancels_the_rows_of_its_request_not_yet_computed(server, http):
     request = {"dataset": "bloodmnist_64", "model": "dcgan", "n": schemas.SETTINGS.max_n, "seed": 0}
     started = time.monotonic()
     ok(generate(http, **request))
     whole_s = time.monotonic() - started
-    before, since = images_made(http, "bloodmnist_64", "dcgan"), len(server.log_text())
+    before, since, cancelled_before = images_made(http, "bloodmnist_64", "dcgan"), len(server.log_text()), cancelled(http)
     body = json.dumps(request).encode()
     with socket.create_connection(server.url.removeprefix("http://").split(":"), timeout=30) as s:
         s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -206,7 +211,9 @@ def test_a_client_that_goes_away_cancels_the_rows_of_its_request_not_yet_compute
     time.sleep(whole_s)  # as long as the whole request took
     made = images_made(http, "bloodmnist_64", "dcgan") - before
     assert made < request["n"] / 2, (made, whole_s)
-    assert "Client went away: cancelled /generate [POST]" in server.wait_for_log(lambda t: "went away" in t, since)
+    said = server.wait_for_log(lambda t: "went away" in t, since)
+    assert re.search(r"Client went away: cancelled /generate \[POST\] from 127\.0\.0\.1:\d+ after \d+\.\d+ s", said), said
+    assert cancelled(http) == cancelled_before + 1
     assert ok(generate(http, **{**request, "n": 4})).headers["x-count"] == "4"
 
 # --- labels -------------------------------------------------------------------------------------------------
@@ -434,6 +441,9 @@ def test_a_long_unknown_name_is_not_echoed_whole(http):
     for body in (error(generate(http, **MNIST, **{long_name: 1}), 400),
                  error(generate(http, dataset="pneumoniamnist", labels={long_name: 1}), 400)):
         assert len(json.dumps(body)) < 2_000 and body["detail"][0]["loc"][-1] == "x" * 64 + "..."
+    twice = b'{"dataset": "mnist", "%s": {"a": 1, "a": 2}}' % long_name.encode()
+    body = error(http.post("/generate", content=twice, headers={"Content-Type": "application/json"}), 400)
+    assert len(json.dumps(body)) < 2_000 and "twice" in body["error"]
 
 
 def test_wrong_methods_and_unknown_routes_get_json_errors_without_detail(http):

@@ -352,6 +352,50 @@ def test_a_slow_models_large_request_runs_as_calls_of_about_the_target_time():
     assert images.tobytes() == whole.tobytes()
 
 
+def test_a_cancelled_request_waiting_behind_another_frees_its_latents_at_once():
+    import gc
+    import weakref
+
+    async def cancelled_request(batcher: MicroBatcher, latents_freed: list) -> None:
+        z = latents(1, 640, 8)
+        latents_freed.append(lambda ref=weakref.ref(z): ref() is None)
+        request = asyncio.ensure_future(batcher.generate(z, np.zeros(640, dtype=np.int64)))
+        await asyncio.sleep(0.02)
+        request.cancel()
+        await asyncio.wait({request})
+
+    log = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(SlowRows("rows", 0.001, log), pool, 64, (1, 4, 4), merge=False)
+
+        async def scenario():
+            first = asyncio.ensure_future(batcher.generate(latents(0, 640, 8), np.zeros(640, dtype=np.int64)))
+            latents_freed = []
+            await cancelled_request(batcher, latents_freed)
+            gc.collect()
+            assert latents_freed[0]() and not first.done()  # freed while the first request still computes
+            await first
+
+        asyncio.run(scenario())
+    assert sum(rows for _, rows in log) == 640  # and none of its rows computed
+
+
+def test_a_cancelled_request_still_waits_for_its_thread_work_so_its_memory_is_not_handed_on_early():
+    from service.service import thread_work
+
+    with ThreadPoolExecutor(1) as pool:
+        async def scenario() -> float:
+            started = time.perf_counter()
+            task = asyncio.ensure_future(thread_work(asyncio.get_running_loop().run_in_executor(pool, time.sleep, 0.3)))
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return time.perf_counter() - started
+
+        assert asyncio.run(scenario()) >= 0.29
+
+
 def test_a_small_request_waits_for_one_short_call_of_a_large_request_not_all_of_it():
     """Every model shares the one inference thread: a request that arrives while another model computes a
     large request runs after that model's current call, which the call target keeps short."""

@@ -138,6 +138,18 @@ def test_a_truncated_medmnist_file_is_refused_naming_it(tmp_path):
         load_dataset("bloodmnist", "train", tmp_path)
 
 
+def test_a_damaged_compressed_medmnist_file_is_refused_naming_it(tmp_path):
+    arrays = _official_bloodmnist(64)
+    arrays["train_images"] = np.random.default_rng(0).integers(0, 256, (64, 28, 28, 3), dtype=np.uint8)
+    np.savez_compressed(tmp_path / "whole.npz", **arrays)
+    data = bytearray((tmp_path / "whole.npz").read_bytes())
+    start = data.index(b"train_images.npy") + 40  # into its deflate stream: zlib fails before any CRC check
+    data[start:start + 8] = bytes(b ^ 0xFF for b in data[start:start + 8])
+    (tmp_path / "bloodmnist.npz").write_bytes(bytes(data))
+    with pytest.raises(DataFormatError, match=r"bloodmnist.npz: not a readable .npz file"):
+        load_dataset("bloodmnist", "train", tmp_path)
+
+
 def test_a_truncated_gzipped_idx_file_is_refused_naming_it_and_leaves_nothing_in_the_cache(data_dir, tmp_path):
     shutil.copytree(data_dir / "MNIST", tmp_path / "MNIST")
     images = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte.gz"

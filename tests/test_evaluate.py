@@ -185,7 +185,7 @@ def _verify_manifest(root):
     return manifest
 
 
-def test_quick_never_replaces_a_full_evaluation_on_a_card(zoo, tmp_path, capsys):
+def test_quick_never_replaces_a_full_evaluation_on_a_card(zoo, data_dir, tmp_path, capsys):
     model = tmp_path / "mnist" / "cdcgan"
     shutil.copytree(zoo / "mnist/cdcgan", model)
     card = json.loads((model / "card.json").read_text())
@@ -195,6 +195,9 @@ def test_quick_never_replaces_a_full_evaluation_on_a_card(zoo, tmp_path, capsys)
     with pytest.raises(SystemExit) as stop:
         ev.main([str(model), "--quick"])
     assert stop.value.code == 2 and "add --no-card" in capsys.readouterr().err
+    assert (model / "card.json").read_text() == before
+    ev.main([str(model), "--quick", "--temperature", "0.5", "--no-augmentation", "--data-dir", str(data_dir),
+             "--classifier-dir", str(tmp_path / "c"), "--report-dir", str(tmp_path / "r")])  # writes no card: goes ahead
     assert (model / "card.json").read_text() == before
 
 

@@ -23,7 +23,6 @@ import argparse
 import gzip
 import hashlib
 import os
-import shutil
 import warnings
 import zipfile
 import zlib
@@ -218,11 +217,18 @@ def _decompressed_copy(raw: Path, cls_name: str) -> Path:
         tmp = out.with_suffix(f".{os.getpid()}.tmp")  # per process: two runs may fill the cache at once
         try:
             with (gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        except (EOFError, OSError, zlib.error) as err:  # truncated, or not gzip (gzip.BadGzipFile is an OSError)
+                while True:
+                    try:
+                        chunk = fin.read(1 << 20)
+                    except (EOFError, OSError, zlib.error) as err:  # truncated, or not gzip (BadGzipFile: an OSError)
+                        raise DataFormatError(f"{source}: not a readable gzip file ({err}); replace it with the "
+                                              "published file") from None
+                    if not chunk:
+                        break
+                    fout.write(chunk)  # an error here is the cache's (disk full, read-only), not the file's
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            raise DataFormatError(f"{source}: not a readable gzip file ({err}); replace it with the published "
-                                  "file") from None
+            raise
         tmp.replace(out)
     return root
 
@@ -261,7 +267,7 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
         raise DataFormatError(f"{path}: no '{split}_images' and '{split}_labels' arrays; it holds {found}, an "
                               f"official MedMNIST file holds {[f'{s}_{a}' for s in SPLITS for a in ('images', 'labels')]}"
                               ) from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:  # not a whole npz (truncated, another format)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # truncated, damaged, another format
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # numpy reads anything else as a pickle, and says so
         raise DataFormatError(f"{path}: not a readable .npz file " + (f"({err})" if is_zip else "(not a zip archive)")

@@ -1025,7 +1025,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
         if sizes:
             parser.error(f"--quick sets its own tiny sizes (1 seed, 64 images); drop "
                          f"{', '.join(flag(name) for name in sizes)} or --quick")
-        fully_evaluated = [str(d) for d in model_dirs if not args.no_card and _evaluated_in_full(Path(d))]
+        writes_cards = not args.no_card and args.temperature == 1.0  # run() writes no card at another temperature
+        fully_evaluated = [str(d) for d in model_dirs if writes_cards and _evaluated_in_full(Path(d))]
         if fully_evaluated:
             parser.error(f"--quick would replace the full evaluation on the card of {', '.join(fully_evaluated)} "
                          "with meaningless numbers; add --no-card (report only)")

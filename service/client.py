@@ -297,12 +297,14 @@ class SynthClient:
     def models(self) -> dict:
         return self._post("/models", {}).json()
 
-    def interpolate(self, dataset: str, seed_start: int = 0, seed_end: int = 1, steps: int = 8,
+    def interpolate(self, dataset: str, seed_start: int = 0, seed_end: int = 1, steps: int | None = None,
                     model: str | None = None, label=None, method: str = "slerp",
                     temperature: float | None = None) -> np.ndarray:
-        """uint8 steps x H x W x C images from the seed_start image to the seed_end image."""
+        """uint8 steps x H x W x C images from the seed_start image to the seed_end image (steps: the service's
+        default, 8 unless its SYNTHGEN_MAX_STEPS is lower)."""
         _, label, _, temperature = plain_fields(None, label, None, temperature)
-        seed_start, seed_end, steps = integer("seed_start", seed_start), integer("seed_end", seed_end), integer("steps", steps)
+        seed_start, seed_end = integer("seed_start", seed_start), integer("seed_end", seed_end)
+        steps = None if steps is None else integer("steps", steps)
         response = self._post("/interpolate", {"dataset": dataset, "model": model, "seed_start": seed_start,
                                                "seed_end": seed_end, "steps": steps, "label": label,
                                                "method": method, "temperature": temperature, "format": "npz"})

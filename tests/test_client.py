@@ -135,6 +135,7 @@ def test_models_and_interpolate(client):
     assert client.models()["datasets"]["mnist"]["default_model"] == "cdcgan"
     path = client.interpolate("bloodmnist_64", seed_start=0, seed_end=5, steps=4)
     assert path.shape == (4, 64, 64, 3) and path.dtype == np.uint8
+    assert client.interpolate("mnist").shape == (8, 28, 28, 1)  # steps left to the service's default
 
 
 def test_generate_bytes_gives_any_format_with_the_same_images(client):

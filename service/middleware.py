@@ -59,8 +59,9 @@ class GuardMiddleware:
         if content_type not in JSON_TYPES:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
                                       f"not {content_type!r}")(scope, receive, send)
-        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
-        if encoding not in ("", "identity"):
+        encodings = [v.decode("latin-1").strip().lower() for k, v in scope["headers"] if k == b"content-encoding"]
+        encoding = next((e for e in encodings if e not in ("", "identity")), None)  # every header, not the last
+        if encoding is not None:
             return await error_response(415, f"Content-Encoding {encoding[:32]!r} is not supported: send the JSON body "
                                       "uncompressed")(scope, receive, send)
         length = headers.get(b"content-length")

@@ -516,6 +516,9 @@ def test_a_compressed_body_gives_415_naming_its_encoding_not_a_json_error_or_a_s
                                                                   "Content-Encoding": encoding}), 415)
     assert encoding in answer["error"] and "uncompressed" in answer["error"]
     assert http.post("/generate", json={"dataset": "mnist", "n": 1}, headers={"Content-Encoding": "identity"}).status_code == 200
+    two = http.post("/generate", content=body, headers=[("Content-Type", "application/json"),
+                                                        ("Content-Encoding", encoding), ("Content-Encoding", "identity")])
+    assert encoding in error(two, 415)["error"]
 
 # --- BentoML's own routes -----------------------------------------------------------------------------------
 

@@ -3,9 +3,9 @@ rewriter that gives every error response of those routes the format of `service.
 
 It runs before BentoML reads the body, so an oversized or unauthorised request is refused without parsing
 anything or allocating images: 401 (missing or wrong token, when SYNTHGEN_API_TOKEN is set), 415 (a body
-that is not JSON, or sent compressed: its Content-Encoding would otherwise be ignored), 413 (a body over SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads,
-while reading), 400 (a key given twice in one JSON object, which JSON parsers - BentoML's too - would
-otherwise settle silently by keeping the last). Health, metrics and docs routes stay open: probes and
+that is not JSON, or sent compressed: its Content-Encoding would otherwise be ignored), 413 (a body over
+SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads, while reading), 400 (a key given twice
+in one JSON object, which JSON parsers - BentoML's too - would otherwise settle silently by keeping the last). Health, metrics and docs routes stay open: probes and
 scrapers carry no token.
 
 A client that goes away before its answer is complete cancels its request: uvicorn never cancels a handler

@@ -111,13 +111,13 @@ class GuardMiddleware:
                 complete = True
             await send(message)
 
-        request_task, disconnected, started = asyncio.current_task(), False, time.perf_counter()
+        request_task, disconnected, started = asyncio.current_task(), None, time.perf_counter()
 
         async def watch():
             nonlocal disconnected
             ended.set_result(await receive())
             if not complete:
-                disconnected = True
+                disconnected = time.perf_counter()
                 request_task.cancel()
 
         watcher = loop.create_task(watch())
@@ -125,10 +125,10 @@ class GuardMiddleware:
             return await self.app(scope, replay, tracking_send)
         except asyncio.CancelledError:
             # ours alone (not also the timeout's, which TimeoutMiddleware answers with a 504): the request ends here
-            if disconnected and request_task.uncancel() == 0:
+            if disconnected is not None and request_task.uncancel() == 0:
                 client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "a client"
                 logger.info("Client went away: cancelled %s [%s] from %s after %.3f s", scope["path"], scope["method"],
-                            client, time.perf_counter() - started)
+                            client, disconnected - started)
                 if self.on_cancel is not None:
                     self.on_cancel(scope["path"])
                 return
@@ -164,7 +164,7 @@ def repeated_key(body: bytes) -> ApiError | None:
         return ApiError(400, f"{key[:64]!r} is given twice in the request body; give each field once",
                         field=key, kind="duplicate_key")
     parent = next((k for k, v in parsed.items() if v is obj), None) if isinstance(parsed, dict) else None
-    where = parent[:64] if parent else "the request body"
+    where = (parent if len(parent) <= 64 else parent[:64] + "...") if parent else "the request body"
     return ApiError(400, f"{where}: {key[:64]!r} is given twice in one object; give each key once",
                     field=parent or "body", kind="duplicate_key")
 

@@ -94,14 +94,22 @@ def count_cancelled(path: str) -> None:
     CANCELLED.labels(route=path if path in ("/generate", "/interpolate", "/models") else "other").inc()
 
 
-async def thread_work(future: asyncio.Future):
-    """The result of work running on an executor thread. A request cancelled meanwhile (its client went away)
-    still waits for the thread to finish before it ends, so that the memory it reserved is not given to another
-    request while the thread is still using it."""
+async def thread_work(executor, fn, *args):
+    """fn(*args) on an executor thread, awaited. A request cancelled meanwhile (its client went away, or the
+    timeout) drops the work if it has not started, and otherwise waits for the thread to finish before it ends,
+    also through a second cancel, so that the memory it reserved is not handed on while the thread still uses it;
+    the work's error, if any, is then logged rather than raised."""
+    work = executor.submit(fn, *args)
+    result = asyncio.wrap_future(work)
     try:
-        return await asyncio.shield(future)
+        return await asyncio.shield(result)
     except asyncio.CancelledError:
-        await asyncio.wait({future})
+        if not work.cancel():  # already running
+            while not result.done():
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({result})
+            if not result.cancelled() and result.exception() is not None:
+                logger.warning("%s failed for a cancelled request: %r", getattr(fn, "__name__", fn), result.exception())
         raise
 
 
@@ -277,8 +285,7 @@ class SyntheticImages:
             if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
                 body = encode(batch, fmt)
             else:
-                body = await thread_work(asyncio.get_running_loop().run_in_executor(self.encoders, encode, batch, fmt,
-                                                                                    columns))
+                body = await thread_work(self.encoders, encode, batch, fmt, columns)
             del images, batch
         headers = {"X-Dataset": entry.dataset, "X-Model": entry.model, "X-Count": str(len(z)),
                    "Content-Disposition": f'{"inline" if fmt == "png_grid" else "attachment"}; '

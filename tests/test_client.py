@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -135,7 +136,13 @@ def test_models_and_interpolate(client):
     assert client.models()["datasets"]["mnist"]["default_model"] == "cdcgan"
     path = client.interpolate("bloodmnist_64", seed_start=0, seed_end=5, steps=4)
     assert path.shape == (4, 64, 64, 3) and path.dtype == np.uint8
-    assert client.interpolate("mnist").shape == (8, 28, 28, 1)  # steps left to the service's default
+    assert client.interpolate("mnist").shape == (8, 28, 28, 1)
+
+
+def test_interpolate_leaves_steps_to_the_services_default_when_not_given():
+    client, calls = scripted_client([npz_answer()])
+    client.interpolate("mnist")
+    assert "steps" not in json.loads(calls[0].content)  # a server whose SYNTHGEN_MAX_STEPS is below 8 takes it
 
 
 def test_generate_bytes_gives_any_format_with_the_same_images(client):

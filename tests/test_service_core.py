@@ -380,20 +380,38 @@ def test_a_cancelled_request_waiting_behind_another_frees_its_latents_at_once():
     assert sum(rows for _, rows in log) == 640  # and none of its rows computed
 
 
-def test_a_cancelled_request_still_waits_for_its_thread_work_so_its_memory_is_not_handed_on_early():
+def test_a_cancelled_request_waits_for_its_running_thread_work_through_a_second_cancel_and_drops_queued_work(caplog):
+    """So the memory it reserved is not handed on while a thread still uses it, and no thread works for it
+    when none has started."""
     from service.service import thread_work
+
+    ran = []
+
+    def encode(tag: str, seconds: float, fail: bool = False):
+        ran.append(tag)
+        time.sleep(seconds)
+        if fail:
+            raise RuntimeError("encoder failed")
 
     with ThreadPoolExecutor(1) as pool:
         async def scenario() -> float:
             started = time.perf_counter()
-            task = asyncio.ensure_future(thread_work(asyncio.get_running_loop().run_in_executor(pool, time.sleep, 0.3)))
+            running = asyncio.ensure_future(thread_work(pool, encode, "running", 0.3, True))
+            queued = asyncio.ensure_future(thread_work(pool, encode, "queued", 0.3))
             await asyncio.sleep(0.05)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await task
+            queued.cancel()
+            running.cancel()  # the client went away...
+            await asyncio.sleep(0.05)
+            running.cancel()  # ...and then the timeout came
+            for request in (queued, running):
+                with pytest.raises(asyncio.CancelledError):
+                    await request
             return time.perf_counter() - started
 
-        assert asyncio.run(scenario()) >= 0.29
+        running_s = asyncio.run(scenario())
+    assert running_s >= 0.29 and ran == ["running"]  # waited for the running work; the queued one never ran
+    assert "encode failed for a cancelled request: RuntimeError('encoder failed')" in caplog.text
+    assert "never retrieved" not in caplog.text
 
 
 def test_a_small_request_waits_for_one_short_call_of_a_large_request_not_all_of_it():

@@ -55,14 +55,16 @@ class GuardMiddleware:
                                      {"WWW-Authenticate": 'Bearer realm="synthgen"'})(scope, receive, send)
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
-        content_type = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
-        if content_type not in JSON_TYPES:
+        # Every header of a name, not only the last: Starlette, behind this, reads the first.
+        content_types = [v.split(";")[0].strip().lower() for v in header_values(scope, b"content-type")] or [""]
+        content_type = next((t for t in content_types if t not in JSON_TYPES), None)
+        if content_type is not None:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
-                                      f"not {content_type!r}")(scope, receive, send)
-        encodings = [v.decode("latin-1").strip().lower() for k, v in scope["headers"] if k == b"content-encoding"]
-        encoding = next((e for e in encodings if e not in ("", "identity")), None)  # every header, not the last
+                                      f"not {content_type[:64]!r}")(scope, receive, send)
+        encoding = next((e for e in header_values(scope, b"content-encoding") if e.strip().lower() not in ("", "identity")),
+                        None)
         if encoding is not None:
-            return await error_response(415, f"Content-Encoding {encoding[:32]!r} is not supported: send the JSON body "
+            return await error_response(415, f"Content-Encoding {encoding.strip()[:32]!r} is not supported: send the JSON body "
                                       "uncompressed")(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None:
@@ -139,6 +141,11 @@ class GuardMiddleware:
     async def _too_large(self, scope, receive, send):
         return await error_response(413, f"request body is larger than {self.max_body_bytes} bytes "
                                   "(SYNTHGEN_MAX_BODY_BYTES)")(scope, receive, send)
+
+
+def header_values(scope, name: bytes) -> list[str]:
+    """The values of every header `name` (lower case) of the request, in order."""
+    return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
 
 
 def repeated_key(body: bytes) -> ApiError | None:

@@ -506,6 +506,8 @@ def test_oversized_body_gives_413(http):
 def test_non_json_content_type_gives_415(http):
     error(http.post("/generate", content=b"dataset=mnist", headers={"Content-Type": "application/x-www-form-urlencoded"}), 415)
     error(http.post("/generate", content=b"x", headers={"Content-Type": "application/vnd.bentoml+pickle"}), 415)
+    two = [("Content-Type", "text/plain"), ("Content-Type", "application/json")]  # every one is checked, not the last
+    assert "text/plain" in error(http.post("/generate", content=b'{"dataset": "mnist"}', headers=two), 415)["error"]
 
 
 

@@ -178,3 +178,6 @@ def test_an_export_that_fails_its_parity_check_leaves_the_model_already_there_as
         export_run(run_b, tmp_path / "exported")
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
     assert [p.name for p in out.parent.iterdir()] == ["mlp_gan"]  # no staging folder left
+    with pytest.raises(AssertionError, match="differs from eager"):
+        export_run(run_b, tmp_path / "first")  # a first export of the dataset: no empty folder left either
+    assert not (tmp_path / "first" / "mnist").exists()

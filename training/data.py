@@ -221,7 +221,8 @@ def _decompressed_copy(raw: Path, cls_name: str) -> Path:
                     try:
                         chunk = fin.read(1 << 20)
                     except (EOFError, OSError, zlib.error) as err:  # truncated, or not gzip (BadGzipFile: an OSError)
-                        raise DataFormatError(f"{source}: not a readable gzip file ({err}); replace it with the "
+                        kind = "gzip file" if source.suffix == ".gz" else "file"
+                        raise DataFormatError(f"{source}: not a readable {kind} ({err}); replace it with the "
                                               "published file") from None
                     if not chunk:
                         break

@@ -225,6 +225,7 @@ def staged(out: Path, names):
     ends without an error and vanish when it raises, so an export that fails its checks leaves a model already
     in `out` as it was."""
     staging = out.with_name(f".{out.name}.export-{os.getpid()}")
+    new_parent = not out.parent.exists()
     staging.mkdir(parents=True, exist_ok=True)
     try:
         yield staging
@@ -233,6 +234,8 @@ def staged(out: Path, names):
             (staging / name).replace(out / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if new_parent and not any(out.parent.iterdir()):
+            out.parent.rmdir()  # a failed first export of a dataset leaves no empty folder either
 
 
 def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported", weights: str = "float32") -> Path:

@@ -5,8 +5,8 @@ It runs before BentoML reads the body, so an oversized or unauthorised request i
 anything or allocating images: 401 (missing or wrong token, when SYNTHGEN_API_TOKEN is set), 415 (a body
 that is not JSON, or sent compressed: its Content-Encoding would otherwise be ignored), 413 (a body over
 SYNTHGEN_MAX_BODY_BYTES, by Content-Length or, for chunked uploads, while reading), 400 (a key given twice
-in one JSON object, which JSON parsers - BentoML's too - would otherwise settle silently by keeping the last). Health, metrics and docs routes stay open: probes and
-scrapers carry no token.
+in one JSON object, which JSON parsers - BentoML's too - would otherwise settle silently by keeping the last).
+Health, metrics and docs routes stay open: probes and scrapers carry no token.
 
 A client that goes away before its answer is complete cancels its request: uvicorn never cancels a handler
 itself, so without this a dropped n=10,000 request kept the model thread computing every row and its memory
@@ -61,11 +61,11 @@ class GuardMiddleware:
         if content_type is not None:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
                                       f"not {content_type[:64]!r}")(scope, receive, send)
-        encoding = next((e for e in header_values(scope, b"content-encoding") if e.strip().lower() not in ("", "identity")),
-                        None)
+        encodings = [e.strip().lower() for e in header_values(scope, b"content-encoding")]
+        encoding = next((e for e in encodings if e not in ("", "identity")), None)
         if encoding is not None:
-            return await error_response(415, f"Content-Encoding {encoding.strip()[:32]!r} is not supported: send the JSON body "
-                                      "uncompressed")(scope, receive, send)
+            return await error_response(415, f"Content-Encoding {encoding[:32]!r} is not supported: send the JSON "
+                                      "body uncompressed")(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None:
             if not length.isdigit():

@@ -398,7 +398,8 @@ def test_a_cancelled_request_waits_for_its_running_thread_work_through_a_second_
             started = time.perf_counter()
             running = asyncio.ensure_future(thread_work(pool, encode, "running", 0.3, True))
             queued = asyncio.ensure_future(thread_work(pool, encode, "queued", 0.3))
-            await asyncio.sleep(0.05)
+            while not ran:  # the first work is running on the pool's one thread
+                await asyncio.sleep(0.005)
             queued.cancel()
             running.cancel()  # the client went away...
             await asyncio.sleep(0.05)

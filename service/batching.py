@@ -60,6 +60,14 @@ class Job:
         return len(self.z)
 
 
+async def wait_through_cancels(future: asyncio.Future) -> None:
+    """Wait until `future` is done, also when the waiting task is cancelled meanwhile (once or more): a cancelled
+    request waits so for the thread work that still uses its memory. Its outcome is left to its owner."""
+    while not future.done():
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({future})
+
+
 @dataclass
 class MicroBatcher:
     runner: object
@@ -75,6 +83,7 @@ class MicroBatcher:
     _pending: collections.deque = field(default_factory=collections.deque)
     _wakeup: asyncio.Event | None = None
     _task: asyncio.Task | None = None
+    _call_in_flight: tuple[asyncio.Future, list[Job]] | None = None  # the model call running now, and its jobs
 
     async def generate(self, z: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """uint8 N x H x W x C images for latents z and int64 labels (ignored by unconditional models)."""
@@ -90,6 +99,8 @@ class MicroBatcher:
             job.cancelled = True  # the client went away: skip the rows not yet computed
             with contextlib.suppress(ValueError):  # and free its latents now, not when the queue reaches it
                 self._pending.remove(job)
+            if self._call_in_flight is not None and any(j is job for j in self._call_in_flight[1]):
+                await wait_through_cancels(self._call_in_flight[0])  # it writes into job.out: the request's memory
             raise
 
     def _ensure_worker(self) -> None:
@@ -174,8 +185,10 @@ class MicroBatcher:
             del pieces  # a finished job's output must not outlive its request while the worker waits
 
     async def _run(self, pieces: list[tuple[Job, int, int]]) -> None:
+        call = asyncio.get_running_loop().run_in_executor(self.executor, self._call, pieces)
+        self._call_in_flight = (call, [job for job, _, _ in pieces])
         try:
-            await asyncio.get_running_loop().run_in_executor(self.executor, self._call, pieces)
+            await call
         except Exception as exc:  # a failed call fails its jobs, never the worker
             logger.exception("model call failed for %d request(s)", len({id(j) for j, _, _ in pieces}))
             for job, _, _ in pieces:
@@ -183,6 +196,8 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_exception(exc)
             return
+        finally:
+            self._call_in_flight = None
         rows = sum(b - a for _, a, b in pieces)
         self.calls += 1
         self.rows += rows

@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from . import patches, schemas
 from .backends import BackendLoadError, load_runner
-from .batching import MicroBatcher
+from .batching import MicroBatcher, wait_through_cancels
 from .catalog import CatalogEntry, ManifestError, load_catalog
 from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
 from .errors import ApiError
@@ -105,9 +105,7 @@ async def thread_work(executor, fn, *args):
         return await asyncio.shield(result)
     except asyncio.CancelledError:
         if not work.cancel():  # already running
-            while not result.done():
-                with contextlib.suppress(asyncio.CancelledError):
-                    await asyncio.wait({result})
+            await wait_through_cancels(result)
             if not result.cancelled() and result.exception() is not None:
                 logger.warning("%s failed for a cancelled request: %r", getattr(fn, "__name__", fn), result.exception())
         raise

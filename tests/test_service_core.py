@@ -380,6 +380,25 @@ def test_a_cancelled_request_waiting_behind_another_frees_its_latents_at_once():
     assert sum(rows for _, rows in log) == 640  # and none of its rows computed
 
 
+def test_a_request_cancelled_during_its_model_call_ends_when_the_call_does():
+    """The call writes into the request's output, the memory its reservation covers, until it ends."""
+    log = []
+    with ThreadPoolExecutor(1) as pool:
+        batcher = MicroBatcher(SlowRows("rows", 0.003, log), pool, 1024, (1, 4, 4), merge=False)
+
+        async def scenario() -> float:
+            request = asyncio.ensure_future(batcher.generate(latents(0, 100, 8), np.zeros(100, dtype=np.int64)))
+            while not log:  # its one call of 100 rows (0.3 s) has started
+                await asyncio.sleep(0.005)
+            started = time.perf_counter()
+            request.cancel()
+            await asyncio.wait({request})
+            return time.perf_counter() - started
+
+        waited_s = asyncio.run(scenario())
+    assert waited_s >= 0.2, waited_s  # most of the 0.3 s call was still to run when it was cancelled
+
+
 def test_a_cancelled_request_waits_for_its_running_thread_work_through_a_second_cancel_and_drops_queued_work(caplog):
     """So the memory it reserved is not handed on while a thread still uses it, and no thread works for it
     when none has started."""

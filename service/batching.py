@@ -61,8 +61,8 @@ class Job:
 
 
 async def wait_through_cancels(future: asyncio.Future) -> None:
-    """Wait until `future` is done, also when the waiting task is cancelled meanwhile (once or more): a cancelled
-    request waits so for the thread work that still uses its memory. Its outcome is left to its owner."""
+    """Wait until `future` is done, even if the waiting task is cancelled meanwhile (once or more): a cancelled
+    request waits like this for thread work that still uses its memory. The future's outcome is its owner's."""
     while not future.done():
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.wait({future})

@@ -52,9 +52,14 @@ MAX_DETAIL = 10  # entries of one error body: a 10,000-item labels list of float
 MAX_KEY = 64  # characters of a client's key shown back: a 500 KB field name is not echoed whole
 
 
+def short_name(name: str) -> str:
+    """A client's name cut to MAX_KEY characters, "..." marking a cut one."""
+    return name if len(name) <= MAX_KEY else name[:MAX_KEY] + "..."
+
+
 def short_loc(loc: list) -> list:
-    """`loc` with each name cut to MAX_KEY characters ("..." marks a cut one); list indices as they are."""
-    return [k if not isinstance(k, str) or len(k) <= MAX_KEY else k[:MAX_KEY] + "..." for k in loc]
+    """`loc` with each name cut by `short_name`; list indices as they are."""
+    return [short_name(k) if isinstance(k, str) else k for k in loc]
 
 
 def _allowed(prop: dict) -> list | dict:

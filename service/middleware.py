@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Callable
 
-from .errors import ApiError, error_response, validation_error_body
+from .errors import ApiError, error_response, short_name, validation_error_body
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/docs.json", "/schema.json", "/"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
@@ -171,7 +171,7 @@ def repeated_key(body: bytes) -> ApiError | None:
         return ApiError(400, f"{key[:64]!r} is given twice in the request body; give each field once",
                         field=key, kind="duplicate_key")
     parent = next((k for k, v in parsed.items() if v is obj), None) if isinstance(parsed, dict) else None
-    where = (parent if len(parent) <= 64 else parent[:64] + "...") if parent else "the request body"
+    where = short_name(parent) if parent else "the request body"
     return ApiError(400, f"{where}: {key[:64]!r} is given twice in one object; give each key once",
                     field=parent or "body", kind="duplicate_key")
 

@@ -180,22 +180,23 @@ def test_concurrent_requests_share_model_calls_and_stay_byte_identical(http, ser
     assert model_calls(http) - calls_before < len(requests)  # some requests were merged
 
 
-def model_calls(http) -> float:
-    text = ok(http.get("/metrics")).text
-    match = re.search(r'^synthgen_model_calls_total\{[^}]*dataset="mnist"[^}]*model="cdcgan"[^}]*\} (\S+)$', text, re.M)
+def counter(http, name: str, **labels: str) -> float:
+    """The value of one Prometheus counter series in /metrics (0 before its first increment)."""
+    has_labels = "".join(rf'(?=[^}}]*{key}="{re.escape(value)}")' for key, value in labels.items())
+    match = re.search(rf'^{name}_total\{{{has_labels}[^}}]*\}} (\S+)$', ok(http.get("/metrics")).text, re.M)
     return float(match.group(1)) if match else 0.0
 
+
+def model_calls(http) -> float:
+    return counter(http, "synthgen_model_calls", dataset="mnist", model="cdcgan")
 
 
 def images_made(http, dataset: str, model: str) -> float:
-    text = ok(http.get("/metrics")).text
-    match = re.search(rf'^synthgen_images_total\{{[^}}]*dataset="{dataset}"[^}}]*model="{model}"[^}}]*\}} (\S+)$', text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return counter(http, "synthgen_images", dataset=dataset, model=model)
 
 
 def cancelled(http) -> float:
-    match = re.search(r'^synthgen_requests_cancelled_total\{[^}]*route="/generate"[^}]*\} (\S+)$', ok(http.get("/metrics")).text, re.M)
-    return float(match.group(1)) if match else 0.0
+    return counter(http, "synthgen_requests_cancelled", route="/generate")
 
 
 def test_a_client_that_goes_away_cancels_the_rows_of_its_request_not_yet_computed(server, http):

@@ -3,7 +3,8 @@
     variable                   meaning                                     default
     SYNTHGEN_EXPORTED_DIR      folder holding manifest.json                exported/ next to service/
     SYNTHGEN_BACKEND           onnxruntime | torchscript                   onnxruntime
-    SYNTHGEN_DEVICE            torchscript device, e.g. cuda, cuda:1       cuda when available, else cpu
+    SYNTHGEN_DEVICE            torchscript device: cpu, cuda or cuda:N     cuda when available, else cpu
+                               (torchscript only; cuda must be there)
     SYNTHGEN_MAX_N             largest n of one /generate                  10000
     SYNTHGEN_MAX_STEPS         largest steps of one /interpolate           256
     SYNTHGEN_MAX_BODY_BYTES    largest request body (413 above)            1048576 (1 MiB)
@@ -35,13 +36,16 @@ A malformed value fails start-up with a message naming the variable (never a sil
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_EXPORTED_DIR = Path(__file__).resolve().parent.parent / "exported"
 BACKENDS = ("onnxruntime", "torchscript")
+REQUEST_TIMEOUT_S = 300  # a request without its answer by then gets a 504 (BentoML's traffic timeout)
 
 
 class ConfigError(ValueError):
@@ -133,10 +137,20 @@ class Settings:
         if backend not in BACKENDS:
             raise ConfigError(f"SYNTHGEN_BACKEND={backend!r} is not one of {', '.join(BACKENDS)}")
         exported = env.get("SYNTHGEN_EXPORTED_DIR", "").strip()
+        device = env.get("SYNTHGEN_DEVICE", "").strip().lower() or None
+        if device is not None and backend != "torchscript":
+            raise ConfigError(f"SYNTHGEN_DEVICE={device!r} picks the torchscript backend's device; SYNTHGEN_BACKEND is "
+                              f"{backend} (ONNX Runtime here runs on the CPU): unset SYNTHGEN_DEVICE or set "
+                              "SYNTHGEN_BACKEND=torchscript")
+        if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ConfigError(f"SYNTHGEN_DEVICE={device!r} is not cpu, cuda or cuda:N")
+        if backend == "torchscript" and importlib.util.find_spec("torch") is None:
+            raise ConfigError("SYNTHGEN_BACKEND=torchscript needs torch, which is not installed here (pip install "
+                              "torch, or the .[train] extra); the default onnxruntime backend does not")
         return cls(
             exported_dir=Path(exported).expanduser().resolve() if exported else DEFAULT_EXPORTED_DIR,
             backend=backend,
-            device=env.get("SYNTHGEN_DEVICE", "").strip() or None,
+            device=device,
             max_n=_int(env, "SYNTHGEN_MAX_N", cls.max_n, 1, 1_000_000),
             max_steps=_int(env, "SYNTHGEN_MAX_STEPS", cls.max_steps, 2, 10_000),
             max_body_bytes=_int(env, "SYNTHGEN_MAX_BODY_BYTES", cls.max_body_bytes, 1024, 1 << 30),

@@ -105,13 +105,14 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
     (and the list index for a bad item of `labels`), a sentence that states the field's rule, and `allowed`."""
     fields = request_schema.get("properties", {})
     items: dict[tuple, dict] = {}
+    fields_with_item_errors: set[str] = set()  # a set, not a scan of `items`: 40,000 unknown keys are one pass
     for error in errors:
         loc = list(error.get("loc") or ["body"])
         field, kind = str(loc[0]), error.get("type", "value_error")
         if kind == "extra_forbidden":
-            key, msg, allowed = (field,), f"unknown field {field[:64]!r}; fields: {', '.join(fields)}", list(fields)
+            key, msg, allowed = (field,), f"unknown field {short_name(field)!r}; fields: {', '.join(fields)}", list(fields)
         elif field not in fields:
-            key, msg, allowed = (field,), f"{field[:64]}: {error.get('msg', 'invalid')}", None
+            key, msg, allowed = (field,), f"{short_name(field)}: {error.get('msg', 'invalid')}", None
         else:
             allowed = _allowed(fields[field])
             index = next((p for p in loc[1:] if isinstance(p, int)), None)
@@ -119,7 +120,7 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
             count_key = loc[2] if len(loc) == 3 and str(loc[1]).startswith("dict[") else None
             if count_key is not None:  # a bad count of a labels object: {"normal": -1}
                 key, allowed = (field, count_key), _shape(allowed, "object")["additionalProperties"]
-                msg = f"{field}[{str(count_key)[:40]!r}] must be a count, an integer in 0..{allowed.get('maximum')}"
+                msg = f"{field}[{short_name(str(count_key))!r}] must be a count, an integer in 0..{allowed.get('maximum')}"
             elif kind == "missing":
                 msg = f"{field} is required; {_rule(field, allowed)}"
             elif kind == "too_long":
@@ -132,10 +133,12 @@ def validation_error_body(errors: list[dict], request_schema: dict) -> dict:
                 msg = _rule(field, allowed)
         if key in items and kind != "too_long":
             continue  # the other branches of a union: one sentence per field is enough
-        if len(key) == 1 and any(len(other) > 1 and other[0] == field for other in items):
+        if len(key) == 1 and field in fields_with_item_errors:
             continue  # a later branch's error about the whole field, after a precise one about one of its items
         if key[:1] in items and len(key) > 1 or kind == "too_long":
             items.pop(key[:1], None)  # a list item's or length's error is more precise than the field's
+        if len(key) > 1:
+            fields_with_item_errors.add(field)
         items[key] = {"loc": short_loc(list(key)), "msg": msg, "type": kind, **({"allowed": allowed} if allowed is not None else {})}
     detail = list(items.values())[:MAX_DETAIL]
     more = len(items) - len(detail)

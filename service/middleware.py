@@ -60,7 +60,7 @@ class GuardMiddleware:
         content_type = next((t for t in content_types if t not in JSON_TYPES), None)
         if content_type is not None:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
-                                      f"not {content_type[:64]!r}")(scope, receive, send)
+                                      f"not {short_name(content_type)!r}")(scope, receive, send)
         encodings = [e.strip().lower() for e in header_values(scope, b"content-encoding")]
         encoding = next((e for e in encodings if e not in ("", "identity")), None)
         if encoding is not None:
@@ -168,11 +168,11 @@ def repeated_key(body: bytes) -> ApiError | None:
         return None
     key, obj = repeats[0]
     if obj is parsed:
-        return ApiError(400, f"{key[:64]!r} is given twice in the request body; give each field once",
+        return ApiError(400, f"{short_name(key)!r} is given twice in the request body; give each field once",
                         field=key, kind="duplicate_key")
     parent = next((k for k, v in parsed.items() if v is obj), None) if isinstance(parsed, dict) else None
     where = short_name(parent) if parent else "the request body"
-    return ApiError(400, f"{where}: {key[:64]!r} is given twice in one object; give each key once",
+    return ApiError(400, f"{where}: {short_name(key)!r} is given twice in one object; give each key once",
                     field=parent or "body", kind="duplicate_key")
 
 
@@ -231,13 +231,13 @@ class ErrorBodies:
                 # a route without a request model (POST /models) has no fields: its errors are the body's
                 new = validation_error_body(parsed["detail"], self.request_schemas.get(scope["path"], {}))
         elif status == 404:
-            new = {"error": f"no route {scope['path'][:64]!r}; the API is POST {', POST '.join(self.request_schemas)}, "
+            new = {"error": f"no route {short_name(scope['path'])!r}; the API is POST {', POST '.join(self.request_schemas)}, "
                             "GET or POST /models, and GET /livez, /readyz, /metrics, /docs.json"}
         elif status == 405:
             allow = dict(headers).get(b"allow", b"").decode("latin-1") or "another method"
             if scope["path"] == "/models":  # GET /models is a route of its own (service.catalog_app)
                 allow = "GET, POST"
-            new = {"error": f"method {scope['method']} is not allowed on {scope['path'][:64]}; use {allow}"}
+            new = {"error": f"method {scope['method']} is not allowed on {short_name(scope['path'])}; use {allow}"}
         if new is None:
             return status, headers, body
         body = json.dumps(new).encode()

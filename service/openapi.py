@@ -15,6 +15,7 @@ import json
 from typing import Callable
 
 from . import VERSION
+from .config import REQUEST_TIMEOUT_S
 from .encoders import MEDIA_TYPES
 from .schemas import Catalog, Error, JsonBatch
 
@@ -37,7 +38,7 @@ _ERRORS = {
     "415": "the request body is not JSON, or is sent compressed (Content-Encoding)",
     "503": "the model failed its start-up check (until a restart: no Retry-After) or this call (Retry-After: "
            "worth retrying); the message says which",
-    "504": "no response within the request timeout (300 s)",
+    "504": f"no response within the request timeout ({REQUEST_TIMEOUT_S} s)",
 }
 _MODELS_ERRORS = ("400", "401", "413", "415")
 

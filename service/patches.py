@@ -1,4 +1,4 @@
-"""Two fixes for BentoML 1.4, installed when the service module is imported.
+"""Three fixes for BentoML 1.4, installed when the service module is imported.
 
 A leak. BentoML's TimeoutMiddleware (bentoml/_internal/server/http/traffic.py) arms `loop.call_later(timeout, ...)`
 for every request and never cancels it. The timer handle holds a copy of the request's context - its
@@ -12,6 +12,11 @@ ERROR, with the whole traceback and pydantic's message, which repeats every bad 
 10,000 bad labels wrote a 4 MB traceback and held the event loop for about 0.25 s, so a client sending such
 bodies fills the disk and slows every other request. The request was the client's error and its 400 names
 each bad field; `QuietClientErrors` turns that record into one INFO line (route, method, error count).
+
+Unbounded metrics. BentoML's request metrics label each request with its raw URL path, so every distinct
+path a client makes up becomes new series: 5,000 requests to /x1 ... /x5000 (answered 404, with or without the
+token) grew /metrics to 18 MB and 100,000 series, a 9 s scrape and +100 MB of worker memory. `_BoundedEndpoints`
+keeps a route's own label and gives every other path the one label "other".
 """
 
 from __future__ import annotations
@@ -20,11 +25,16 @@ import asyncio
 import contextvars
 import logging
 
+from bentoml._internal.context import server_context
+from bentoml._internal.server.http.instruments import RunnerTrafficMetricsMiddleware
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
+from .middleware import OPEN_PATHS
+
 BENTOML_HTTP_LOGGER = "bentoml._internal.server.http_app"  # where BentoML logs "Exception on <path> [<method>]"
+OTHER_ENDPOINT = "other"  # the endpoint label of a request to a path that is not a route
 
 
 async def _call_with_cancelled_timer(self, scope, receive, send) -> None:
@@ -70,8 +80,32 @@ class QuietClientErrors(logging.Filter):
         return True
 
 
+class _BoundedEndpoints:
+    """A BentoML request metric whose `endpoint` label is a route of the service or an open path, else "other"."""
+
+    def __init__(self, metric, endpoints: frozenset[str]):
+        self._metric, self._endpoints = metric, endpoints
+
+    def labels(self, *args, endpoint: str, **kwargs):
+        return self._metric.labels(*args, endpoint=endpoint if endpoint in self._endpoints else OTHER_ENDPOINT, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._metric, name)
+
+
+_original_metrics_setup = RunnerTrafficMetricsMiddleware._setup
+
+
+def _setup_with_bounded_endpoints(self) -> None:
+    _original_metrics_setup(self)
+    endpoints = frozenset(server_context.service_routes) | OPEN_PATHS
+    for name in ("metrics_request_total", "metrics_request_duration", "metrics_request_in_progress"):
+        setattr(self, name, _BoundedEndpoints(getattr(self, name), endpoints))
+
+
 def install() -> None:
     TimeoutMiddleware.__call__ = _call_with_cancelled_timer
+    RunnerTrafficMetricsMiddleware._setup = _setup_with_bounded_endpoints
     logger = logging.getLogger(BENTOML_HTTP_LOGGER)
     if not any(isinstance(f, QuietClientErrors) for f in logger.filters):
         logger.addFilter(QuietClientErrors())

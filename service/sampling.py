@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from .catalog import ModelCard
-from .errors import MAX_DETAIL, ApiError
+from .errors import MAX_DETAIL, ApiError, short_name
 
 UNCONDITIONAL_LABEL = -1
 INTERPOLATION_METHODS = ("slerp", "lerp")
@@ -63,8 +63,7 @@ def class_id(value: int | str, card: ModelCard, field: str) -> int:
     try:
         return card.classes.index(value)
     except ValueError:
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise ApiError(400, f"{field}: unknown class name {shown!r} for {card.dataset}", field=field,
+        raise ApiError(400, f"{field}: unknown class name {short_name(value)!r} for {card.dataset}", field=field,
                        allowed=list(card.classes)) from None
 
 

@@ -36,12 +36,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import patches, schemas
+from .config import REQUEST_TIMEOUT_S, ConfigError
+
+try:
+    from . import schemas  # reads the settings: a malformed SYNTHGEN_* variable stops start-up here
+except ConfigError as exc:
+    raise SystemExit(f"error: {exc}") from None  # one line on stderr naming the variable, no traceback
+from . import patches
 from .backends import BackendLoadError, load_runner
 from .batching import MicroBatcher, wait_through_cancels
 from .catalog import CatalogEntry, ManifestError, load_catalog
 from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
-from .errors import ApiError
+from .errors import ApiError, short_name
 from .memory import pin_mmap_threshold
 from .middleware import ErrorBodies, GuardMiddleware
 from .openapi import OpenApiDocs
@@ -111,9 +117,29 @@ async def thread_work(executor, fn, *args):
         raise
 
 
+def load_runners(catalog, settings, until_one_loads: bool = False) -> None:
+    """Load the runner of each verified model of the catalog; a model that fails is marked not served (its
+    error logged). until_one_loads: stop at the first that loads (start-up's check that something can be
+    served: a file that passes its checksum but no runtime can load, a missing CUDA device)."""
+    for entry in catalog.usable():
+        try:
+            entry.runner = load_runner(entry, settings.backend, settings.ort_threads, settings.device,
+                                       settings.ort_spinning, settings.ort_arena, settings.ort_part_rows)
+        except BackendLoadError as exc:
+            entry.error = str(exc)
+            logger.error("model %s/%s is not served: %s", entry.dataset, entry.model, exc)
+            continue
+        if until_one_loads:
+            return
+
+
 def nothing_servable(catalog) -> str:
-    reasons = "; ".join(f"{e.dataset}/{e.model}: {e.error}" for e in catalog.failed()) or "the manifest lists none"
-    return f"no model in {catalog.root} can be served ({reasons})"
+    """Why nothing can be served, each reason once with the models it stopped ("a/x, b/y: no CUDA device")."""
+    models_by_reason: dict[str, list[str]] = {}
+    for e in catalog.failed():
+        models_by_reason.setdefault(e.error, []).append(f"{e.dataset}/{e.model}")
+    reasons = "; ".join(f"{', '.join(models)}: {reason}" for reason, models in models_by_reason.items())
+    return f"no model in {catalog.root} can be served ({reasons or 'the manifest lists none'})"
 
 
 def request_bytes(n: int, card) -> int:
@@ -146,7 +172,7 @@ catalog_app = Starlette(routes=[Route("/models", _get_models, methods=["GET"])])
 @bentoml.service(
     name="synthgen",
     workers=SETTINGS.workers,
-    traffic={"timeout": 300},
+    traffic={"timeout": REQUEST_TIMEOUT_S},
     resources={"cpu": "2", "memory": "2Gi"},  # what one worker is sized for (deploy/ sets the same limits)
 )
 class SyntheticImages:
@@ -155,25 +181,22 @@ class SyntheticImages:
     @bentoml.on_deployment
     def preflight() -> None:
         """Once, in the `bentoml serve` process before any worker starts: a missing or malformed manifest, or
-        a zoo where no model passes its file checks, stops the server here with one clear error (instead of
-        workers failing and being restarted in a loop)."""
-        catalog = load_catalog(SETTINGS.exported_dir, SETTINGS.backend)
+        a zoo where no model passes its file checks and loads (the first that does ends the check), stops the
+        server here with one clear error (instead of workers failing and being restarted in a loop)."""
+        try:
+            catalog = load_catalog(SETTINGS.exported_dir, SETTINGS.backend)
+        except ManifestError as exc:
+            raise SystemExit(f"error: {exc}") from None  # one line on stderr, exit status 1, no traceback
+        load_runners(catalog, SETTINGS, until_one_loads=True)
         if not catalog.usable():
-            raise ManifestError(nothing_servable(catalog))
+            raise SystemExit(f"error: {nothing_servable(catalog)}")
 
     def __init__(self) -> None:
         self.settings = SETTINGS
         self._ready = False
         pin_mmap_threshold()
         self.catalog = load_catalog(self.settings.exported_dir, self.settings.backend)
-        for entry in self.catalog.usable():
-            try:
-                entry.runner = load_runner(entry, self.settings.backend, self.settings.ort_threads,
-                                           self.settings.device, self.settings.ort_spinning, self.settings.ort_arena,
-                                           self.settings.ort_part_rows)
-            except BackendLoadError as exc:
-                entry.error = str(exc)
-                logger.error("model %s/%s is not served: %s", entry.dataset, entry.model, exc)
+        load_runners(self.catalog, self.settings)
         usable = self.catalog.usable()
         if not usable:
             raise ManifestError(nothing_servable(self.catalog))
@@ -254,7 +277,7 @@ class SyntheticImages:
                                "start-up (" + "; ".join(f"{e.model}: {e.error}" for e in failed) + ")",
                                field="dataset", allowed=list(available), kind="unavailable",
                                extra={"datasets": available})
-            raise ApiError(404, f"unknown dataset {dataset[:64]!r}; available: {', '.join(available)}",
+            raise ApiError(404, f"unknown dataset {short_name(dataset)!r}; available: {', '.join(available)}",
                            field="dataset", allowed=list(available), kind="not_found",
                            extra={"datasets": available})
         name = model if model is not None else self.catalog.default_model(dataset)
@@ -264,7 +287,7 @@ class SyntheticImages:
                            field="model", allowed=available[dataset], kind="unavailable",
                            extra={"datasets": available})
         if entry is None:
-            raise ApiError(404, f"unknown model {name[:64]!r} for dataset {dataset!r}; available: "
+            raise ApiError(404, f"unknown model {short_name(name)!r} for dataset {dataset!r}; available: "
                            f"{', '.join(available[dataset])}", field="model", allowed=available[dataset],
                            kind="not_found", extra={"datasets": available})
         return entry

@@ -178,12 +178,19 @@ def test_client_disconnecting_mid_response_leaves_the_service_healthy(server, ht
 
 # --- start-up refusal ---------------------------------------------------------------------------------------
 
+def one_error_line(output: str) -> str:
+    """The start-up refusal: one "error: ..." line and no traceback (the log lines before it aside)."""
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
 def test_a_malformed_manifest_stops_serve_with_one_clear_error(tmp_path):
     (tmp_path / "exported").mkdir()
     (tmp_path / "exported" / "manifest.json").write_text('{"format": "synthgen-manifest/1", "models": 3}')
     code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(tmp_path / "exported"))
-    assert code not in (None, 0)
-    assert "ManifestError" in output and "'models' must be a list" in output
+    assert code == 1 and "'models' must be a list" in one_error_line(output)
 
 
 def test_a_zoo_with_nothing_loadable_stops_serve(exported_dir, tmp_path):
@@ -192,13 +199,34 @@ def test_a_zoo_with_nothing_loadable_stops_serve(exported_dir, tmp_path):
     for onnx in root.glob("*/*/generator.onnx"):
         onnx.write_bytes(b"")
     code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(root))
-    assert code not in (None, 0) and "can be served" in output and "sha256" in output
+    assert code == 1 and "can be served" in one_error_line(output) and "sha256" in output
+
+
+def test_files_that_pass_their_checksums_but_do_not_load_stop_serve_instead_of_restarting_workers(exported_dir,
+                                                                                                     tmp_path):
+    """A manifest written over damaged files: the checksums match, ONNX Runtime cannot parse them. Workers
+    failed on them and were restarted every few seconds, the port refusing connections, without end."""
+    from training.manifest import write_manifest
+
+    root = tmp_path / "exported"
+    shutil.copytree(exported_dir, root)
+    for onnx in root.glob("*/*/generator.onnx"):
+        onnx.write_bytes(onnx.read_bytes()[:1000])
+    write_manifest(root)
+    code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(root))
+    assert code == 1 and "can be served" in one_error_line(output) and "ONNX Runtime cannot load" in output
+
+
+def test_a_device_the_host_lacks_stops_serve_naming_it(exported_dir, tmp_path):
+    code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir),
+                                               SYNTHGEN_BACKEND="torchscript", SYNTHGEN_DEVICE="cuda:63")
+    assert code == 1 and "SYNTHGEN_DEVICE=cuda:63" in one_error_line(output)
 
 
 def test_a_bad_setting_stops_serve_naming_the_variable(exported_dir, tmp_path):
     code, output = run_serve_expecting_failure(tmp_path, SYNTHGEN_EXPORTED_DIR=str(exported_dir),
                                                SYNTHGEN_MAX_N="lots")
-    assert code not in (None, 0) and "SYNTHGEN_MAX_N" in output
+    assert code == 1 and "SYNTHGEN_MAX_N" in one_error_line(output)
 
 
 def test_the_readme_override_turns_off_bentomls_access_log_and_the_default_keeps_it(server, http, exported_dir,

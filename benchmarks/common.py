@@ -49,26 +49,12 @@ def machine_line(info: dict) -> str:
             f"onnxruntime {info['onnxruntime']}, bentoml {info.get('bentoml', '-')}, numpy {info['numpy']}")
 
 
-def repeat(fn: Callable[[], object], min_calls: int = 3, min_s: float = 1.0, max_calls: int = 1000,
-           max_s: float = 30.0) -> list[float]:
-    """Seconds of each call of fn (after one warm-up call): at least min_calls and min_s, at most max_calls/max_s."""
-    fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-        spent = time.perf_counter() - start
-        if len(times) >= max_calls or (len(times) >= min_calls and (spent >= min_s or spent >= max_s)):
-            return times
-
-
 def interleaved(fns: dict[str, Callable[[], object]], min_rounds: int = 3, min_s: float = 1.0,
                 max_rounds: int = 1000, max_s: float = 30.0, warmup: bool = True,
                 lead_in: bool = False) -> dict[str, list[float]]:
-    """Like `repeat` for several functions called in turn (a, b, c, a, b, c, ...), so that drifts of a
-    shared machine's speed hit all of them alike and their ratios stay meaningful. lead_in: one untimed call
+    """Seconds of each call of several functions called in turn (a, b, c, a, b, c, ...), so that drifts of a
+    shared machine's speed hit all of them alike and their ratios stay meaningful: at least min_rounds rounds
+    and min_s seconds, unless max_rounds rounds or max_s seconds come first (one round at least). lead_in: one untimed call
     of the same function right before every timed one, so the timed call runs in that function's steady
     state (its own threads warm) and not against threads still spinning after another function's call."""
     if warmup:
@@ -86,7 +72,7 @@ def interleaved(fns: dict[str, Callable[[], object]], min_rounds: int = 3, min_s
             times[name].append(time.perf_counter() - t)
         rounds += 1
         spent = time.perf_counter() - start
-        if rounds >= max_rounds or (rounds >= min_rounds and (spent >= min_s or spent >= max_s)):
+        if rounds >= max_rounds or spent >= max_s or (rounds >= min_rounds and spent >= min_s):
             return times
 
 

@@ -114,7 +114,8 @@ def pytest_collection_modifyitems(items):
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
-# The tiny zoo the service tests serve: one conditional and one unconditional 28x28 model, one 64x64 RGB model.
+# The tiny zoo the service tests serve: two conditional 28x28 models (a GAN and a VAE), one unconditional 28x28 VAE,
+# one 64x64 RGB GAN.
 TINY_ZOO = (("mnist", "cdcgan"), ("mnist", "mlp_vae"), ("bloodmnist_64", "dcgan"), ("pneumoniamnist", "cvae"))
 FLOAT16_WEIGHTS = {("mnist", "cdcgan")}  # exported with float16 weights, so the serving tests cover both storages
 PRIORS = {("mnist", "mlp_vae"): 3}  # a VAE sampling through a fitted mixture prior: latent_dim 21, not 20

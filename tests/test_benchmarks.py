@@ -5,11 +5,13 @@ smoke run on a shared machine mean nothing."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks import run as bench
+from benchmarks.common import interleaved
 from service.config import Settings
 
 SERVING = (("mnist", "cdcgan", {"width": 16}),)  # one model keeps the test well under 30 s (zoo export + server start)
@@ -195,3 +197,12 @@ def test_a_failing_data_parallel_process_fails_the_benchmark_instead_of_hanging_
     with pytest.raises(RuntimeError, match="process"):
         training_bench.DataParallelOurs(2, "mnist", "no_such_model", {"width": 8}, data_dir=None, n_random=64)
     assert time.perf_counter() - started < 120
+
+
+def test_interleaved_timing_alternates_the_functions_and_stops_at_max_s():
+    order = []
+    times = interleaved({"a": lambda: order.append("a"), "b": lambda: (order.append("b"), time.sleep(0.01))},
+                        min_rounds=1000, min_s=0, max_s=0.1, warmup=False)
+    assert order[:4] == ["a", "b", "a", "b"] and len(times["a"]) == len(times["b"])
+    assert 1 <= len(times["b"]) <= 20  # 10 ms a round: about 10 rounds, not min_rounds' 1000
+    assert min(times["b"]) >= 0.01

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import write_idx
 from training.data import DataFormatError, DataNotFoundError, dataset_info, load_dataset
 
 CASES = {  # dataset id -> (channels, size, classes)
@@ -157,6 +158,52 @@ def test_a_truncated_gzipped_idx_file_is_refused_naming_it_and_leaves_nothing_in
     with pytest.raises(DataFormatError, match="train-images-idx3-ubyte.gz: not a readable gzip file"):
         load_dataset("mnist", "train", tmp_path)
     assert not list(Path(os.environ["SYNTHGEN_CACHE_DIR"]).rglob("*.tmp"))
+
+
+def _idx_split(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """A train split of MNIST in real gzipped IDX files (the test split as it was)."""
+    write_idx(root / "MNIST" / "raw" / "train-images-idx3-ubyte.gz", images)
+    write_idx(root / "MNIST" / "raw" / "train-labels-idx1-ubyte.gz", labels)
+
+
+@pytest.mark.parametrize("images, labels, said", [
+    (np.zeros((64, 28, 28)), np.arange(60) % 10, "hold 64 images and 60 labels"),  # short label file: failed mid-epoch
+    (np.zeros((64, 28, 28)), np.arange(80) % 10, "hold 64 images and 80 labels"),  # long one: trained, misaligned
+    (np.zeros((64, 28, 28)), np.full(64, 200), "labels from 200 to 200; mnist has 10 classes"),
+    (np.zeros((64, 14, 14)), np.arange(64) % 10, "images of torch.uint8 64x14x14; the official files hold uint8 N x 28 x 28"),
+], ids=["short-labels", "long-labels", "label-range", "image-size"])
+def test_idx_files_off_the_official_layout_are_refused_naming_them(data_dir, tmp_path, images, labels, said):
+    shutil.copytree(data_dir / "MNIST", tmp_path / "MNIST")
+    _idx_split(tmp_path, images, labels)
+    with pytest.raises(DataFormatError, match=r"train-images-idx3-ubyte\[\.gz\] and .*train-labels-idx1-ubyte") as err:
+        load_dataset("mnist", "train", tmp_path)
+    assert said in str(err.value)
+
+
+def test_swapped_idx_files_are_refused_naming_them(data_dir, tmp_path):
+    shutil.copytree(data_dir / "MNIST", tmp_path / "MNIST")
+    raw = tmp_path / "MNIST" / "raw"
+    images, labels = raw / "train-images-idx3-ubyte.gz", raw / "train-labels-idx1-ubyte.gz"
+    images_bytes = images.read_bytes()
+    images.write_bytes(labels.read_bytes())
+    labels.write_bytes(images_bytes)
+    with pytest.raises(DataFormatError, match="are not the official IDX files"):
+        load_dataset("mnist", "train", tmp_path)
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "pneumoniamnist"])
+def test_a_download_without_network_is_a_missing_file_error_naming_the_folder(dataset, tmp_path, monkeypatch):
+    import torchvision.datasets.mnist
+    import torchvision.datasets.utils
+    from urllib.error import URLError
+
+    def offline(*args, **kwargs):
+        raise URLError("no network here")
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)  # torchvision's MNIST
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline)  # medmnist imports it when it downloads
+    with pytest.raises(DataNotFoundError, match=f"--download could not fetch .*'{tmp_path}.*check the network"):
+        load_dataset(dataset, "train", tmp_path, download=True)
 
 
 def test_an_empty_split_is_refused_naming_the_file(tmp_path):

@@ -303,6 +303,22 @@ def test_bad_fractions_are_a_usage_error_naming_the_rule(given, message, capsys)
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag, given, message", [
+    ("--seeds", "0", "must be at least 1, not 0"),  # once: CAS written as NaN into the card
+    ("--n-generated", "2", "must be at least 4, not 2"),  # once: a traceback from the k-nearest-neighbour radii
+    ("--synthetic-share", "3", "must be at least 0 and at most 1, not 3"),  # once: all-synthetic batches of 768
+    ("--threads", "0", "must be at least 1, not 0"),
+    ("--classifier-epochs", "0", "must be above 0, not 0"),
+    ("--classifier-epochs", "nan", "must be above 0, not nan"),
+    ("--n-synthetic", "many", "an integer is needed, not 'many'"),
+])
+def test_out_of_range_sizes_are_a_usage_error_naming_the_flag(flag, given, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["x", flag, given])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"argument {flag}: {message}" in err and "Traceback" not in err
+
+
 def test_all_skips_models_whose_data_is_missing(zoo, data_dir, tmp_path, capsys):
     only_mnist = tmp_path / "data"
     shutil.copytree(data_dir / "MNIST", only_mnist / "MNIST")

@@ -10,8 +10,8 @@ import torch
 
 from conftest import train_tiny
 from training.export import PARITY_ATOL, export_run, inference_module, store_weights_in_float16
-from training.manifest import sha256_of
-from training.models import MODEL_FAMILIES
+from training.manifest import FAMILY_PREFERENCE, sha256_of
+from training.models import MODEL_FAMILIES, build_model
 from training.sampling import noise_dim
 from training.train import load_checkpoint
 
@@ -139,12 +139,23 @@ def test_manifest_lists_every_card_with_sha256_and_a_conditional_default(exporte
             assert sha256_of(exported_dir / f["path"]) == f["sha256"], kind
 
 
-def test_vae_export_ships_the_decoder_only(exported_dir):
-    card = json.loads((exported_dir / "pneumoniamnist" / "cvae" / "card.json").read_text())
-    model_params = card["parameters"]
-    scripted = torch.jit.load(str(exported_dir / "pneumoniamnist" / "cvae" / "generator.pt"))
-    assert sum(p.numel() for p in scripted.parameters()) == model_params
-    assert not any("encoder" in name for name, _ in scripted.named_parameters())
+def test_the_service_falls_back_on_the_same_family_order_as_the_manifest_and_it_ranks_every_family():
+    from service.catalog import FAMILY_PREFERENCE as SERVICE_PREFERENCE  # the service cannot import training/
+    assert SERVICE_PREFERENCE == FAMILY_PREFERENCE and sorted(FAMILY_PREFERENCE) == sorted(MODEL_FAMILIES)
+
+
+@pytest.mark.parametrize("model_dir", ["pneumoniamnist/cvae", "mnist/mlp_vae"])
+def test_vae_export_ships_the_decoder_only(exported_dir, model_dir):
+    """The shipped parameters are exactly those that decoding uses (found by backpropagating through decode)."""
+    card = json.loads((exported_dir / model_dir / "card.json").read_text())
+    cfg = card["training"]["config"]
+    vae, _ = build_model(cfg["model"], tuple(card["image_shape"]), len(card["classes"]), cfg["latent_dim"], cfg["width"])
+    labels = torch.zeros(2, dtype=torch.long) if card["conditional"] else None
+    vae.decode(torch.randn(2, cfg["latent_dim"]), labels).sum().backward()
+    decoder = {name for name, p in vae.named_parameters() if p.grad is not None}
+    scripted = torch.jit.load(str(exported_dir / model_dir / "generator.pt"))
+    assert {name.removeprefix("model.") for name, _ in scripted.named_parameters()} == decoder
+    assert card["parameters"] == sum(p.numel() for name, p in vae.named_parameters() if name in decoder)
 
 
 def test_a_re_export_keeps_the_metrics_of_the_same_model_only(data_dir, tmp_path):

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from training.models import MODEL_FAMILIES, build_model
+from training.models.gan import MinibatchStd
 
 SHAPES = [(1, 28, 28), (3, 28, 28), (1, 64, 64), (3, 64, 64)]
 
@@ -44,11 +45,13 @@ def test_mlp_vae_has_the_reference_widths():
     assert [m.out_features for m in vae.decoder if isinstance(m, torch.nn.Linear)] == [400, 784]
 
 
-def test_conditional_models_follow_their_labels():
+@pytest.mark.parametrize("model_id", [m for m, family in MODEL_FAMILIES.items() if family.conditional])
+def test_conditional_models_follow_their_labels(model_id):
     torch.manual_seed(0)
-    generator, _ = build_model("cdcgan", (1, 28, 28), 10, 100, 8)
+    latent_dim = MODEL_FAMILIES[model_id].latent_dim
+    generator, _ = build_model(model_id, (1, 28, 28), 10, latent_dim, 8)
     generator.eval()
-    z = torch.randn(1, 100).repeat(2, 1)
+    z = torch.randn(1, latent_dim).repeat(2, 1)
     a, b = generator.generate(z, torch.tensor([0, 1]))
     assert not torch.equal(a, b)
     with pytest.raises(AssertionError, match="needs labels"):
@@ -63,3 +66,14 @@ def test_unknown_model_lists_the_known_ones():
 def test_dcgan_rejects_unsupported_sizes():
     with pytest.raises(ValueError, match="sizes 28 and 64"):
         build_model("dcgan", (1, 32, 32), 10, 100, 8)
+
+
+@pytest.mark.parametrize("n", [50, 126, 127, 64])
+def test_minibatch_std_measures_the_batch_whatever_its_size(n):
+    """A batch that does not split into groups of 4 once got the constant 1e-4: no signal of a collapse."""
+    torch.manual_seed(0)
+    x = torch.randn(n, 8, 7, 7)
+    feature = MinibatchStd(group=4)(x)[:, -1, 0, 0]  # (N,) each row's group spread
+    assert float(feature.min()) > 0.5  # unit-variance features: a spread near 1, not 1e-4
+    collapsed = x[:1].repeat(n, 1, 1, 1)
+    assert float(MinibatchStd(group=4)(collapsed)[:, -1].max()) < 1e-3  # and it still sees a collapse

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import train_tiny
+from conftest import make_idx_dataset, train_tiny
 from training.cli import UsageError
 from training.config import TrainConfig
 from training.data import load_dataset
-from training.models import build_model
+from training.models import MODEL_FAMILIES, build_model
 from training.models.gan import ClassBatchNorm2d, DCGANGenerator
 from training.objectives import build_objective
 
@@ -22,14 +22,14 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*official file")
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("model_id, key", [("cvae", "loss"), ("mlp_vae", "loss"), ("cdcgan", "loss_d"),
-                                           ("mlp_gan", "loss_d"), ("cwgan_gp", "loss_c")])
+@pytest.mark.parametrize("model_id, key", [("cvae", "loss"), ("mlp_vae", "loss"), ("cmlp_vae", "loss"), ("cdcgan", "loss_d"),
+                                           ("mlp_gan", "loss_d"), ("cmlp_gan", "loss_d"), ("cwgan_gp", "loss_c")])
 def test_a_few_steps_of_each_objective_lower_its_loss(model_id, key, data_dir):
     torch.manual_seed(0)
     data = load_dataset("mnist", "train", data_dir)
     cfg = TrainConfig(dataset="mnist", model=model_id, width=8).resolve()
     generator, discriminator = build_model(model_id, data.info.image_shape, 10, cfg.latent_dim, cfg.width)
-    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, cfg.model.startswith("c"))
+    objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, MODEL_FAMILIES[model_id].conditional)
     x, y = data.images[:32].float() / 255, data.labels[:32]
     losses = [objective.step(x, y)[key] for _ in range(30)]
     assert sum(losses[-5:]) / 5 < losses[0], losses  # adversarial losses move both ways; below the start they must be
@@ -43,7 +43,7 @@ def test_a_step_leaves_its_losses_on_the_device_unread_and_wgan_gp_has_loss_g_on
     x, y = data.images[:16].float() / 255, data.labels[:16]
     for model_id in ("cdcgan", "cvae", "cwgan_gp"):
         cfg = TrainConfig(dataset="mnist", model=model_id, width=8, aux_classifier=1.0 if model_id == "cdcgan" else 0.0,
-                          n_critic=2).resolve()
+                          n_critic=2 if model_id == "cwgan_gp" else TrainConfig.n_critic).resolve()
         generator, discriminator = build_model(model_id, (1, 28, 28), 10, cfg.latent_dim, cfg.width,
                                                class_head=model_id == "cdcgan")
         objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
@@ -344,15 +344,60 @@ def test_a_run_saved_without_a_latent_encoder_resumes_with_one(data_dir, tmp_pat
     assert after["models"]["discriminator"]["encoder.to_latent.weight"].shape == (2 * 100, 16 * 7 * 7 + 10)
 
 
+SAME_DATA = {"sha256": "0" * 64, "images": 64, "processes": 1}  # what the checkpoints below were trained on too
+
+
 def test_a_resume_records_changed_settings_only_and_not_fields_newer_than_the_checkpoint():
     from training.train import _record_resume
 
     cfg = TrainConfig(model="cdcgan", epochs=80).resolve()
     old = {k: v for k, v in cfg.to_dict().items() if k != "aux_classifier"}  # saved before the field existed
-    assert _record_resume({"config": {**old, "epochs": 60}}, cfg, 61, "fp32") == []
+    assert _record_resume({"config": {**old, "epochs": 60}}, cfg, 61, "fp32", SAME_DATA) == []
     cfg.lr = 1e-4
-    assert _record_resume({"config": old, "resumes": [{"from_epoch": 5, "changed": {}}]}, cfg, 61, "fp32") == [
+    resumed_before = {"config": old, "resumes": [{"from_epoch": 5, "changed": {}}]}
+    assert _record_resume(resumed_before, cfg, 61, "fp32", SAME_DATA) == [
         {"from_epoch": 5, "changed": {}}, {"from_epoch": 61, "changed": {"lr": [2e-4, 1e-4]}}]
+
+
+def test_a_resume_on_other_data_is_recorded(data_dir, tmp_path):
+    """Resuming with another file of the dataset once left the checkpoint describing the second file alone,
+    so the card said the whole model was trained on it."""
+    from training.train import main
+
+    other = tmp_path / "other-data"
+    make_idx_dataset(other, "MNIST", n_train=48, seed=5)
+    run = dict(dataset="mnist", model="cdcgan", batch_size=16, width=8, out_dir=str(tmp_path / "run"))
+    main(TrainConfig(epochs=1, data_dir=str(data_dir), **run).resolve())
+    first = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["train_data"]
+    main(TrainConfig(epochs=2, data_dir=str(other), **run).resolve(), resume=True)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    changed = state["resumes"][0]["changed"]
+    assert state["resumes"][0]["from_epoch"] == 2 and first["processes"] == 1
+    assert changed["train_data.images"] == [64, 48] and changed["train_data.sha256"][0] == first["sha256"]
+
+
+def test_a_run_stopped_inside_an_epoch_by_max_steps_is_not_resumed_past_the_rest_of_it(data_dir, tmp_path):
+    """A resume starts at the next epoch: it once skipped the rest of the stopped one (5 steps against 6)."""
+    from training.cli import UsageError
+    from training.train import main
+
+    run = tmp_path / "run"
+    train_tiny(data_dir, run, "mnist", "cdcgan", steps=2)  # 64 images in batches of 16: 2 of the epoch's 4 steps
+    with pytest.raises(UsageError, match="stopped inside epoch 1 .*--max-steps"):
+        main(TrainConfig(dataset="mnist", model="cdcgan", epochs=2, batch_size=16, width=8, data_dir=str(data_dir),
+                         out_dir=str(run)).resolve(), resume=True)
+
+
+def test_an_out_dir_that_is_a_file_and_a_prior_larger_than_its_codes_are_usage_errors(data_dir, tmp_path):
+    from training.cli import UsageError
+    from training.train import main
+
+    (tmp_path / "taken").write_text("")
+    with pytest.raises(UsageError, match="a file is there"):
+        train_tiny(data_dir, tmp_path / "taken", "mnist", "cdcgan")
+    with pytest.raises(UsageError, match=r"--prior-components 100000: a mixture can have at most \d+ components"):
+        main(TrainConfig(dataset="mnist", model="cvae", epochs=1, width=8, prior_components=100_000,
+                         data_dir=str(data_dir), out_dir=str(tmp_path / "run")).resolve())  # before training
 
 
 def test_the_learning_rate_is_constant_then_decays_linearly_over_the_last_epochs(data_dir, tmp_path):
@@ -380,9 +425,9 @@ def test_a_resume_that_moves_the_end_of_a_decaying_schedule_is_recorded():
 
     decaying = TrainConfig(model="cdcgan", epochs=60, lr_decay_epochs=10).resolve()
     constant = {**decaying.to_dict(), "epochs": 80, "lr_decay_epochs": 0}
-    assert _record_resume({"config": constant}, decaying, 51, "fp32") == [
+    assert _record_resume({"config": constant}, decaying, 51, "fp32", SAME_DATA) == [
         {"from_epoch": 51, "changed": {"epochs": [80, 60], "lr_decay_epochs": [0, 10]}}]
-    assert _record_resume({"config": {**decaying.to_dict(), "epochs": 70}}, decaying, 51, "fp32") == [
+    assert _record_resume({"config": {**decaying.to_dict(), "epochs": 70}}, decaying, 51, "fp32", SAME_DATA) == [
         {"from_epoch": 51, "changed": {"epochs": [70, 60]}}]
 
 
@@ -391,9 +436,10 @@ def test_a_resume_in_another_precision_is_recorded():
 
     cfg = TrainConfig(model="cdcgan").resolve()
     saved = {"config": cfg.to_dict(), "precision": "fp32"}
-    assert _record_resume(saved, cfg, 11, "bf16") == [{"from_epoch": 11, "changed": {"precision": ["fp32", "bf16"]}}]
-    assert _record_resume(saved, cfg, 11, "fp32") == []
-    assert _record_resume({"config": cfg.to_dict()}, cfg, 11, "bf16") == []  # older checkpoint: precision unknown
+    assert _record_resume(saved, cfg, 11, "bf16", SAME_DATA) == [
+        {"from_epoch": 11, "changed": {"precision": ["fp32", "bf16"]}}]
+    assert _record_resume(saved, cfg, 11, "fp32", SAME_DATA) == []
+    assert _record_resume({"config": cfg.to_dict()}, cfg, 11, "bf16", SAME_DATA) == []  # older checkpoint: precision unknown
 
 
 def test_bf16_autocast_is_used_only_where_asked_and_native(data_dir, tmp_path):
@@ -573,8 +619,9 @@ def test_the_generator_step_skips_the_discriminators_weight_gradients_and_trains
     for name, freeze in (("frozen", frozen), ("textbook", lambda module, keep=None: contextlib.nullcontext())):
         monkeypatch.setattr(objectives, "frozen", freeze)
         torch.manual_seed(0)
-        cfg = TrainConfig(dataset="mnist", model=model_id, width=8, amp=False, n_critic=1,
-                          **(dict(aux_classifier=1.0, twin_classifier=True) if model_id == "cdcgan" else {})).resolve()
+        cfg = TrainConfig(dataset="mnist", model=model_id, width=8, amp=False,
+                          **(dict(aux_classifier=1.0, twin_classifier=True) if model_id == "cdcgan" else dict(n_critic=1))
+                          ).resolve()
         generator, discriminator = build_model(model_id, (1, 28, 28), 10, cfg.latent_dim, cfg.width,
                                                class_head=cfg.aux_classifier > 0, twin_head=cfg.twin_classifier)
         objective = build_objective(cfg, torch.device("cpu"), generator, discriminator, True)
@@ -647,6 +694,13 @@ def test_cli_rejects_unknown_ids_with_the_known_ones(capsys):
     (["--model", "conv_vae", "--beta", "-1"], "beta (--beta) (the VAE's KL weight) must be a positive number"),
     (["--device", "tpu"], "device (--device) must be auto, cpu, cuda or cuda:N, not 'tpu'"),
     (["--disc-width", "0"], "disc_width (--disc-width) must be at least 1"),
+    (["--device", "mps"], "device (--device) must be auto, cpu, cuda or cuda:N, not 'mps'"),
+    (["--aux-classifier", "-1"], "aux_classifier (--aux-classifier) must be a number >= 0"),
+    (["--model", "cvae", "--label-smoothing", "0.2"], "label_smoothing (--label-smoothing) applies to the GANs trained"),
+    (["--model", "cvae", "--mode-seeking", "3"], "mode_seeking (--mode-seeking) applies to the GANs trained"),
+    (["--model", "dcgan", "--n-critic", "2"], "n_critic (--n-critic) applies to WGAN-GP"),
+    (["--model", "cvae", "--gp-weight", "5"], "gp_weight (--gp-weight) applies to WGAN-GP"),
+    (["--model", "dcgan", "--beta", "4"], "beta (--beta) is the VAEs' KL weight"),
 ])
 def test_cli_refuses_numbers_that_cannot_train_naming_the_flag(capsys, flags, says, tmp_path):
     from training.train import parse_args

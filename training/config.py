@@ -25,6 +25,8 @@ OPTIMIZER_DEFAULTS = {
 
 DCGAN_MODELS = ("dcgan", "cdcgan", "wgan_gp", "cwgan_gp")  # the families with a DCGAN discriminator or critic
 CONDITIONAL_DCGAN_MODELS = tuple(m for m in DCGAN_MODELS if MODEL_FAMILIES[m].conditional)  # their class-conditional generators
+BCE_GAN_MODELS = ", ".join(m for m, f in MODEL_FAMILIES.items() if f.objective == "gan")  # for messages: the GANs trained with BCE
+VAE_MODELS = ", ".join(m for m, f in MODEL_FAMILIES.items() if f.objective == "vae")
 
 
 def _flag(name: str) -> str:
@@ -35,7 +37,7 @@ def _flag(name: str) -> str:
 @dataclass
 class TrainConfig:
     dataset: str = "mnist"  # dataset id, e.g. mnist, pneumoniamnist, bloodmnist_64, pathmnist_gray
-    model: str = "cdcgan"  # model id: mlp_gan, mlp_vae, conv_vae, cvae, dcgan, cdcgan, wgan_gp, cwgan_gp
+    model: str = "cdcgan"  # model id: a key of training.models.MODEL_FAMILIES (mlp_gan, cdcgan, ...)
     epochs: int = 10
     batch_size: int = 128  # per process; the reference loops use 64, 128 trains as well and faster
     lr: float | None = None  # Adam learning rate (GAN 2e-4, VAE 1e-3, WGAN-GP 1e-4)
@@ -60,10 +62,10 @@ class TrainConfig:
     twin_classifier: bool = False  # cdcgan with aux_classifier: TAC-GAN's twin head, trained on generated images, G plays against it
     class_norm: bool = False  # cdcgan, cwgan_gp: class-conditional batch norm in the generator (a per-class scale and shift)
     embed_dim: int = 50  # cdcgan, cwgan_gp: the generator's label embedding; the class count or more loses nothing, each dim costs 16 x 4 ngf weights
-    self_diagnosing_from: int = 0  # mlp_gan, dcgan, cdcgan: from this epoch on, D sees each real image in proportion to how much G under-represents it (Self-Diagnosing GAN, training/diagnosis.py; 0 = off)
+    self_diagnosing_from: int = 0  # GANs trained with BCE (mlp_gan, cmlp_gan, dcgan, cdcgan): from this epoch on, D sees each real image in proportion to how much G under-represents it (Self-Diagnosing GAN, training/diagnosis.py; 0 = off)
     self_diagnosing_weights: str = "paper"  # with self_diagnosing_from: "paper" (mean + std of the logit, clipped), "ratio" (exp of the mean logit) or "inverse" (exp of minus it)
-    r1: float = 0.0  # mlp_gan, dcgan, cdcgan: R1 penalty gamma / 2 * E|grad_x D(x)|^2 on real images (Mescheder et al. 2018), lazily every 16 steps (0 = off)
-    diff_augment: str = ""  # mlp_gan, dcgan, cdcgan: DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
+    r1: float = 0.0  # GANs trained with BCE (mlp_gan, cmlp_gan, dcgan, cdcgan): R1 penalty gamma / 2 * E|grad_x D(x)|^2 on real images (Mescheder et al. 2018), lazily every 16 steps (0 = off)
+    diff_augment: str = ""  # GANs trained with BCE (mlp_gan, cmlp_gan, dcgan, cdcgan): DiffAugment policy for every image D sees, e.g. "translation,cutout" ("" = off)
     seed: int = 0
     data_dir: str | None = None  # default: $SYNTHGEN_DATA_DIR, then ./data
     download: bool = False
@@ -91,11 +93,23 @@ class TrainConfig:
             self.mode_seeking = 0.25 if family.conditional and family.objective == "gan" else 0.0  # WGAN-GP has no such term
         if self.mode_seeking_in_batch and not (family.objective == "gan" and self.mode_seeking > 0):
             raise ValueError("mode_seeking_in_batch pairs the images of the mode-seeking term: it needs a GAN trained with BCE "
-                             f"(mlp_gan, dcgan, cdcgan) and mode_seeking > 0; got {self.model!r}, mode_seeking={self.mode_seeking}")
+                             f"({BCE_GAN_MODELS}) and mode_seeking > 0; got {self.model!r}, mode_seeking={self.mode_seeking}")
         if self.ema_decay is None:
             self.ema_decay = 0.0 if family.objective == "vae" else 0.999
         if not 0 <= self.lr_decay_epochs < self.epochs:
             raise ValueError(f"lr_decay_epochs must be in [0, epochs); got {self.lr_decay_epochs} with epochs={self.epochs}")
+        if family.objective != "gan":
+            for name in ("label_smoothing", "mode_seeking"):
+                if getattr(self, name):
+                    raise ValueError(f"{_flag(name)} applies to the GANs trained with BCE ({BCE_GAN_MODELS}), not "
+                                     f"{self.model!r}")
+        for name in ("n_critic", "gp_weight"):
+            if family.objective != "wgan_gp" and getattr(self, name) != getattr(TrainConfig, name):
+                raise ValueError(f"{_flag(name)} applies to WGAN-GP (wgan_gp, cwgan_gp), not {self.model!r}")
+        if family.objective != "vae" and self.beta != TrainConfig.beta:
+            raise ValueError(f"{_flag('beta')} is the VAEs' KL weight ({VAE_MODELS}), not {self.model!r}'s")
+        if not (math.isfinite(self.aux_classifier) and self.aux_classifier >= 0):
+            raise ValueError(f"{_flag('aux_classifier')} must be a number >= 0, not {self.aux_classifier}")
         if self.aux_classifier and self.model != "cdcgan":
             raise ValueError(f"aux_classifier applies to the conditional DCGAN (cdcgan), not {self.model!r}")
         if self.class_grouped_std and self.model != "cdcgan":
@@ -108,12 +122,12 @@ class TrainConfig:
         if self.twin_classifier and not self.aux_classifier:
             raise ValueError("twin_classifier is the class head's twin: it needs aux_classifier > 0")
         if self.diff_augment and family.objective != "gan":
-            raise ValueError(f"diff_augment applies to the GANs trained with BCE (mlp_gan, dcgan, cdcgan), not {self.model!r}")
+            raise ValueError(f"diff_augment applies to the GANs trained with BCE ({BCE_GAN_MODELS}), not {self.model!r}")
         if self.r1 < 0 or (self.r1 and family.objective != "gan"):
-            raise ValueError("r1 penalises a BCE discriminator's gradient on real images (mlp_gan, dcgan, cdcgan; 0 = off): "
+            raise ValueError(f"r1 penalises a BCE discriminator's gradient on real images ({BCE_GAN_MODELS}; 0 = off): "
                              f"got {self.r1} for {self.model!r}")
         if self.self_diagnosing_from < 0 or (self.self_diagnosing_from and family.objective != "gan"):
-            raise ValueError("self_diagnosing_from reads a BCE discriminator's logits (mlp_gan, dcgan, cdcgan; "
+            raise ValueError(f"self_diagnosing_from reads a BCE discriminator's logits ({BCE_GAN_MODELS}; "
                              f"0 = off): got {self.self_diagnosing_from} for {self.model!r}")
         if self.self_diagnosing_weights not in WEIGHTINGS:
             raise ValueError(f"self_diagnosing_weights must be one of {', '.join(WEIGHTINGS)}, "
@@ -135,7 +149,7 @@ class TrainConfig:
         if self.embed_dim < 1:
             raise ValueError(f"embed_dim must be at least 1, not {self.embed_dim}")
         if self.prior_components < 0 or (self.prior_components and family.objective != "vae"):
-            raise ValueError(f"prior_components is the VAEs' fitted latent prior (mlp_vae, conv_vae, cvae; 0 = N(0, I)): "
+            raise ValueError(f"prior_components is the VAEs' fitted latent prior ({VAE_MODELS}; 0 = N(0, I)): "
                              f"got {self.prior_components} for {self.model!r}")
         if self.latent_dim is None:
             self.latent_dim = family.latent_dim
@@ -164,9 +178,11 @@ class TrainConfig:
             import torch
 
             try:
-                torch.device(self.device)
+                device_type = torch.device(self.device).type
             except RuntimeError:
-                raise ValueError(f"{_flag('device')} must be auto, cpu, cuda or cuda:N, not {self.device!r}") from None
+                device_type = None
+            if device_type not in ("cpu", "cuda"):
+                raise ValueError(f"{_flag('device')} must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 
     @property
     def objective(self) -> str:

@@ -198,9 +198,34 @@ def _load_torchvision(info: DatasetInfo, split: str, root: Path, download: bool)
             )
     elif not all((raw / name).exists() for name in IDX_FILES):
         tv_root = _decompressed_copy(raw, cls_name)
-    dataset = getattr(torchvision.datasets, cls_name)(root=str(tv_root), train=split == "train", download=download)
-    images = dataset.data.unsqueeze(1).to(torch.uint8)  # (N, 1, 28, 28)
-    return images, dataset.targets.to(torch.int64)
+    image_file, label_file = IDX_FILES[:2] if split == "train" else IDX_FILES[2:]
+    files = f"{raw / image_file}[.gz] and {raw / label_file}[.gz]"
+    try:
+        dataset = getattr(torchvision.datasets, cls_name)(root=str(tv_root), train=split == "train", download=download)
+    except (RuntimeError, ValueError, AssertionError, OSError) as err:  # a failed download, or a wrong or cut file
+        if missing:
+            raise DataNotFoundError(f"{info.id}: --download could not fetch the IDX files into '{raw}' ({' '.join(str(err).split())}); "
+                                    f"check the network, or put the files there yourself") from None
+        raise DataFormatError(f"{info.id}: {files} are not the official IDX files ({err}); replace them with the "
+                              "published ones") from None
+    images, labels = dataset.data, dataset.targets
+    check_idx_arrays(files, split, images, labels, info)
+    return images.unsqueeze(1).to(torch.uint8), labels.to(torch.int64)  # (N, 1, 28, 28), (N,)
+
+
+def check_idx_arrays(files: str, split: str, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
+    """Refuse, naming the files, IDX arrays that are not the official layout: N x 28 x 28 uint8 images and one
+    label per image in 0..9. Without this a short label file fails mid-epoch, and a long one trains silently
+    on misaligned labels."""
+    if images.dtype != torch.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != (28, 28) or len(images) == 0:
+        raise DataFormatError(f"{info.id} {split}: {files} hold images of {images.dtype} "
+                              f"{'x'.join(map(str, images.shape))}; the official files hold uint8 N x 28 x 28")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise DataFormatError(f"{info.id} {split}: {files} hold {len(images)} images and "
+                              f"{'x'.join(map(str, labels.shape))} labels; the official files hold one label per image")
+    if not 0 <= int(labels.min()) <= int(labels.max()) < info.num_classes:
+        raise DataFormatError(f"{info.id} {split}: {files} hold labels from {int(labels.min())} to "
+                              f"{int(labels.max())}; {info.base} has {info.num_classes} classes (0..{info.num_classes - 1})")
 
 
 def _decompressed_copy(raw: Path, cls_name: str) -> Path:
@@ -260,6 +285,7 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
     if download:
         mm_root.mkdir(parents=True, exist_ok=True)
     cls = getattr(medmnist, medmnist.INFO[info.base]["python_class"])
+    fetched = download and not path.exists()
     try:
         dataset = cls(split=split, root=str(mm_root), size=info.size, download=download)
     except KeyError:  # medmnist reads <split>_images / <split>_labels from the npz
@@ -268,8 +294,13 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
         raise DataFormatError(f"{path}: no '{split}_images' and '{split}_labels' arrays; it holds {found}, an "
                               f"official MedMNIST file holds {[f'{s}_{a}' for s in SPLITS for a in ('images', 'labels')]}"
                               ) from None
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:  # truncated, damaged, another format
-        with open(path, "rb") as f:
+    except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        if fetched:  # medmnist's download failed (no network, a server error)
+            raise DataNotFoundError(f"{info.id}: --download could not fetch '{path.name}' into '{mm_root}' ({' '.join(str(err).split())}); "
+                                    "check the network, or put the file there yourself") from None
+        if isinstance(err, RuntimeError):
+            raise
+        with open(path, "rb") as f:  # truncated, damaged, another format
             is_zip = f.read(4) == b"PK\x03\x04"  # numpy reads anything else as a pickle, and says so
         raise DataFormatError(f"{path}: not a readable .npz file " + (f"({err})" if is_zip else "(not a zip archive)")
                               ) from None

@@ -86,12 +86,10 @@ import functools
 import hashlib
 import json
 import math
-import os
-import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +99,7 @@ from torch import nn
 
 from .cli import flag, user_errors_exit
 from .data import DATA_DIR_ENV, DataNotFoundError, DatasetInfo, ImageData, load_dataset
+from .hardware import hardware_name
 from .manifest import CARD, MANIFEST, write_manifest
 from .sampling import balanced_labels
 
@@ -707,8 +706,8 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         else:
             raise ValueError(f"unknown label mix {settings.label_mix!r}")
         pool_images = gen(n_pool, pool_labels, seed=GENERATION_SEED + 1)
-        # Label fidelity on balanced requests (the first n_gen of a balanced pool; else a balanced set of its own).
-        if settings.label_mix == "balanced":
+        # Label fidelity on n_gen balanced requests (the first n_gen of a balanced pool; else a balanced set of its own).
+        if settings.label_mix == "balanced" and n_pool >= n_gen:
             lf_images, lf_labels = pool_images[:n_gen], pool_labels[:n_gen]
         else:
             lf_labels = balanced_labels(n_gen, k)
@@ -780,7 +779,7 @@ def evaluate_model(model_dir: str | Path, ctx: DatasetContext, settings: Setting
         "seeds": seeds, "n_train": n_train, "n_test": n_test,
         "unconditional": None if conditional else "FID/precision/recall only; no pseudo-labels",
         "wall_time_s": round(wall, 1), "threads": torch.get_num_threads(),
-        "hardware": f"CPU {platform.machine()} x{os.cpu_count()}", "torch": torch.__version__,
+        "hardware": hardware_name(torch.device("cpu")), "torch": torch.__version__,
         "command": command, "evaluated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     _log(f"{name}: done in {wall:.1f}s", t0)
@@ -935,6 +934,20 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _number(kind: type, low: float, high: float | None = None, low_open: bool = False):
+    """An argparse type: a finite `kind` number in [low, high] ((low, high] with low_open), else a usage error."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{'an integer' if kind is int else 'a number'} is needed, not {text!r}") from None
+        if not math.isfinite(value) or (value <= low if low_open else value < low) or (high is not None and value > high):
+            bounds = f"{'above' if low_open else 'at least'} {low:g}" + (f" and at most {high:g}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {text}")
+        return value
+    return parse
+
+
 def _parse_fraction(text: str) -> float:
     text = text.strip()
     return float(text[:-1]) / 100 if text.endswith("%") else float(text)
@@ -959,20 +972,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--download", action="store_true", help="download missing real data files (needs internet)")
     parser.add_argument("--classifier-dir", default="runs/classifiers", help="reference classifier cache (default: runs/classifiers)")
     parser.add_argument("--report-dir", default="runs/eval", help="per-model JSON reports (default: runs/eval)")
-    parser.add_argument("--seeds", type=int, default=None, help="classifier seeds for CAS and augmentation (default: 3)")
-    parser.add_argument("--n-generated", type=int, default=None, help="generated images for FID, P/R, label fidelity (default: 10000)")
-    parser.add_argument("--n-synthetic", type=int, default=None, help="synthetic pool for CAS/augmentation (default: max(n-generated, N_train))")
+    parser.add_argument("--seeds", type=_number(int, 1), default=None, help="classifier seeds for CAS and augmentation (default: 3)")
+    parser.add_argument("--n-generated", type=_number(int, PR_K + 1), default=None, help="generated images for FID, P/R, label fidelity (default: 10000)")
+    parser.add_argument("--n-synthetic", type=_number(int, 1), default=None, help="synthetic pool for CAS/augmentation (default: max(n-generated, N_train))")
     parser.add_argument("--fractions", type=_floats, default=None,
                         help="real-data fractions for augmentation, e.g. 0.01,0.1,1 or 1%%,10%%,100%% "
                              f"(default: {','.join(f'{f:g}' for f in FRACTIONS_LARGE)} for training splits >= {LARGE_SET}, "
                              f"else {','.join(f'{f:g}' for f in FRACTIONS_SMALL)})")
-    parser.add_argument("--classifier-epochs", type=float, default=None,
+    parser.add_argument("--classifier-epochs", type=_number(float, 0, low_open=True), default=None,
                         help=f"classifier training length in epochs of the full real training split "
                              f"(default: max({MIN_STEPS} steps, {DEFAULT_EPOCHS:g} epochs))")
     parser.add_argument("--label-mix", choices=("balanced", "prior"), default="balanced",
                         help="labels of the synthetic pool: balanced (class i mod K, the service default) or prior "
                              "(the training split's class proportions) (default: balanced)")
-    parser.add_argument("--synthetic-share", type=float, default=0.5, help="share of each augmented batch that is synthetic (default: 0.5)")
+    parser.add_argument("--synthetic-share", type=_number(float, 0, 1), default=0.5, help="share of each augmented batch that is synthetic (default: 0.5)")
     parser.add_argument("--augmentation", action=argparse.BooleanOptionalAction, default=None,
                         help="run the augmentation study (default: on for conditional models)")
     parser.add_argument("--inception-weights", default=None,
@@ -986,7 +999,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-card", action="store_true", help="do not write card.json / manifest.json (report only)")
     parser.add_argument("--memorisation-only", action="store_true",
                         help="only the memorisation check (seconds, no classifier), added to each card's metrics")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=_number(int, 1), default=1,
                         help="torch / ONNX Runtime threads (default: 1; on a CPU shared with training jobs more threads "
                              "oversubscribe it and run several times slower)")
     return parser

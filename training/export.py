@@ -41,7 +41,7 @@ from torch.nn.utils import parametrize
 from .cli import UsageError, user_errors_exit
 from .manifest import CARD, sha256_of, write_manifest
 from .models import MODEL_FAMILIES
-from .sampling import class_rows, noise_dim, sample, save_grid
+from .sampling import noise_dim, save_sample_grid
 from .train import code_version, load_checkpoint
 
 ONNX_FILE, TORCHSCRIPT_FILE, SAMPLES_FILE = "generator.onnx", "generator.pt", "samples.png"
@@ -262,11 +262,7 @@ def export_model(model: nn.Module, state: dict, out_root: str | Path = "exported
         export_onnx(module, inputs, staging / ONNX_FILE)
         export_torchscript(module, inputs, staging / TORCHSCRIPT_FILE)
         parity = check_parity(module, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, model)
-        per_class = 10
-        labels = class_rows(len(info["classes"]), per_class) if family.conditional else None
-        grid = sample(module.model, len(info["classes"]) * per_class if family.conditional else 64, labels,
-                      torch.Generator().manual_seed(0))
-        save_grid(grid, staging / SAMPLES_FILE, nrow=per_class if family.conditional else 8)
+        save_sample_grid(module.model, staging / SAMPLES_FILE, seed=0)
 
     card = {
         "format": "synthgen-card/1",

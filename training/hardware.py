@@ -1,6 +1,7 @@
 """The name of the machine a run or a benchmark used, for checkpoints, model cards and benchmark JSON.
 
-No torch here: the benchmarks' machine description imports it too.
+No torch at import: the benchmarks' machine description imports this module too (`hardware_name` imports torch
+when called).
 """
 
 from __future__ import annotations
@@ -19,3 +20,13 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def hardware_name(device) -> str:
+    """The hardware a training run or an evaluation used, as checkpoints and cards record it: the GPU's name, or
+    "CPU <model> (<torch's vector ISA>) x<threads> threads" for a `torch.device` of type cpu."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}) x{torch.get_num_threads()} threads"

@@ -129,11 +129,23 @@ def mixture_prior(fits: list[dict]) -> MixturePrior:
     return MixturePrior(torch.stack(thresholds), torch.stack(means), torch.stack(chols))
 
 
+def posterior_draws(n_images: int) -> int:
+    """Codes drawn per training image: enough for PRIOR_POINTS codes in all."""
+    return max(1, math.ceil(PRIOR_POINTS / n_images))
+
+
+def most_components(labels: torch.Tensor, num_classes: int) -> int:
+    """The most mixture components `fit_prior` can fit: the codes of its smallest group (a class's for a
+    conditional VAE, num_classes > 0; all of them otherwise)."""
+    smallest = int(torch.bincount(labels.cpu(), minlength=num_classes).min()) if num_classes else len(labels)
+    return posterior_draws(len(labels)) * smallest
+
+
 def fit_prior(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, components: int, seed: int) -> tuple[MixturePrior, dict]:
     """Fit the mixture prior of a trained VAE on its uint8 training images; returns (module, a report for the
     checkpoint and card). A conditional VAE gets one mixture per class, fitted to that class's codes."""
     generator = torch.Generator().manual_seed(seed)
-    draws = max(1, math.ceil(PRIOR_POINTS / len(images)))
+    draws = posterior_draws(len(images))
     conditional = model.num_classes > 0
     codes = posterior_codes(model, images, labels if conditional else None, draws, generator)
     code_labels = labels.repeat_interleave(draws)

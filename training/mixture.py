@@ -47,7 +47,7 @@ from . import latent_prior
 from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
                      refuse_to_replace, staged, write_card)
 from .manifest import CARD, sha256_of
-from .sampling import class_rows, save_grid
+from .sampling import save_sample_grid
 
 SHARED_FIELDS = ("dataset", "classes", "conditional", "image_shape")  # members must agree on these
 
@@ -78,6 +78,10 @@ class MemberMixture(nn.Module):
             out = member(z, labels[rows]) if self.num_classes else member(z)
             images = images.index_copy(0, rows, out)
         return images
+
+    def generate(self, noise: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """As the members' generators name it, so that `sampling.sample` draws from a mixture too."""
+        return self(noise, labels)
 
 
 def picker_thresholds(shares: list[float]) -> tuple[list[int], list[float]]:
@@ -219,12 +223,7 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
                                tuple(first["image_shape"])), str(staging / ONNX_FILE))
         export_torchscript(mixture, example_inputs(mixture, 4), staging / TORCHSCRIPT_FILE)
         parity = check_parity(mixture, staging / ONNX_FILE, staging / TORCHSCRIPT_FILE, mixture)  # against the members'
-        per_class = 10
-        n_grid = num_classes * per_class if conditional else 64
-        noise = torch.randn(n_grid, mixture.noise_dim, generator=torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            grid = mixture(noise, class_rows(num_classes, per_class)) if conditional else mixture(noise)
-        save_grid(grid.clamp(0, 1), staging / SAMPLES_FILE, nrow=per_class if conditional else 8)
+        save_sample_grid(mixture, staging / SAMPLES_FILE, seed=0)
 
     storages = {card.get("weights", {}).get("storage", "float32") for card in cards}
     card = {

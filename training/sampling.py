@@ -1,5 +1,6 @@
-"""The one sampler of torch models: the training previews and an export's samples.png draw images through `sample`.
-(The evaluation draws from the exported ONNX file, as the service does: `training.evaluate.OnnxGenerator`.)"""
+"""The one sampler of torch models: the training previews and an export's or a mixture's samples.png draw images
+through `sample` (`save_sample_grid`). (The evaluation draws from the exported ONNX file, as the service does:
+`training.evaluate.OnnxGenerator`.)"""
 
 from __future__ import annotations
 
@@ -53,6 +54,18 @@ def sample(model: nn.Module, n: int, labels: torch.Tensor | None = None, generat
         return model.generate(z, y).float().clamp_(0, 1)
     finally:
         model.train(was_training)
+
+
+GRID_PER_CLASS = 10  # images in a conditional model's row of a sample grid; an unconditional model's grid is 8x8
+
+
+def save_sample_grid(model: nn.Module, path: str | Path, seed: int) -> None:
+    """A model's fixed-seed sample grid as one PNG: a row of GRID_PER_CLASS images per class, or 8x8 for an
+    unconditional model."""
+    classes = unwrap(model).num_classes
+    labels = class_rows(classes, GRID_PER_CLASS) if classes else None
+    grid = sample(model, len(labels) if classes else 64, labels, torch.Generator().manual_seed(seed))
+    save_grid(grid, path, nrow=GRID_PER_CLASS if classes else 8)
 
 
 def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> None:

@@ -44,16 +44,16 @@ from .cli import UsageError, flag, user_errors_exit
 from .config import TrainConfig
 from .data import dataset_info, known_dataset_ids, load_dataset, resolve_data_dir
 from .diagnosis import RealImageDiagnosis
-from .hardware import cpu_model
+from .hardware import hardware_name
 from .ema import GeneratorEMA
-from .latent_prior import fit_prior
+from .latent_prior import fit_prior, most_components
 from .models import MODEL_FAMILIES, build_model
 from .models.prior import MixturePrior
 from .objectives import build_objective
-from .sampling import class_rows, sample, save_grid, unwrap
+from .sampling import save_sample_grid, unwrap
 
 CHECKPOINT = "checkpoint.pt"
-PREVIEW_PER_CLASS = 10
+PREVIEW_SEED = 1234  # of samples/epoch_NNN.png: the same noise every epoch, so the grids show training progress
 # Config fields that do not change what is learned: a resume may change them without a record.
 NOT_TRAINING_FIELDS = ("epochs", "out_dir", "data_dir", "download", "sample_every", "checkpoint_every", "max_steps",
                        "tensorboard", "device")
@@ -68,12 +68,6 @@ def code_version() -> str:
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-def hardware_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}) x{torch.get_num_threads()} threads"
 
 
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
@@ -163,6 +157,8 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     device, rank, world = setup_distributed(cfg)
     is_main = rank == 0
     out = Path(cfg.out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out-dir {out}: a file is there; give a folder for the run")
     family = MODEL_FAMILIES[cfg.model]
     info = dataset_info(cfg.dataset)
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
@@ -171,6 +167,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
 
     data = load_dataset(cfg.dataset, "train", cfg.data_dir, cfg.download)
     train_data = describe_data(data.images, data.labels, info.num_classes)
+    train_data["processes"] = world  # torchrun's: each takes batch_size images a step
+    if cfg.prior_components > (limit := most_components(data.labels, info.num_classes if family.conditional else 0)):
+        raise UsageError(f"--prior-components {cfg.prior_components}: a mixture can have at most {limit} components "
+                         f"here (the latent codes of the smallest group it is fitted to)")
     images, labels = data.images.to(device), data.labels.to(device)  # (N, C, H, W) uint8, (N,) int64
 
     generator, discriminator = build_model(cfg.model, info.image_shape, info.num_classes, cfg.latent_dim, cfg.width,
@@ -188,6 +188,10 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
             raise UsageError(f"--resume: no checkpoint at {checkpoint_path}; train without --resume to start the run")
         state = torch.load(checkpoint_path, map_location=device, weights_only=False)
         _check_resume_matches(state, cfg)
+        if not state.get("epoch_complete", True) and cfg.epochs > state["epoch"]:
+            raise UsageError(f"--resume: {checkpoint_path} stopped inside epoch {state['epoch']} (--max-steps), and a "
+                             "resume starts at the next epoch, so the rest of that one would be skipped; train the run "
+                             "again with --overwrite")
         generator.load_state_dict(state["models"]["generator"])
         if discriminator is not None:
             _load_discriminator(discriminator, state["models"]["discriminator"], is_main=rank == 0)
@@ -217,7 +221,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         diagnosis = RealImageDiagnosis(len(images), device, cfg.self_diagnosing_weights)
         if state is not None and "real_image_diagnosis" in state:
             diagnosis.load_state_dict(state["real_image_diagnosis"])
-    resumes = _record_resume(state, cfg, start_epoch, objective.precision) if state is not None else []
+    resumes = _record_resume(state, cfg, start_epoch, objective.precision, train_data) if state is not None else []
     if state is not None:
         objective.load_state_dict(state["optimizers"])
         if "objective_steps" in state:
@@ -253,7 +257,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         lr = learning_rate(cfg, epoch)
         objective.set_lr(lr)
         torch.manual_seed(cfg.seed * 100_003 + epoch * 101 + rank)  # noise: reproducible per epoch, so resume is exact
-        order_rng = torch.Generator().manual_seed(cfg.seed + epoch)
+        order_rng = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # seeds 0 and 1 share no epoch's order
         reweighted = diagnosis is not None and epoch >= cfg.self_diagnosing_from and diagnosis.ready()
         if reweighted:
             draws_fraction = diagnosis.effective_fraction()  # of the weights this epoch's images are drawn with
@@ -299,11 +303,12 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
         print(json.dumps(row), flush=True)
         last = epoch == cfg.epochs or (cfg.max_steps is not None and step >= cfg.max_steps)
         if epoch % cfg.sample_every == 0 or last:
-            _save_preview(ema.model if ema is not None else generator, out / "samples" / f"epoch_{epoch:03d}.png")
+            save_sample_grid(ema.model if ema is not None else generator, out / "samples" / f"epoch_{epoch:03d}.png",
+                             PREVIEW_SEED)
             _plot_losses(out)
         if epoch % cfg.checkpoint_every == 0 or last:
             _save_checkpoint(checkpoint_path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time,
-                             device, resumes, train_data, diagnosis)
+                             device, resumes, train_data, diagnosis, epoch_complete=count == steps_per_epoch)
     if log is not None:
         log.close()
     if world > 1:
@@ -312,14 +317,6 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     if is_main and family.objective == "vae" and checkpoint_path.exists():
         _update_latent_prior(out, cfg, data.images, data.labels, resumes)
     return out
-
-
-def _save_preview(model: torch.nn.Module, path: Path) -> None:
-    """The fixed-seed sample grid of a run: one row of PREVIEW_PER_CLASS per class, or 8x8 for an unconditional model."""
-    classes = unwrap(model).num_classes
-    labels = class_rows(classes, PREVIEW_PER_CLASS) if classes else None
-    grid = sample(model, len(labels) if classes else 64, labels, torch.Generator().manual_seed(1234))
-    save_grid(grid, path, nrow=PREVIEW_PER_CLASS if classes else 8)
 
 
 def _update_latent_prior(out: Path, cfg: TrainConfig, images: torch.Tensor, labels: torch.Tensor,
@@ -340,7 +337,7 @@ def _update_latent_prior(out: Path, cfg: TrainConfig, images: torch.Tensor, labe
         state["latent_prior"] = {"state": prior.state(), "report": report}
         print(json.dumps({"latent_prior": report}), flush=True)
         model.prior = prior
-        _save_preview(model, out / "samples" / f"epoch_{state['epoch']:03d}_prior.png")
+        save_sample_grid(model, out / "samples" / f"epoch_{state['epoch']:03d}_prior.png", PREVIEW_SEED)
     state["config"], state["resumes"] = cfg.to_dict(), resumes
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -381,10 +378,11 @@ def _load_discriminator(discriminator, weights: dict, is_main: bool) -> None:
             print(f"resume: this run does not train the checkpoint's {what}: its weights are dropped", flush=True)
 
 
-def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: str) -> list[dict]:
-    """The checkpoint's list of resumes that changed the training config or the arithmetic precision, plus
-    this one if it does: so a model whose later epochs ran with other settings (say --aux-classifier from
-    epoch 61, or bf16 after fp32 on another machine) says so."""
+def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: str, train_data: dict) -> list[dict]:
+    """The checkpoint's list of resumes that changed the training config, the arithmetic precision, the
+    training data (its sha256) or the number of processes, plus this one if it does: so a model whose later
+    epochs ran with other settings (say --aux-classifier from epoch 61, bf16 after fp32 on another machine, or
+    another file of the dataset) says so."""
     before = TrainConfig.from_dict(state["config"]).resolve().to_dict()  # a field newer than the checkpoint: its default
     free = set(NOT_TRAINING_FIELDS)
     if before["lr_decay_epochs"] or cfg.lr_decay_epochs:
@@ -392,6 +390,10 @@ def _record_resume(state: dict, cfg: TrainConfig, start_epoch: int, precision: s
     changed = {k: [before[k], v] for k, v in cfg.to_dict().items() if k not in free and before[k] != v}
     if state.get("precision", precision) != precision:  # checkpoints older than the field: not known, not recorded
         changed["precision"] = [state["precision"], precision]
+    data_before = state.get("train_data", {})
+    for key in ("sha256", "images", "processes"):  # a checkpoint older than a field: not known, not recorded
+        if key in data_before and data_before[key] != train_data[key]:
+            changed[f"train_data.{key}"] = [data_before[key], train_data[key]]
     resumes = list(state.get("resumes", []))
     if changed:
         resumes.append({"from_epoch": start_epoch, "changed": changed})
@@ -410,7 +412,8 @@ def describe_data(images: torch.Tensor, labels: torch.Tensor, num_classes: int) 
 
 
 def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objective, epoch, step, wall_time, device,
-                     resumes: list[dict], train_data: dict, diagnosis: RealImageDiagnosis | None = None) -> None:
+                     resumes: list[dict], train_data: dict, diagnosis: RealImageDiagnosis | None = None,
+                     epoch_complete: bool = True) -> None:
     state = {
         "format": "synthgen-checkpoint/1",
         "version": code_version(),
@@ -419,6 +422,7 @@ def _save_checkpoint(path: Path, cfg, info, generator, discriminator, ema, objec
         "dataset_info": dataclasses.asdict(info),
         "train_data": train_data,
         "epoch": epoch,
+        "epoch_complete": epoch_complete,  # False: --max-steps stopped the run inside this epoch
         "step": step,
         "wall_time_s": wall_time,
         "hardware": hardware_name(device),

@@ -1,7 +1,8 @@
 """The model families by id: which networks each builds and which objective trains them.
 
 Ids are used everywhere (CLI, `exported/<dataset>/<model>/`, the API):
-    mlp_gan, mlp_vae, conv_vae (beta-VAE with --beta), dcgan, cvae, cdcgan, wgan_gp, cwgan_gp
+    mlp_gan, mlp_vae, conv_vae (beta-VAE with --beta), dcgan, cvae, cdcgan, wgan_gp, cwgan_gp,
+    cmlp_gan, cmlp_vae
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ MODEL_FAMILIES = {
         ModelFamily("cdcgan", "gan", True, 100, "Class-conditional DCGAN"),
         ModelFamily("wgan_gp", "wgan_gp", False, 100, "DCGAN generator trained against a critic with WGAN-GP"),
         ModelFamily("cwgan_gp", "wgan_gp", True, 100, "Class-conditional WGAN-GP (DCGAN architecture)"),
+        ModelFamily("cmlp_gan", "gan", True, 100, "Class-conditional MLP GAN (Mirza & Osindero 2014): the label's "
+                    "embedding concatenated to z and to the discriminator's input"),
+        ModelFamily("cmlp_vae", "vae", True, 20, "Class-conditional MLP VAE: the label's embedding concatenated to "
+                    "the encoder's input and to z"),
     ]
 }
 
@@ -59,10 +64,10 @@ def build_model(model: str, image_shape, num_classes: int, latent_dim: int, widt
         raise ValueError(f"unknown model {model!r}; known: {', '.join(MODEL_FAMILIES)}")
     family = MODEL_FAMILIES[model]
     k = num_classes if family.conditional else 0
-    if model == "mlp_gan":
-        return MLPGenerator(latent_dim, image_shape), MLPDiscriminator(image_shape)
-    if model == "mlp_vae":
-        return MLPVAE(latent_dim, image_shape), None
+    if model in ("mlp_gan", "cmlp_gan"):
+        return MLPGenerator(latent_dim, image_shape, num_classes=k), MLPDiscriminator(image_shape, num_classes=k)
+    if model in ("mlp_vae", "cmlp_vae"):
+        return MLPVAE(latent_dim, image_shape, num_classes=k), None
     if model in ("conv_vae", "cvae"):
         return ConvVAE(latent_dim, image_shape, width, num_classes=k), None
     norm = "none" if family.objective == "wgan_gp" else "batch"

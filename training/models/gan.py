@@ -161,6 +161,15 @@ class DCGANGenerator(nn.Module):
         return (self(z, labels) + 1) / 2  # (N, C, H, W) in [0, 1]
 
 
+def group_size(n: int, group: int) -> int:
+    """The rows of one minibatch-std group for a batch of n: the largest divisor of n up to `group`, or, when
+    n has none above 1 (a prime batch of 5 or more, 25, ...), the whole batch as one group (ProGAN's original
+    rule). Never 1 for n > 1: a group of one row has no spread, and the feature would be a constant."""
+    if n <= group:
+        return n
+    return next((g for g in range(group, 1, -1) if n % g == 0), n)
+
+
 class MinibatchStd(nn.Module):
     """Appends the batch's mean feature std as one channel (Karras et al. 2018, ProGAN).
 
@@ -174,9 +183,7 @@ class MinibatchStd(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        g = min(self.group, n)
-        if n % g:
-            g = 1
+        g = group_size(n, self.group)
         y = x.view(g, -1, c, h, w)  # (G, N/G, C, H, W)
         std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,)
         std = std.view(-1, 1, 1, 1).repeat(g, 1, h, w)  # (N, 1, H, W)
@@ -228,7 +235,7 @@ class LatentEncoder(nn.Module):
 class DCGANDiscriminator(nn.Module):
     """HxW -> ... -> 4x4 (or 7x7) -> 1 logit with strided Conv2d + norm + LeakyReLU(0.2).
 
-    Conditional: a projection discriminator (Miyato & Koyama 2018): logit = f(h) + <embed(y), sum_hw h>,
+    Conditional: a projection discriminator (Miyato & Koyama 2018): logit = f(h) + <embed(y), mean_hw h>,
     where h are the last features. (Stacking the label as an input plane let our conditional DCGAN
     collapse to one image per class; the projection keeps the label in every gradient.)
     norm: "batch" for GANs, "none" for the WGAN-GP critic. minibatch_std: a `MinibatchStd` channel before

@@ -7,7 +7,7 @@ venv:
 	python3.11 -m venv .venv && .venv/bin/pip install -q -e ".[serve,train,dev]"
 
 serve:
-	.venv/bin/bentoml serve service.service:SyntheticImages --host 127.0.0.1 --port $(PORT)
+	BENTOML_DO_NOT_TRACK=true .venv/bin/bentoml serve service.service:SyntheticImages --host 127.0.0.1 --port $(PORT)
 
 test:
 	bash .ci/run

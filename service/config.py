@@ -27,7 +27,9 @@
                                (faster large calls; RSS keeps about the
                                largest call's memory); 0: none
     SYNTHGEN_MEMORY_BUDGET_MB  image memory of a worker's requests in      1024 (further requests wait)
-                               flight
+                               flight, held until each answer is sent
+    SYNTHGEN_SEND_TIMEOUT_S    a client must take each MiB of an answer    30
+                               within this, or its connection is dropped
     SYNTHGEN_API_TOKEN         bearer token for the API routes             unset: no auth
 
 A malformed value fails start-up with a message naming the variable (never a silent fallback).
@@ -128,6 +130,7 @@ class Settings:
     ort_spinning: bool = True
     ort_arena: bool = True
     memory_budget_bytes: int = 1 << 30
+    send_timeout_s: int = 30
     api_token: str | None = None
 
     @classmethod
@@ -162,6 +165,7 @@ class Settings:
             ort_spinning=_flag(env, "SYNTHGEN_ORT_SPINNING", cls.ort_spinning),
             ort_arena=_flag(env, "SYNTHGEN_ORT_ARENA", cls.ort_arena),
             memory_budget_bytes=_int(env, "SYNTHGEN_MEMORY_BUDGET_MB", cls.memory_budget_bytes >> 20, 64, 1 << 20) << 20,
+            send_timeout_s=_int(env, "SYNTHGEN_SEND_TIMEOUT_S", cls.send_timeout_s, 1, 3600),
             api_token=_token(env, "SYNTHGEN_API_TOKEN"),
         )
 

@@ -210,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n is None and not isinstance(args.labels, dict):
         parser.error("-n is required unless --labels gives class counts (name=count,...)")
+    if args.out.suffix not in ("", ".npz") and not args.out.is_dir():
+        parser.error(f"--out {args.out}: a .npz file, or a folder for an ImageFolder tree; a {args.out.suffix} name "
+                     "would become a folder (create the folder first to use such a name)")
 
     def progress(done: int, n: int) -> None:
         if not args.quiet:

@@ -61,6 +61,12 @@ class GuardMiddleware:
         if content_type is not None:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
                                       f"not {short_name(content_type)!r}")(scope, receive, send)
+        charsets = [p.split("=", 1)[1].strip().strip('"').lower() for v in header_values(scope, b"content-type")
+                    for p in v.split(";")[1:] if p.strip().lower().startswith("charset=")]
+        charset = next((c for c in charsets if c not in ("utf-8", "utf8")), None)
+        if charset is not None:
+            return await error_response(415, f"request bodies are UTF-8 JSON: send the body in UTF-8, not "
+                                      f"{short_name(charset)!r}")(scope, receive, send)
         encodings = [e.strip().lower() for e in header_values(scope, b"content-encoding")]
         encoding = next((e for e in encodings if e not in ("", "identity")), None)
         if encoding is not None:
@@ -88,6 +94,9 @@ class GuardMiddleware:
         repeated = repeated_key(body)
         if repeated is not None:
             return await repeated.response()(scope, receive, send)
+        if scope["path"] == "/models" and (fields := _object_keys(body)):
+            return await ApiError(400, f"unknown field {short_name(fields[0])!r}: POST /models takes no fields (send {{}} "
+                                       "or no body)", field=fields[0], allowed=[]).response()(scope, receive, send)
         return await self._run_until_disconnect(scope, body, receive, send)
 
     async def _run_until_disconnect(self, scope, body: bytes, receive, send):
@@ -143,6 +152,15 @@ class GuardMiddleware:
                                   "(SYNTHGEN_MAX_BODY_BYTES)")(scope, receive, send)
 
 
+def _object_keys(body: bytes) -> list[str]:
+    """The keys of a body that is a JSON object; [] for anything else (BentoML answers what is not JSON)."""
+    try:
+        parsed = json.loads(body) if body.strip() else None
+    except ValueError:
+        return []
+    return list(parsed) if isinstance(parsed, dict) else []
+
+
 def header_values(scope, name: bytes) -> list[str]:
     """The values of every header `name` (lower case) of the request, in order."""
     return [value.decode("latin-1") for key, value in scope["headers"] if key == name]
@@ -196,13 +214,15 @@ class ErrorBodies:
         self.request_schemas = request_schemas
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES):
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # BentoML's own routes keep their answers, except Starlette's plain-text 405 (POST /livez)
+        rewritten = (405,) if scope["path"] in OPEN_PATHS or scope["path"].startswith(OPEN_PREFIXES) else REWRITTEN
         start, chunks = None, []
 
         async def capture(message):
             nonlocal start
-            if message["type"] == "http.response.start" and message["status"] in REWRITTEN:
+            if message["type"] == "http.response.start" and message["status"] in rewritten:
                 start = message
                 return
             if start is None:

@@ -35,7 +35,7 @@ _ERRORS = {
     "401": "missing or wrong bearer token (only when the server sets SYNTHGEN_API_TOKEN)",
     "404": "unknown dataset or model: `datasets` lists what is served",
     "413": "the request body is over SYNTHGEN_MAX_BODY_BYTES",
-    "415": "the request body is not JSON, or is sent compressed (Content-Encoding)",
+    "415": "the request body is not JSON, is sent compressed (Content-Encoding), or names a charset other than UTF-8",
     "503": "the model failed its start-up check (until a restart: no Retry-After) or this call (Retry-After: "
            "worth retrying); the message says which",
     "504": f"no response within the request timeout ({REQUEST_TIMEOUT_S} s)",

@@ -14,15 +14,14 @@ model is usable.
 
 Memory: a request holds its uint8 images, the encoded body and the encoder's working copies; the largest
 (n=10,000 at 64x64x3, 123 MB of pixels) peaks at about +390 MB as npz and +440 MB as png_grid, all
-returned afterwards. SYNTHGEN_MEMORY_BUDGET_MB (1 GiB) caps a worker's requests in flight by 4x their pixels; the
-rest wait. Model calls run one at a time per worker, at most SYNTHGEN_BATCH_ROWS rows and about SYNTHGEN_CALL_MS
+returned afterwards. SYNTHGEN_MEMORY_BUDGET_MB (1 GiB) caps a worker's requests in flight by 4x their pixels,
+each share held until its answer has been sent (service/budget.py); the rest wait. Model calls run one at a time per worker, at most SYNTHGEN_BATCH_ROWS rows and about SYNTHGEN_CALL_MS
 milliseconds each (service/batching.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +44,7 @@ except ConfigError as exc:
 from . import patches
 from .backends import BackendLoadError, load_runner
 from .batching import MicroBatcher, wait_through_cancels
+from .budget import BudgetedResponse, MemoryBudget
 from .catalog import CatalogEntry, ManifestError, load_catalog
 from .encoders import EXTENSIONS, MEDIA_TYPES, Batch, encode
 from .errors import ApiError, short_name
@@ -72,27 +72,8 @@ CANCELLED = bentoml.metrics.Counter(name="synthgen_requests_cancelled", labelnam
                                                   "(their work not yet done is skipped; no access-log line)")
 
 
-class MemoryBudget:
-    """Caps the image memory of requests in flight: a request waits (never fails) until its share fits."""
-
-    def __init__(self, limit_bytes: int):
-        self.limit, self.used = limit_bytes, 0
-        self._cond: asyncio.Condition | None = None
-
-    @contextlib.asynccontextmanager
-    async def reserve(self, nbytes: int):
-        nbytes = min(nbytes, self.limit)
-        if self._cond is None:
-            self._cond = asyncio.Condition()
-        async with self._cond:
-            await self._cond.wait_for(lambda: self.used + nbytes <= self.limit)
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self.used -= nbytes
-                self._cond.notify_all()
+class ModelCallFailed(Exception):
+    """A model call failed (the batcher logged why): the request gets a 503 that may be retried."""
 
 
 def count_cancelled(path: str) -> None:
@@ -292,26 +273,35 @@ class SyntheticImages:
                            kind="not_found", extra={"datasets": available})
         return entry
 
+    async def _encoded(self, entry: CatalogEntry, z: np.ndarray, labels: np.ndarray, fmt: str, meta: dict,
+                       columns: int | None) -> bytes:
+        """The images of z and labels, encoded as fmt; ModelCallFailed when the model call fails."""
+        try:
+            images = await self.batchers[(entry.dataset, entry.model)].generate(z, labels)
+        except Exception as exc:  # logged by the batcher
+            raise ModelCallFailed(type(exc).__name__) from exc
+        batch = Batch(images=images, labels=labels, class_names=list(entry.card.classes), meta=meta)
+        if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
+            return encode(batch, fmt)
+        return await thread_work(self.encoders, encode, batch, fmt, columns)
+
     async def _render(self, entry: CatalogEntry, z: np.ndarray, labels: np.ndarray, fmt: str, meta: dict,
                       stem: str, columns: int | None = None) -> Response:
-        card = entry.card
-        async with self.budget.reserve(request_bytes(len(z), card)):
-            try:
-                images = await self.batchers[(entry.dataset, entry.model)].generate(z, labels)
-            except Exception as exc:  # the model call itself failed (logged by the batcher): not the request's fault
-                return ApiError(503, f"model {entry.dataset}/{entry.model} failed to compute this batch "
-                                     f"({type(exc).__name__}); retry, or see the server log",
-                                headers={"Retry-After": str(RETRY_AFTER_S)}).response()
-            batch = Batch(images=images, labels=labels, class_names=list(card.classes), meta=meta)
-            if fmt == "npz" and images.nbytes <= INLINE_ENCODE_BYTES:
-                body = encode(batch, fmt)
-            else:
-                body = await thread_work(self.encoders, encode, batch, fmt, columns)
-            del images, batch
+        share = await self.budget.acquire(request_bytes(len(z), entry.card))  # the body's part kept until sent
+        try:
+            body = await self._encoded(entry, z, labels, fmt, meta, columns)
+        except ModelCallFailed as exc:  # not the request's fault
+            share.release()
+            return ApiError(503, f"model {entry.dataset}/{entry.model} failed to compute this batch ({exc}); retry, "
+                                 "or see the server log", headers={"Retry-After": str(RETRY_AFTER_S)}).response()
+        except BaseException:  # cancelled (the client went away, or the timeout), or a bug
+            share.release()
+            raise
         headers = {"X-Dataset": entry.dataset, "X-Model": entry.model, "X-Count": str(len(z)),
                    "Content-Disposition": f'{"inline" if fmt == "png_grid" else "attachment"}; '
                                           f'filename="{stem}.{EXTENSIONS[fmt]}"'}
-        return Response(body, media_type=MEDIA_TYPES[fmt], headers=headers)
+        return BudgetedResponse(body, share, self.settings.send_timeout_s, media_type=MEDIA_TYPES[fmt],
+                                headers=headers)
 
     @bentoml.api(route="/generate")
     async def generate(self, request: schemas.GenerateRequest, /) -> Binary:

@@ -189,6 +189,23 @@ def test_synthetic_dataset_is_reproducible_and_follows_labels(url):
     assert len(counted) == 4 and counted.labels.tolist() == [4, 4, 4, 9]
 
 
+def test_synthetic_images_collate_with_a_torchvision_dataset_given_int_labels(url):
+    """torchvision's datasets give (tensor, int) items; beside them a 0-d tensor label failed in the first batch."""
+    from torch.utils.data import ConcatDataset, DataLoader, Dataset
+
+    class TorchvisionLike(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            return torch.zeros(1, 28, 28), index
+
+    synthetic = SyntheticDataset(url, "mnist", n=4, seed=0, target_transform=int)
+    assert synthetic[3][1] == 3 and type(synthetic[3][1]) is int
+    images, labels = next(iter(DataLoader(ConcatDataset([TorchvisionLike(), synthetic]), batch_size=8)))
+    assert images.shape == (8, 1, 28, 28) and labels.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+
+
 # --- retries: transient failures are retried, request errors are not (httpx.MockTransport, no server) ---------
 
 def npz_answer(n: int = 1) -> httpx.Response:

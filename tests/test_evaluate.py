@@ -237,6 +237,14 @@ def test_cli_quick_writes_cards_reports_and_manifest(zoo, data_dir, tmp_path, ca
     assert not (classifiers / "mnist.pt").exists()
 
 
+def test_another_classifier_recipe_keeps_its_own_cache_beside_the_default_one(data_dir, tmp_path):
+    """--classifier-epochs X once overwrote runs/classifiers/<dataset>.pt, and the next default run retrained it."""
+    default = ev.DatasetContext("mnist", data_dir, tmp_path / "classifiers", ev.Settings())
+    shorter = ev.DatasetContext("mnist", data_dir, tmp_path / "classifiers", ev.Settings(classifier_epochs=0.5))
+    assert default.baselines_path.name == "mnist.baselines.json"
+    assert shorter.baselines_path.name == f"mnist.{shorter.key}.baselines.json" and shorter.key != default.key
+
+
 def test_evaluation_is_reproducible_and_uses_the_cache(zoo, data_dir, tmp_path, capsys):
     settings = ev.Settings.quick_mode(augmentation=False)
     kwargs = dict(data_dir=data_dir, classifier_dir=tmp_path / "classifiers", report_dir=None)

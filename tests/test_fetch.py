@@ -110,6 +110,14 @@ def test_a_bad_flag_value_is_one_usage_error_not_a_traceback(tmp_path, capsys, f
     assert info.value.code == 2 and flag in err and says in err and "Traceback" not in err
 
 
+def test_an_out_name_with_another_suffix_is_refused_not_made_a_folder(tmp_path, capsys):
+    """--out f5.png once wrote an ImageFolder tree into a new folder named f5.png."""
+    with pytest.raises(SystemExit) as info:
+        main(["mnist", "-n", "5", "--out", str(tmp_path / "f5.png")])
+    assert info.value.code == 2 and "a .png name would become a folder" in capsys.readouterr().err
+    assert not (tmp_path / "f5.png").exists()
+
+
 def test_a_bad_request_prints_the_service_error_and_writes_nothing(url, tmp_path, capsys):
     assert main(["mnist", "-n", "4", "--labels", "cat", "--out", str(tmp_path / "x.npz"), "--url", url]) == 1
     err = capsys.readouterr().err

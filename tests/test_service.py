@@ -452,6 +452,8 @@ def test_wrong_methods_and_unknown_routes_get_json_errors_without_detail(http):
     assert "GET" in body["error"] and "POST" in body["error"] and "detail" not in body
     assert "detail" not in error(http.put("/interpolate", json={}), 405)
     assert "GET, POST" in error(http.put("/models"), 405)["error"]
+    for path in ("/livez", "/metrics"):  # BentoML's routes: Starlette's plain-text 405 once
+        assert "method POST is not allowed" in error(http.post(path), 405)["error"]
     body = error(http.get("/no-such-route"), 404)
     assert "/generate" in body["error"] and "detail" not in body
 
@@ -479,6 +481,19 @@ def test_format_error_names_the_allowed_formats(http):
 @pytest.mark.parametrize("content", [b"{not json", b"[]", b'"mnist"', b"null", b"", b"\xff\xfe"])
 def test_malformed_bodies_give_400(http, content):
     error(http.post("/generate", content=content, headers={"Content-Type": "application/json"}), 400)
+
+
+def test_models_takes_no_fields_as_the_other_routes_take_no_unknown_ones(http):
+    body = error(http.post("/models", json={"x": 1}), 400)
+    assert named_fields(body) == {"x"} and "takes no fields" in body["error"]
+
+
+def test_a_body_in_another_charset_than_utf8_gives_415(http):
+    body = '{"dataset": "mnist"}'.encode("utf-16")
+    answer = http.post("/generate", content=body, headers={"Content-Type": "application/json; charset=utf-16"})
+    assert "UTF-8" in error(answer, 415)["error"]
+    ok(http.post("/generate", content=b'{"dataset": "mnist", "n": 1}',
+                 headers={"Content-Type": "application/json; charset=UTF-8"}))
 
 
 @pytest.mark.parametrize("content", [b"{", b"[]", b"null"])

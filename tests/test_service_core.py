@@ -163,6 +163,9 @@ def test_a_card_that_disagrees_with_the_model_is_refused(exported_dir, tmp_path)
     ({"SYNTHGEN_ORT_PART_ROWS": "-1"}, "SYNTHGEN_ORT_PART_ROWS"),
     ({"SYNTHGEN_API_TOKEN": ""}, "SYNTHGEN_API_TOKEN"),  # a blank secret must not turn authentication off
     ({"SYNTHGEN_API_TOKEN": " \n"}, "SYNTHGEN_API_TOKEN"),
+    ({"SYNTHGEN_SEND_TIMEOUT_S": "0"}, "SYNTHGEN_SEND_TIMEOUT_S"),
+    ({"SYNTHGEN_DEVICE": "cuda"}, "SYNTHGEN_DEVICE"),  # ONNX Runtime, the default backend, runs on the CPU here
+    ({"SYNTHGEN_BACKEND": "torchscript", "SYNTHGEN_DEVICE": "gpu0"}, "SYNTHGEN_DEVICE"),
 ])
 def test_bad_settings_fail_naming_the_variable(env, name):
     with pytest.raises(ConfigError, match=name):
@@ -529,16 +532,18 @@ def test_a_failing_model_call_fails_its_requests_not_the_batcher(catalog, runner
 
 
 def test_requests_over_the_memory_budget_wait_for_it_and_are_not_refused():
-    from service.service import MemoryBudget
+    from service.budget import MemoryBudget
 
     async def scenario():
         budget, events = MemoryBudget(100), []
 
         async def request(name: str, nbytes: int, hold_s: float):
-            async with budget.reserve(nbytes):
-                events.append(("in", name))
-                await asyncio.sleep(hold_s)
-                events.append(("out", name))
+            share = await budget.acquire(nbytes)
+            events.append(("in", name))
+            await asyncio.sleep(hold_s)
+            events.append(("out", name))
+            share.release()
+            share.release()  # a second call gives back nothing more
 
         await asyncio.gather(request("a", 80, 0.05), request("b", 50, 0.0), request("huge", 500, 0.0))
         return events, budget.used
@@ -548,9 +553,55 @@ def test_requests_over_the_memory_budget_wait_for_it_and_are_not_refused():
     assert ("out", "huge") in events and used == 0  # over the whole budget: it waits to run alone, not refused
 
 
+def test_an_answer_keeps_its_memory_share_until_sent_in_chunks_and_a_stalled_client_is_dropped():
+    """A body waiting on a slow client counted against no budget: 60 clients that did not read took a worker
+    from 207 MB to 1.6 GB."""
+    from service.budget import SEND_CHUNK_BYTES, BudgetedResponse, MemoryBudget
+
+    body = bytes(range(256)) * (SEND_CHUNK_BYTES // 256 * 2 + 3)  # two chunks and a bit
+
+    async def scenario(stall_after: int | None):
+        budget, messages = MemoryBudget(1 << 30), []
+        share = await budget.acquire(4 * len(body))  # images, body and the encoder's copies
+
+        async def send(message):
+            if stall_after is not None and len(messages) > stall_after:
+                await asyncio.sleep(3600)  # a client that stopped reading: uvicorn's send waits for its socket
+            messages.append(message)
+
+        response = BudgetedResponse(body, share, send_timeout_s=0.2, media_type="application/octet-stream")
+        used_before = budget.used
+        started = time.perf_counter()
+        await response({"type": "http", "path": "/generate", "method": "POST", "client": ("127.0.0.1", 1)},
+                       None, send)
+        return used_before, budget.used, messages, time.perf_counter() - started
+
+    used_before, used_after, messages, _ = asyncio.run(scenario(None))
+    chunks = [m for m in messages if m["type"] == "http.response.body"]
+    assert used_before == len(body) and used_after == 0 and b"".join(m["body"] for m in chunks) == body
+    assert [m["more_body"] for m in chunks] == [True, True, False]
+    assert max(len(m["body"]) for m in chunks) == SEND_CHUNK_BYTES
+
+    used_before, used_after, messages, seconds = asyncio.run(scenario(stall_after=1))  # start and the first chunk
+    assert used_before == len(body) and used_after == 0 and 0.2 <= seconds < 5
+    assert messages[-1]["more_body"]  # left incomplete: uvicorn closes the connection
+
+
+def test_an_answer_dropped_unsent_gives_its_memory_share_back():
+    from service.budget import BudgetedResponse, MemoryBudget
+
+    async def scenario():
+        budget = MemoryBudget(100)
+        BudgetedResponse(b"x", await budget.acquire(70), send_timeout_s=1)  # cancelled before BentoML sent it
+        return budget.used
+
+    assert asyncio.run(scenario()) == 0
+
+
 def test_a_failed_model_call_answers_503_with_retry_after(catalog):
     """The client retries it (it may pass); a model that failed to load gets one without (test_reliability)."""
-    from service.service import RETRY_AFTER_S, MemoryBudget, SyntheticImages
+    from service.budget import MemoryBudget
+    from service.service import RETRY_AFTER_S, SyntheticImages
 
     class Failing:
         async def generate(self, z, labels):

@@ -70,7 +70,8 @@ Unconditional models: FID, precision and recall only (no pseudo-labels); the ref
 predicted class histogram of their images is reported to show mode coverage.
 
 Real-only runs do not depend on the generator, so they are cached with the reference classifier
-(runs/classifiers/<dataset>.baselines.json, keyed by the recipe and a fingerprint of the data).
+(runs/classifiers/<dataset>.baselines.json, keyed by the recipe and a fingerprint of the data; a recipe other
+than the default, say --classifier-epochs 2, keeps its own <dataset>.<key>.pt and .baselines.json).
 
 Run time (2 CPU cores shared with two training jobs, --threads 1, classifiers cached): MNIST conditional
 model, full protocol (12 classifier trainings) ~7.5 min; `--seeds 1 --no-augmentation` ~45 s; small
@@ -466,7 +467,11 @@ class DatasetContext:
             "data": fingerprint(self.train.images, self.train.labels, self.test.images, self.test.labels),
         }
         self.key = hashlib.sha1(json.dumps(self.recipe, sort_keys=True).encode()).hexdigest()[:12]
-        self.baselines_path = self.classifier_dir / f"{dataset}.baselines.json"
+        # the default recipe's cache is <dataset>.*; another recipe (--classifier-epochs) keeps its own files,
+        # rather than replacing the default's (minutes to retrain) in the same place
+        default_recipe = self.steps == classifier_steps(len(self.train), None) and settings.batch_size == BATCH_SIZE
+        self.cache_stem = dataset if default_recipe or settings.quick else f"{dataset}.{self.key}"  # quick: own folder
+        self.baselines_path = self.classifier_dir / f"{self.cache_stem}.baselines.json"
         self._baselines = self._read_baselines()
         self._floors: dict[tuple[int, int], dict] = {}
         self._memorisation_real: dict[int, dict] = {}
@@ -506,7 +511,7 @@ class DatasetContext:
 
     # -- reference classifier -----------------------------------------------------------------------------------
     def _reference_classifier(self) -> tuple[Classifier, dict]:
-        path = self.classifier_dir / f"{self.dataset}.pt"
+        path = self.classifier_dir / f"{self.cache_stem}.pt"
         model = Classifier(self.info.channels, self.info.size, self.info.num_classes)
         if path.exists():
             saved = torch.load(path, map_location="cpu", weights_only=True)

@@ -3,7 +3,7 @@
     python -m training.export runs/mnist/cdcgan                 # -> exported/mnist/cdcgan/
     python -m training.export runs/mnist/cdcgan --out exported
     python -m training.export runs/mnist/cdcgan --weights float16   # files half the size, float32 compute
-    python -m training.export exported/mnist/mlp_gan --from-exported --weights float16 --overwrite  # without the run
+    python -m training.export exported/retinamnist/dcgan --from-exported --weights float16 --out my-exported  # without the run
 
 An export never replaces a model already in the export root (its card may hold hours of evaluation) unless
 --overwrite says so; the card's metrics are then kept only when the new ONNX file is byte-identical.
@@ -70,6 +70,14 @@ class UnconditionalInference(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.model.generate(z).clamp(0, 1)
+
+
+def load_torchscript(path: Path, **kwargs) -> torch.jit.ScriptModule:
+    """torch.jit.load without torch 2.9's FutureWarning ("deprecated, switch to torch.export"), printed on
+    every export: the TorchScript file is one of the two formats we ship, by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+        return torch.jit.load(str(path), **kwargs)
 
 
 def inference_module(model: nn.Module) -> nn.Module:
@@ -147,7 +155,7 @@ def check_parity(module: nn.Module, onnx_path: Path, ts_path: Path, model: nn.Mo
 
     onnx.checker.check_model(onnx.load(str(onnx_path)), full_check=True)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    scripted = torch.jit.load(str(ts_path))
+    scripted = load_torchscript(ts_path)
     worst = {"onnxruntime": 0.0, "torchscript": 0.0}
     for n, seed in ((1, 11), (37, 12)):
         inputs = example_inputs(model, n, seed)
@@ -204,7 +212,7 @@ def rebuild_from_exported(model_dir: str | Path) -> tuple[nn.Module, dict]:
                                class_norm=cfg.class_norm, embed_dim=cfg.embed_dim)
     for name in getattr(generator, "encoder_modules", ()):  # a VAE's files hold its decoder only
         setattr(generator, name, None)
-    weights = {k.removeprefix("model."): v for k, v in torch.jit.load(str(ts_path)).state_dict().items()}
+    weights = {k.removeprefix("model."): v for k, v in load_torchscript(ts_path).state_dict().items()}
     prior = {k.removeprefix("prior."): v for k, v in weights.items() if k.startswith("prior.")}
     if prior:
         generator.prior = MixturePrior.from_state(prior)

@@ -45,7 +45,7 @@ from torch import nn
 from .cli import UsageError, user_errors_exit
 from . import latent_prior
 from .export import (ONNX_FILE, SAMPLES_FILE, TORCHSCRIPT_FILE, check_parity, example_inputs, export_torchscript,
-                     refuse_to_replace, staged, write_card)
+                     load_torchscript, refuse_to_replace, staged, write_card)
 from .manifest import CARD, sha256_of
 from .sampling import save_sample_grid
 
@@ -212,7 +212,7 @@ def export_mixture(member_dirs: list[str | Path], shares: list[float], noise_sca
     if any(out.resolve() == d.resolve() for d in member_dirs):
         raise UsageError(f"--name {name} would overwrite a member's folder")
 
-    members = [torch.jit.load(str(d / card["files"]["torchscript"])).eval() for d, card in zip(member_dirs, cards)]
+    members = [load_torchscript(d / card["files"]["torchscript"]).eval() for d, card in zip(member_dirs, cards)]
     num_classes = len(first["classes"]) if conditional else 0
     mixture = MemberMixture(members, latent_dims, noise_scales, thresholds, num_classes,
                             tuple(first["image_shape"])).eval().requires_grad_(False)

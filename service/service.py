@@ -15,8 +15,9 @@ model is usable.
 Memory: a request holds its uint8 images, the encoded body and the encoder's working copies; the largest
 (n=10,000 at 64x64x3, 123 MB of pixels) peaks at about +390 MB as npz and +440 MB as png_grid, all
 returned afterwards. SYNTHGEN_MEMORY_BUDGET_MB (1 GiB) caps a worker's requests in flight by 4x their pixels,
-each share held until its answer has been sent (service/budget.py); the rest wait. Model calls run one at a time per worker, at most SYNTHGEN_BATCH_ROWS rows and about SYNTHGEN_CALL_MS
-milliseconds each (service/batching.py).
+each answer's body counted until it has been sent (service/budget.py); the rest wait. Model calls run one at a
+time per worker, at most SYNTHGEN_BATCH_ROWS rows and about SYNTHGEN_CALL_MS milliseconds each
+(service/batching.py).
 """
 
 from __future__ import annotations

@@ -37,12 +37,12 @@ def test_a_zoo_run_trains_each_stage_and_its_checkpoint_records_what_the_later_o
 
     from training.zoo import ZooRun, train_run
 
-    run = ZooRun("mnist", "dcgan", dict(epochs=1, width=8, batch_size=16, max_steps=2),
-                 then=(dict(epochs=2, lr=2e-5, max_steps=4),))
+    run = ZooRun("mnist", "dcgan", dict(epochs=1, width=8, batch_size=16),  # 64 images: 4 steps an epoch
+                 then=(dict(epochs=2, lr=2e-5),))
     train_run(run, tmp_path, str(data_dir))
     checkpoint = tmp_path / "mnist" / "dcgan" / "checkpoint.pt"
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    assert (state["epoch"], state["step"]) == (2, 4)
+    assert (state["epoch"], state["step"]) == (2, 8)
     assert state["resumes"] == [{"from_epoch": 2, "changed": {"lr": [2e-4, 2e-5]}}]
     assert state["config"] == vars(run.config(tmp_path, str(data_dir)))
 

@@ -54,9 +54,10 @@ def interleaved(fns: dict[str, Callable[[], object]], min_rounds: int = 3, min_s
                 lead_in: bool = False) -> dict[str, list[float]]:
     """Seconds of each call of several functions called in turn (a, b, c, a, b, c, ...), so that drifts of a
     shared machine's speed hit all of them alike and their ratios stay meaningful: at least min_rounds rounds
-    and min_s seconds, unless max_rounds rounds or max_s seconds come first (one round at least). lead_in: one untimed call
-    of the same function right before every timed one, so the timed call runs in that function's steady
-    state (its own threads warm) and not against threads still spinning after another function's call."""
+    and min_s seconds, unless max_rounds rounds or max_s seconds come first (one round at least).
+    lead_in: one untimed call of the same function right before every timed one, so the timed call runs in
+    that function's steady state (its own threads warm) and not against threads still spinning after another
+    function's call."""
     if warmup:
         for fn in fns.values():
             fn()

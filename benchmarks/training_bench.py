@@ -148,9 +148,8 @@ class Ours:
     def __init__(self, dataset, model, sizes, images, labels, mode_seeking: float | None = None, amp: bool = True,
                  compile: bool = False, mode_seeking_in_batch: bool = False, world: int = 1, rank: int = 0,
                  device: torch.device = torch.device("cpu"), batch_size: int | None = None):
-        from torch.nn.parallel import DistributedDataParallel
-
         from training.objectives import build_objective
+        from training.train import wrap_networks
 
         self.cfg, generator, discriminator, conditional = _models(dataset, model, sizes, device=device)
         if batch_size is not None:
@@ -158,11 +157,7 @@ class Ours:
         if mode_seeking is not None:
             self.cfg.mode_seeking = mode_seeking
         self.cfg.amp, self.cfg.compile, self.cfg.mode_seeking_in_batch = amp, compile, mode_seeking_in_batch
-        if world > 1:  # as train.py does under torchrun: the default batch split over the processes
-            generator = DistributedDataParallel(generator, broadcast_buffers=False)
-            discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
-        if compile:  # as train.py does with --compile
-            generator, discriminator = torch.compile(generator, dynamic=False), torch.compile(discriminator, dynamic=False)
+        generator, discriminator = wrap_networks(generator, discriminator, world, compile)  # as train.py runs them
         self.batch = self.cfg.batch_size // world
         self.objective = build_objective(self.cfg, device, generator, discriminator, conditional)
         self.precision = self.objective.precision

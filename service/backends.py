@@ -160,7 +160,8 @@ class TorchScriptRunner:
         self.card = card
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise BackendLoadError(f"SYNTHGEN_DEVICE={device}: torch sees {torch.cuda.device_count()} CUDA device(s) here")
+            raise BackendLoadError(f"SYNTHGEN_DEVICE={device}: torch sees {torch.cuda.device_count()} CUDA "
+                                   "device(s) here")
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         try:

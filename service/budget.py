@@ -1,10 +1,10 @@
 """The memory budget of a worker's requests (SYNTHGEN_MEMORY_BUDGET_MB), held until each answer has been sent.
 
 A request reserves its share (about 4x its pixels: the images, the encoded body and the encoder's working
-copies) before its model call and waits, never fails, until the share fits. Once encoded it keeps the body's
-size, until the body has left for the client (not when the handler returns): a client that asks for n=10,000 and then reads
-slowly, or not at all, keeps its body in this process, and 60 such clients once took a worker from 207 MB to
-1.6 GB within 92 s (the deployment's limit is 2 GiB).
+copies) before its model call and waits, never fails, until the share fits. Once encoded it keeps the
+body's size, until the body has left for the client (not when the handler returns): a client that asks for
+n=10,000 and then reads slowly, or not at all, keeps its body in this process, and 60 such clients once took
+a worker from 207 MB to 1.6 GB within 92 s (the deployment's limit is 2 GiB).
 
 So `BudgetedResponse` sends its body in chunks of SEND_CHUNK_BYTES, each of which the client must accept
 within SYNTHGEN_SEND_TIMEOUT_S (uvicorn holds one chunk at a time while the client's socket is full), and

@@ -25,7 +25,8 @@ MANIFEST_FORMAT = "synthgen-manifest/1"
 MANIFEST_FILE = "manifest.json"
 BACKEND_FILE_KIND = {"onnxruntime": "onnx", "torchscript": "torchscript"}
 # Preference among loaded models when the manifest's default for a dataset could not be loaded.
-FAMILY_PREFERENCE = ("cdcgan", "cwgan_gp", "cvae", "cmlp_gan", "cmlp_vae", "dcgan", "wgan_gp", "conv_vae", "mlp_gan", "mlp_vae")
+FAMILY_PREFERENCE = ("cdcgan", "cwgan_gp", "cvae", "cmlp_gan", "cmlp_vae", "dcgan", "wgan_gp", "conv_vae", "mlp_gan",
+                     "mlp_vae")
 
 
 class ManifestError(RuntimeError):

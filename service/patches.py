@@ -87,7 +87,8 @@ class _BoundedEndpoints:
         self._metric, self._endpoints = metric, endpoints
 
     def labels(self, *args, endpoint: str, **kwargs):
-        return self._metric.labels(*args, endpoint=endpoint if endpoint in self._endpoints else OTHER_ENDPOINT, **kwargs)
+        known = endpoint in self._endpoints
+        return self._metric.labels(*args, endpoint=endpoint if known else OTHER_ENDPOINT, **kwargs)
 
     def __getattr__(self, name: str):
         return getattr(self._metric, name)

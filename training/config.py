@@ -25,7 +25,8 @@ OPTIMIZER_DEFAULTS = {
 
 DCGAN_MODELS = ("dcgan", "cdcgan", "wgan_gp", "cwgan_gp")  # the families with a DCGAN discriminator or critic
 CONDITIONAL_DCGAN_MODELS = tuple(m for m in DCGAN_MODELS if MODEL_FAMILIES[m].conditional)  # their class-conditional generators
-BCE_GAN_MODELS = ", ".join(m for m, f in MODEL_FAMILIES.items() if f.objective == "gan")  # for messages: the GANs trained with BCE
+# For messages: the GANs trained with BCE, and the VAEs.
+BCE_GAN_MODELS = ", ".join(m for m, f in MODEL_FAMILIES.items() if f.objective == "gan")
 VAE_MODELS = ", ".join(m for m, f in MODEL_FAMILIES.items() if f.objective == "vae")
 
 

@@ -31,7 +31,8 @@ from pathlib import Path
 
 MANIFEST = "manifest.json"
 CARD = "card.json"
-FAMILY_PREFERENCE = ("cdcgan", "cwgan_gp", "cvae", "cmlp_gan", "cmlp_vae", "dcgan", "wgan_gp", "conv_vae", "mlp_gan", "mlp_vae")
+FAMILY_PREFERENCE = ("cdcgan", "cwgan_gp", "cvae", "cmlp_gan", "cmlp_vae", "dcgan", "wgan_gp", "conv_vae", "mlp_gan",
+                     "mlp_vae")
 
 
 def sha256_of(path: Path) -> str:

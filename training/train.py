@@ -70,6 +70,23 @@ def code_version() -> str:
         return "unknown"
 
 
+def wrap_networks(generator: torch.nn.Module, discriminator: torch.nn.Module | None, world: int,
+                  compile: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """The networks as a step runs them: in DistributedDataParallel under torchrun (world > 1), compiled with
+    --compile. (The training benchmark wraps them the same way, through this.)"""
+    if world > 1:
+        # broadcast_buffers=False: GAN steps run D several times per backward; per-rank BN stats are fine.
+        generator = DistributedDataParallel(generator, broadcast_buffers=False)
+        if discriminator is not None:
+            discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
+    if compile:
+        # Static shapes: a training batch never changes size, and a second shape (a preview grid) should get its
+        # own specialised graph, not turn every later one into a dynamic-shape graph.
+        generator = torch.compile(generator, dynamic=False)
+        discriminator = torch.compile(discriminator, dynamic=False) if discriminator is not None else None
+    return generator, discriminator
+
+
 def learning_rate(cfg: TrainConfig, epoch: int) -> float:
     """cfg.lr, then over the last cfg.lr_decay_epochs epochs a linear decay to lr / (lr_decay_epochs + 1) in the
     last one (pix2pix / CycleGAN's schedule). The schedule depends on cfg.epochs only when it decays."""
@@ -205,16 +222,7 @@ def main(cfg: TrainConfig, resume: bool = False) -> Path:
     if ema is not None and state is not None and "generator_ema" in state:
         ema.load_state_dict(state["generator_ema"])
 
-    if world > 1:
-        # broadcast_buffers=False: GAN steps run D several times per backward; per-rank BN stats are fine.
-        generator = DistributedDataParallel(generator, broadcast_buffers=False)
-        if discriminator is not None:
-            discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
-    if cfg.compile:
-        # Static shapes: a training batch never changes size, and a second shape (a preview grid) should get its
-        # own specialised graph, not turn every later one into a dynamic-shape graph.
-        generator = torch.compile(generator, dynamic=False)
-        discriminator = torch.compile(discriminator, dynamic=False) if discriminator is not None else None
+    generator, discriminator = wrap_networks(generator, discriminator, world, cfg.compile)
     objective = build_objective(cfg, device, generator, discriminator, family.conditional)
     diagnosis = None
     if cfg.self_diagnosing_from:

@@ -56,10 +56,11 @@ class MemoryBudget:
 
 
 class Share:
-    """A request's part of the budget. Synchronous, so that a dropped response's finalizer can release it."""
+    """A request's part of the budget, taken on the event loop's thread and given back there."""
 
     def __init__(self, budget: MemoryBudget, nbytes: int):
         self.budget, self.nbytes = budget, nbytes
+        self.loop = asyncio.get_running_loop()
 
     def shrink(self, nbytes: int) -> None:
         """Keep only nbytes (the encoded body, once the images and the encoder's copies are gone)."""
@@ -71,39 +72,50 @@ class Share:
         """Give the whole share back; calling it again gives back nothing more."""
         self.shrink(0)
 
+    def release_soon(self) -> None:
+        """`release` on the loop's thread, from any thread (a garbage collector's finalizer may run on another)."""
+        try:
+            self.loop.call_soon_threadsafe(self.release)
+        except RuntimeError:  # the loop is closed: the worker is stopping, nothing waits for the budget
+            pass
+
 
 class BudgetedResponse(Response):
     """A response that holds its request's memory share until its body is sent (or the connection dropped, or
     the response itself dropped unsent: then its finalizer gives the share back)."""
 
     def __init__(self, content: bytes, share: Share, send_timeout_s: float, **kwargs):
+        self._unsent = weakref.finalize(self, share.release_soon)  # first: a failure below must not keep the share
         super().__init__(content, **kwargs)
         self.share, self.send_timeout_s = share, send_timeout_s
         share.shrink(len(self.body))  # what is left of the request in memory: its body
-        weakref.finalize(self, share.release)
 
     async def __call__(self, scope, receive, send) -> None:
+        """Each message must leave within send_timeout_s: the first too, since on a reused connection uvicorn
+        first waits for the socket to take what an earlier answer left in its buffer."""
         sent, started = 0, time.perf_counter()
+        loop = asyncio.get_running_loop()
         try:
-            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            body = memoryview(self.body)
-            while True:
-                chunk = bytes(body[sent:sent + SEND_CHUNK_BYTES])
-                last = sent + len(chunk) >= len(body)
-                message = {"type": "http.response.body", "body": chunk, "more_body": not last}
-                if sent == 0:  # the first chunk goes into an empty buffer at once
-                    await send(message)
-                else:
-                    await asyncio.wait_for(send(message), self.send_timeout_s)
-                sent += len(chunk)
-                if last:
-                    return
+            async with asyncio.timeout(self.send_timeout_s) as deadline:
+                await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+                body = memoryview(self.body)
+                while True:
+                    chunk = bytes(body[sent:sent + SEND_CHUNK_BYTES])
+                    last = sent + len(chunk) >= len(body)
+                    deadline.reschedule(loop.time() + self.send_timeout_s)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                    sent += len(chunk)
+                    if last:
+                        break
         except TimeoutError:
             client = "%s:%s" % tuple(scope["client"]) if scope.get("client") else "a client"
             logger.warning("Client too slow: dropped the answer to %s [%s] from %s after %.1f s, %d of %d bytes sent "
                            "(each %d bytes must be taken within SYNTHGEN_SEND_TIMEOUT_S=%g s)", scope["path"],
                            scope["method"], client, time.perf_counter() - started, sent, len(self.body),
                            SEND_CHUNK_BYTES, self.send_timeout_s)
-            # returning with the body incomplete makes uvicorn close the connection
+            return  # with the body incomplete, uvicorn closes the connection (and logs that at ERROR)
         finally:
             self.share.release()
+            self._unsent.detach()
+        if self.background is not None:  # BentoML's (the request's clean-up), as Starlette's Response runs them
+            await self.background()

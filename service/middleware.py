@@ -63,7 +63,7 @@ class GuardMiddleware:
                                       f"not {short_name(content_type)!r}")(scope, receive, send)
         charsets = [p.split("=", 1)[1].strip().strip('"').lower() for v in header_values(scope, b"content-type")
                     for p in v.split(";")[1:] if p.strip().lower().startswith("charset=")]
-        charset = next((c for c in charsets if c not in ("utf-8", "utf8")), None)
+        charset = next((c for c in charsets if c not in ("utf-8", "utf8", "us-ascii", "ascii")), None)  # ASCII is UTF-8
         if charset is not None:
             return await error_response(415, f"request bodies are UTF-8 JSON: send the body in UTF-8, not "
                                       f"{short_name(charset)!r}")(scope, receive, send)
@@ -156,7 +156,7 @@ def _object_keys(body: bytes) -> list[str]:
     """The keys of a body that is a JSON object; [] for anything else (BentoML answers what is not JSON)."""
     try:
         parsed = json.loads(body) if body.strip() else None
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
         return []
     return list(parsed) if isinstance(parsed, dict) else []
 

@@ -507,6 +507,8 @@ def test_deeply_nested_json_gives_400_fast(http):
     deep = b'{"dataset": "mnist", "labels": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"
     started = time.perf_counter()
     error(http.post("/generate", content=deep, headers={"Content-Type": "application/json"}), 400)
+    error(http.post("/models", content=b"[" * 50_000 + b"]" * 50_000, headers={"Content-Type": "application/json"}),
+          400)
     assert time.perf_counter() - started < 5  # about 10 ms here; a parser that recursed would take seconds or crash
 
 

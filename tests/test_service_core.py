@@ -587,15 +587,50 @@ def test_an_answer_keeps_its_memory_share_until_sent_in_chunks_and_a_stalled_cli
     assert messages[-1]["more_body"]  # left incomplete: uvicorn closes the connection
 
 
-def test_an_answer_dropped_unsent_gives_its_memory_share_back():
+def test_an_answer_stalled_before_its_first_byte_is_dropped_too():
+    """On a reused connection uvicorn's send first waits for what an earlier answer left in the socket's buffer:
+    a client that stopped reading then held the whole share, with no timeout, until it disconnected."""
     from service.budget import BudgetedResponse, MemoryBudget
 
     async def scenario():
-        budget = MemoryBudget(100)
-        BudgetedResponse(b"x", await budget.acquire(70), send_timeout_s=1)  # cancelled before BentoML sent it
-        return budget.used
+        budget = MemoryBudget(1 << 30)
 
-    assert asyncio.run(scenario()) == 0
+        async def stalled(message):
+            await asyncio.sleep(3600)
+
+        started = time.perf_counter()
+        response = BudgetedResponse(b"x" * 100, await budget.acquire(400), send_timeout_s=0.2)
+        await asyncio.wait_for(response({"type": "http", "path": "/generate", "method": "POST"}, None, stalled), 10)
+        return budget.used, time.perf_counter() - started
+
+    used, seconds = asyncio.run(scenario())
+    assert used == 0 and 0.2 <= seconds < 5
+
+
+def test_an_answer_dropped_unsent_or_unbuildable_gives_its_memory_share_back_and_a_sent_one_runs_its_tasks():
+    from starlette.background import BackgroundTask
+
+    from service.budget import BudgetedResponse, MemoryBudget
+
+    async def scenario():
+        budget, ran = MemoryBudget(100), []
+        BudgetedResponse(b"x", await budget.acquire(70), send_timeout_s=1)  # cancelled before BentoML sent it
+        await asyncio.sleep(0)
+        dropped = budget.used
+        with pytest.raises(UnicodeEncodeError):  # a header outside latin-1
+            BudgetedResponse(b"x", await budget.acquire(70), send_timeout_s=1, headers={"X-Dataset": "мнист"})
+        await asyncio.sleep(0)
+        unbuildable = budget.used
+        response = BudgetedResponse(b"x", await budget.acquire(70), send_timeout_s=1,
+                                    background=BackgroundTask(ran.append, "closed"))
+
+        async def send(message):
+            pass
+
+        await response({"type": "http", "path": "/generate", "method": "POST"}, None, send)
+        return dropped, unbuildable, budget.used, ran
+
+    assert asyncio.run(scenario()) == (0, 0, 0, ["closed"])
 
 
 def test_a_failed_model_call_answers_503_with_retry_after(catalog):

@@ -33,8 +33,8 @@ from service.client import SynthClient
 
 class SyntheticDataset(Dataset):
     def __init__(self, url: str, dataset: str, n: int | None, model: str | None = None, labels="balanced",
-                 seed: int | None = 0, transform=None, target_transform=None, token: str | None = None,
-                 temperature: float | None = None):
+                 seed: int | None = 0, transform=None, token: str | None = None, temperature: float | None = None,
+                 target_transform=None):
         with SynthClient(url, token=token) as client:
             images, label_ids, class_names = client.generate(dataset, n=n, model=model, labels=labels, seed=seed,
                                                              temperature=temperature)

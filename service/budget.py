@@ -99,8 +99,8 @@ class BudgetedResponse(Response):
             async with asyncio.timeout(self.send_timeout_s) as deadline:
                 await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
                 body = memoryview(self.body)
-                while True:
-                    chunk = bytes(body[sent:sent + SEND_CHUNK_BYTES])
+                while True:  # an answer of one chunk (most are) is sent as it is, not copied
+                    chunk = self.body if len(body) <= SEND_CHUNK_BYTES else bytes(body[sent:sent + SEND_CHUNK_BYTES])
                     last = sent + len(chunk) >= len(body)
                     deadline.reschedule(loop.time() + self.send_timeout_s)
                     await send({"type": "http.response.body", "body": chunk, "more_body": not last})

@@ -53,6 +53,9 @@ from .objectives import build_objective
 from .sampling import save_sample_grid, unwrap
 
 CHECKPOINT = "checkpoint.pt"
+# torch 2.13 renamed DistributedDataParallel's broadcast_buffers (warning on each use); the GPU host has torch 2.11
+DDP_BUFFER_SYNC = next(name for name in ("forward_sync_buffers", "broadcast_buffers")
+                       if name in inspect.signature(DistributedDataParallel).parameters)
 PREVIEW_SEED = 1234  # of samples/epoch_NNN.png: the same noise every epoch, so the grids show training progress
 # Config fields that do not change what is learned: a resume may change them without a record.
 NOT_TRAINING_FIELDS = ("epochs", "out_dir", "data_dir", "download", "sample_every", "checkpoint_every", "max_steps",
@@ -75,10 +78,11 @@ def wrap_networks(generator: torch.nn.Module, discriminator: torch.nn.Module | N
     """The networks as a step runs them: in DistributedDataParallel under torchrun (world > 1), compiled with
     --compile. (The training benchmark wraps them the same way, through this.)"""
     if world > 1:
-        # broadcast_buffers=False: GAN steps run D several times per backward; per-rank BN stats are fine.
-        generator = DistributedDataParallel(generator, broadcast_buffers=False)
+        # No buffer sync in forward: GAN steps run D several times per backward; per-rank BN stats are fine.
+        no_sync = {DDP_BUFFER_SYNC: False}
+        generator = DistributedDataParallel(generator, **no_sync)
         if discriminator is not None:
-            discriminator = DistributedDataParallel(discriminator, broadcast_buffers=False)
+            discriminator = DistributedDataParallel(discriminator, **no_sync)
     if compile:
         # Static shapes: a training batch never changes size, and a second shape (a preview grid) should get its
         # own specialised graph, not turn every later one into a dynamic-shape graph.

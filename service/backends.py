@@ -159,9 +159,8 @@ class TorchScriptRunner:
         self.torch = torch
         self.card = card
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and (self.device.index or 0) >= torch.cuda.device_count():
-            raise BackendLoadError(f"SYNTHGEN_DEVICE={device}: torch sees {torch.cuda.device_count()} CUDA "
-                                   "device(s) here")
+        if problem := missing_cuda_device(device):
+            raise BackendLoadError(problem)
         if self.device.type == "cpu":
             torch.set_num_threads(threads)
         try:
@@ -179,6 +178,17 @@ class TorchScriptRunner:
 
     def run_into(self, z: np.ndarray, labels: np.ndarray | None, sink: Callable[[int, int, np.ndarray], None]) -> None:
         sink(0, len(z), self.run(z, labels))  # one part: torch spreads a call over its own threads
+
+
+def missing_cuda_device(device: str | None) -> str | None:
+    """Why SYNTHGEN_DEVICE names a CUDA device torch does not see here (without creating a CUDA context), or None."""
+    if device is None or not device.startswith("cuda"):
+        return None
+    import torch
+
+    index = int(device.partition(":")[2] or 0)
+    count = torch.cuda.device_count()
+    return None if index < count else f"SYNTHGEN_DEVICE={device}: torch sees {count} CUDA device(s) here"
 
 
 def rows_are_independent(runner, card: ModelCard, n: int = 96) -> bool:

@@ -23,6 +23,7 @@ time per worker, at most SYNTHGEN_BATCH_ROWS rows and about SYNTHGEN_CALL_MS mil
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import secrets
 from concurrent.futures import ThreadPoolExecutor
@@ -43,7 +44,7 @@ try:
 except ConfigError as exc:
     raise SystemExit(f"error: {exc}") from None  # one line on stderr naming the variable, no traceback
 from . import patches
-from .backends import BackendLoadError, load_runner
+from .backends import BackendLoadError, load_runner, missing_cuda_device
 from .batching import MicroBatcher, wait_through_cancels
 from .budget import BudgetedResponse, MemoryBudget
 from .catalog import CatalogEntry, ManifestError, load_catalog
@@ -169,7 +170,12 @@ class SyntheticImages:
             catalog = load_catalog(SETTINGS.exported_dir, SETTINGS.backend)
         except ManifestError as exc:
             raise SystemExit(f"error: {exc}") from None  # one line on stderr, exit status 1, no traceback
-        load_runners(catalog, SETTINGS, until_one_loads=True)
+        settings = SETTINGS
+        if settings.backend == "torchscript":  # files checked on the CPU: this process keeps no CUDA context
+            if problem := missing_cuda_device(settings.device):
+                raise SystemExit(f"error: {problem}")
+            settings = dataclasses.replace(settings, device="cpu")
+        load_runners(catalog, settings, until_one_loads=True)
         if not catalog.usable():
             raise SystemExit(f"error: {nothing_servable(catalog)}")
 

@@ -56,13 +56,14 @@ class GuardMiddleware:
         if scope["method"] != "POST":
             return await self.app(scope, receive, send)
         # Every header of a name, not only the last: Starlette, behind this, reads the first.
-        content_types = [v.split(";")[0].strip().lower() for v in header_values(scope, b"content-type")] or [""]
+        content_type_headers = [v.split(";") for v in header_values(scope, b"content-type")]
+        content_types = [parts[0].strip().lower() for parts in content_type_headers] or [""]
         content_type = next((t for t in content_types if t not in JSON_TYPES), None)
         if content_type is not None:
             return await error_response(415, f"request bodies are JSON: send 'Content-Type: application/json', "
                                       f"not {short_name(content_type)!r}")(scope, receive, send)
-        charsets = [p.split("=", 1)[1].strip().strip('"').lower() for v in header_values(scope, b"content-type")
-                    for p in v.split(";")[1:] if p.strip().lower().startswith("charset=")]
+        charsets = [p.split("=", 1)[1].strip().strip('"').lower() for parts in content_type_headers
+                    for p in parts[1:] if p.strip().lower().startswith("charset=")]
         charset = next((c for c in charsets if c not in ("utf-8", "utf8", "us-ascii", "ascii")), None)  # ASCII is UTF-8
         if charset is not None:
             return await error_response(415, f"request bodies are UTF-8 JSON: send the body in UTF-8, not "
@@ -70,7 +71,7 @@ class GuardMiddleware:
         encodings = [e.strip().lower() for e in header_values(scope, b"content-encoding")]
         encoding = next((e for e in encodings if e not in ("", "identity")), None)
         if encoding is not None:
-            return await error_response(415, f"Content-Encoding {encoding[:32]!r} is not supported: send the JSON "
+            return await error_response(415, f"Content-Encoding {short_name(encoding)!r} is not supported: send the JSON "
                                       "body uncompressed")(scope, receive, send)
         length = headers.get(b"content-length")
         if length is not None:

@@ -307,12 +307,9 @@ class SyntheticImages:
         headers = {"X-Dataset": entry.dataset, "X-Model": entry.model, "X-Count": str(len(z)),
                    "Content-Disposition": f'{"inline" if fmt == "png_grid" else "attachment"}; '
                                           f'filename="{stem}.{EXTENSIONS[fmt]}"'}
-        try:
-            return BudgetedResponse(body, share, self.settings.send_timeout_s, media_type=MEDIA_TYPES[fmt],
-                                    headers=headers)
-        except BaseException:  # a header that cannot be sent (a name outside latin-1 in a hand-made manifest)
-            share.release()
-            raise
+        # one that cannot be built (a header outside latin-1) gives the share back through its finalizer
+        return BudgetedResponse(body, share, self.settings.send_timeout_s, media_type=MEDIA_TYPES[fmt],
+                                headers=headers)
 
     @bentoml.api(route="/generate")
     async def generate(self, request: schemas.GenerateRequest, /) -> Binary:

@@ -204,13 +204,19 @@ def _load_torchvision(info: DatasetInfo, split: str, root: Path, download: bool)
         dataset = getattr(torchvision.datasets, cls_name)(root=str(tv_root), train=split == "train", download=download)
     except (RuntimeError, ValueError, AssertionError, OSError) as err:  # a failed download, or a wrong or cut file
         if missing:
-            raise DataNotFoundError(f"{info.id}: --download could not fetch the IDX files into '{raw}' ({' '.join(str(err).split())}); "
-                                    f"check the network, or put the files there yourself") from None
+            raise download_failed(info, "the IDX files", raw, err) from None
         raise DataFormatError(f"{info.id}: {files} are not the official IDX files ({err}); replace them with the "
                               "published ones") from None
     images, labels = dataset.data, dataset.targets
     check_idx_arrays(files, split, images, labels, info)
     return images.unsqueeze(1).to(torch.uint8), labels.to(torch.int64)  # (N, 1, 28, 28), (N,)
+
+
+def download_failed(info: DatasetInfo, what: str, folder: Path, err: Exception) -> DataNotFoundError:
+    """The error of a --download that fetched nothing usable (no network, a server error), on one line."""
+    reason = " ".join(str(err).split())  # medmnist's message spans lines
+    return DataNotFoundError(f"{info.id}: --download could not fetch {what} into '{folder}' ({reason}); check the "
+                             "network, or put the files there yourself")
 
 
 def check_idx_arrays(files: str, split: str, images: torch.Tensor, labels: torch.Tensor, info: DatasetInfo) -> None:
@@ -296,8 +302,7 @@ def _load_medmnist(info: DatasetInfo, split: str, root: Path, download: bool):
                               ) from None
     except (RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as err:
         if fetched:  # medmnist's download failed (no network, a server error)
-            raise DataNotFoundError(f"{info.id}: --download could not fetch '{path.name}' into '{mm_root}' ({' '.join(str(err).split())}); "
-                                    "check the network, or put the file there yourself") from None
+            raise download_failed(info, f"'{path.name}'", mm_root, err) from None
         if isinstance(err, RuntimeError):
             raise
         with open(path, "rb") as f:  # truncated, damaged, another format

@@ -12,8 +12,7 @@ from torch import nn
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module behind DistributedDataParallel or torch.compile wrappers."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    return uncompiled(getattr(model, "module", model))
 
 
 def uncompiled(model: nn.Module) -> nn.Module:
